@@ -1,0 +1,79 @@
+"""Launching the training worker under torchrun and streaming its output.
+
+A rank that fails leaves <output>/errors/rank<N>.txt (written by the worker); the launcher turns that into an
+error that names the rank and its message instead of torchrun's bare exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_nproc(nproc: int | str) -> int:
+    if nproc != "auto":
+        return int(nproc)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def torchrun_command(spec: Path, nproc: int, master_port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1",
+        "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1",
+        "--master_port", str(master_port or free_port()),
+        "-m", "tuneflow.worker.train",
+        "--spec", str(spec),
+    ]
+
+
+def rank_errors(errors_dir: Path) -> list[str]:
+    """'rank N: <first line of its error>' for every rank that wrote one, lowest rank first."""
+    found = []
+    for file in sorted(errors_dir.glob("rank*.txt"), key=lambda p: int(p.stem[4:])):
+        first = file.read_text(errors="replace").splitlines()[0] if file.stat().st_size else "(empty)"
+        found.append(f"rank {file.stem[4:]}: {first}")
+    return found
+
+
+def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_line: Callable[[str], None]) -> None:
+    """Run the worker on ``nproc`` processes; raise WorkerFailed naming the failed rank(s)."""
+    errors_dir = Path(spec).parent / "errors"
+    if errors_dir.exists():
+        for stale in errors_dir.glob("rank*.txt"):
+            stale.unlink()
+    cmd = torchrun_command(spec, nproc, master_port)
+    on_line("launching: " + " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        errors="replace",
+    )
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            on_line(line)
+            tail = (tail + [line])[-20:]
+    code = proc.wait()
+    if code != 0:
+        ranks = rank_errors(errors_dir)
+        detail = "; ".join(ranks) if ranks else "no rank reported an error; last output:\n" + "\n".join(tail)
+        raise WorkerFailed(f"training failed (torchrun exit code {code}): {detail}")

@@ -1,0 +1,111 @@
+"""The tuneflow command line.
+
+    tuneflow run --config configs/demo.yaml [--set train.learning_rate=1e-4 ...]
+    tuneflow validate --config configs/my.yaml
+    tuneflow generate --model runs/<run>/export --prompt "Add 2 and 3." [--stream]
+    tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tuneflow.config import ConfigError, load_config
+
+
+def _config(args) -> object:
+    try:
+        return load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_validate(args) -> int:
+    cfg = _config(args)
+    print(f"{args.config}: valid ({cfg.train.method}, deepspeed {cfg.train.deepspeed})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    cfg = _config(args)  # every config problem is reported here, before Prefect or any model starts
+    from flows.finetune import finetune
+
+    try:
+        summary = finetune(cfg, run_dir=args.run_dir)
+    except Exception as exc:
+        print(f"tuneflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    data = json.loads(Path(summary).read_text())
+    metrics = data.get("metrics", {})
+    base = metrics.get("base", {})
+    print("\nheld-out metrics (base -> tuned):")
+    for key in ("eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+        if key in metrics:
+            print(f"  {key:9s} {base.get(key, float('nan')):9.4f} -> {metrics[key]:.4f}")
+    if "export_parity" in metrics:
+        print(f"  export parity {metrics['export_parity']:.2f}  ({data.get('export_dir')})")
+    uri = data["mlflow"]["tracking_uri"]
+    ui = f"open {uri}" if uri.startswith("http") else f".venv/bin/mlflow ui --backend-store-uri {uri}"
+    print(f"MLflow: {ui}  (run {data['mlflow']['parent_run_id']})")
+    print(summary)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tuneflow.config import TuneflowConfig
+    from tuneflow.generation import generate, stream
+
+    cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "train": {"method": "lora"}})
+    from transformers import AutoModelForCausalLM
+
+    from tuneflow.modeling import DTYPES, device, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=DTYPES[args.dtype], device_map={"": device()}, use_safetensors=True
+    )
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    if args.stream:
+        for piece in stream(model, tokenizer, messages, args.max_new_tokens):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(generate(model, tokenizer, [messages], args.max_new_tokens)[0])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tuneflow", description="QLoRA fine-tuning pipeline (Prefect + MLflow)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_ in (("run", cmd_run, "run the whole pipeline"), ("validate", cmd_validate, "check a config")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+        p.set_defaults(fn=fn)
+    sub.choices["run"].add_argument("--run-dir", help="use this run folder instead of a new one")
+    g = sub.add_parser("generate", help="answer a prompt with an exported model or base + adapter")
+    g.add_argument("--model", required=True, help="exported model folder, or the base model folder")
+    g.add_argument("--adapter", help="LoRA adapter folder to put over --model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", help="system message")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.set_defaults(fn=cmd_generate)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The one typed config tree of tuneflow.
+
+This module is the YAML schema, the ``--set dotted.key=value`` override target, the Prefect flow parameter
+(rendered as a form in the Prefect UI), the params logged to MLflow and what the training worker reads.
+It imports pydantic only, so the Prefect deployment form keeps its descriptions and dropdowns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+]
+DEEPSPEED_PRESETS = ("none", "zero0", "zero1", "zero2", "zero3", "zero3_offload")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 bytes (the units transformers' ``max_shard_size`` understands)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size such as '2GB', '500MB' or '200KB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        min_length=1,
+        description="Hugging Face Hub model repo id (org/name), or a local folder with config.json and weights.",
+    )
+    revision: str = Field(
+        "main", min_length=1, description="Branch, tag or commit of the Hub repo; the resolved commit SHA is recorded."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in the model repo. Off unless you trust and pin the repo."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use when the tokenizer has none (or to replace its own)."
+    )
+
+
+class DatasetConfig(Section):
+    name_or_path: str = Field(
+        ..., min_length=1, description="Hub dataset repo id, or a local .json/.jsonl/.parquet/.csv file or folder."
+    )
+    revision: str = Field("main", min_length=1, description="Branch, tag or commit of the Hub dataset repo.")
+    format: Literal["alpaca", "sharegpt", "messages"] = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output[/system/history]; sharegpt: conversations of from/value; "
+        "messages: role/content lists.",
+    )
+    eval_size: float = Field(
+        0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed)."
+    )
+
+    @field_validator("eval_size")
+    @classmethod
+    def _whole_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("a count of rows (>= 1) must be a whole number, or use a fraction below 1")
+        return v
+
+
+class PrepConfig(Section):
+    cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer ones are cut.")
+    num_proc: int = Field(1, ge=1, le=256, description="Processes used to tokenize the dataset.")
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r (8-64 typical; 16 or 32 is a good default).")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear",
+        description="'all-linear' (what QLoRA found matches full fine-tuning) or a list of module names, "
+        "e.g. [q_proj, v_proj] or [W_pack].",
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["qlora", "lora", "full", "freeze"] = Field(
+        "qlora",
+        description="qlora: LoRA over a 4-bit NF4 base; lora: LoRA over a 16-bit base; full: every weight; "
+        "freeze: only the top freeze_trainable_layers layers.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (qlora and lora).")
+    freeze_trainable_layers: int = Field(2, ge=1, description="With method=freeze: how many top layers train.")
+    learning_rate: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate (5e-5 to 2e-4 for adapters).")
+    lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; > 0 overrides epochs.")
+    per_device_batch_size: int = Field(4, ge=1, description="Examples per process per micro-batch.")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Compute precision (bf16 needs Ampere or newer; a CPU supports bf16 and fp32)."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    deepspeed: str = Field(
+        "zero2",
+        description="none | zero0 | zero1 | zero2 | zero3 | zero3_offload, or the path of a DeepSpeed JSON file.",
+    )
+    nproc_per_node: Union[Literal["auto"], int] = Field(
+        "auto", description="Training processes on this node: 'auto' = number of GPUs (1 on a CPU)."
+    )
+    save_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate the held-out loss every N steps during training; 0 = off.")
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm and tokens/s every N steps.")
+    seed: int = Field(42, ge=0, description="Seed for every rank, the data order and the eval split.")
+    master_port: int = Field(0, ge=0, le=65535, description="torchrun rendezvous port; 0 picks a free one.")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v: Union[str, int]) -> Union[str, int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or at least 1")
+        return v
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_choice(cls, v: str) -> str:
+        if v not in DEEPSPEED_PRESETS and not v.endswith(".json"):
+            raise ValueError(f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path ending in .json")
+        return v
+
+
+class EvalConfig(Section):
+    max_samples: int = Field(200, ge=1, description="Held-out examples used for generation metrics.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens generated per answer (greedy).")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded).")
+    compare_base: bool = Field(True, description="Also score the untuned base model, for a base-vs-tuned table.")
+
+
+class ExportConfig(Section):
+    enabled: bool = Field(True, description="Merge the adapter into the base and write a standalone model.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 2GB (2-5GB advised), 500MB.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Weight dtype of the exported model.")
+    device: Literal["cpu", "auto"] = Field("cpu", description="Where the merge runs: cpu, or auto (GPU if any).")
+    parity_samples: int = Field(8, ge=1, description="Evaluation prompts the exported model must answer as before.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+    experiment: str = Field("tuneflow", min_length=1, description="MLflow experiment name.")
+
+
+class TuneflowConfig(Section):
+    """A whole fine-tuning run: download -> prepare -> train -> evaluate -> export."""
+
+    run_name: str = Field(
+        "run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=80,
+        description="Name of the run; its folder is <output_dir>/<run_name>-<unique suffix>.",
+    )
+    output_dir: str = Field("runs", min_length=1, description="Folder that holds run folders and the prep cache.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    dataset: DatasetConfig = Field(..., description="The instruction dataset.")
+    prep: PrepConfig = Field(default_factory=PrepConfig, description="Tokenization.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on the held-out split.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Merged, standalone model.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TuneflowConfig":
+        problems = []
+        t = self.train
+        if t.method in ("full", "freeze") and t.deepspeed == "none" and t.precision == "fp16":
+            problems.append("train.precision: fp16 without DeepSpeed needs an fp32 master copy; use bf16 or fp32")
+        if t.method == "qlora" and t.precision == "fp32":
+            problems.append("train.precision: qlora computes in bf16 or fp16; set train.precision to bf16 or fp16")
+        if t.lr_scheduler == "reduce_lr_on_plateau" and not t.eval_steps:
+            problems.append("train.lr_scheduler: reduce_lr_on_plateau needs an eval loss; set train.eval_steps > 0")
+        if t.deepspeed == "zero3_offload" and t.method == "qlora":
+            problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML/dict + dotted overrides -> validated config, with every problem reported at once.
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem with the key it belongs to."""
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (to suggest close names for unknown keys)."""
+    model: type[BaseModel] = TuneflowConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not str(p).startswith(("literal[", "list[", "function-after")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _section_model(loc)
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), _known_keys(owner), n=1)
+                if close:
+                    hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+            lines.append(f"{key}: unknown key{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {json.dumps(e.get('input'), default=str)[:80]})")
+    return "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to a nested dict; the value is parsed as YAML (1e-4, true, [a, b])."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TuneflowConfig:
+    """Read a YAML file (or a dict), apply overrides, validate; raise ConfigError naming every bad key."""
+    import yaml
+
+    raw: dict[str, Any] = dict(data or {})
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        raw.update(loaded)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return TuneflowConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n{format_errors(exc)}") from None
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+    for name, value in cfg:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out

@@ -1,0 +1,184 @@
+"""Reading instruction datasets in the formats users bring, into one shape: a list of chat messages.
+
+alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+sharegpt: {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}], "system"?, "tools"?}
+messages: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content"}]}
+
+Every problem names the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    # Tool-use turns (glaive / LLaMA-Factory style): the call is the assistant's, the result is the tool's.
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file, row and field."""
+
+
+def data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and ".git" not in p.parts)
+    if not files:
+        raise DatasetError(f"{path}: no {'/'.join(DATA_SUFFIXES)} files found")
+    return files
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """Yield (file, 1-based row number, row) for every row of every data file under ``path``."""
+    for file in data_files(path):
+        name = str(file)
+        if file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield name, lineno, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DatasetError(f"{name}: line {lineno}: not valid JSON ({exc.msg})") from None
+        elif file.suffix == ".json":
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{name}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
+            if not isinstance(data, list):
+                raise DatasetError(f"{name}: expected a JSON list of rows")
+            for i, row in enumerate(data, 1):
+                yield name, i, row
+        else:
+            import datasets
+
+            loader = "parquet" if file.suffix == ".parquet" else "csv"
+            table = datasets.load_dataset(loader, data_files=str(file), split="train")
+            for i, row in enumerate(table, 1):
+                yield name, i, row
+
+
+def _text(row: dict, key: str, where: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DatasetError(f"{where}: field '{key}' is missing")
+        return ""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _require_dict(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected an object, got {type(row).__name__}")
+    return row
+
+
+def alpaca_to_messages(row: Any, where: str) -> list[dict]:
+    row = _require_dict(row, where)
+    messages = []
+    system = _text(row, "system", where, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise DatasetError(f"{where}: field 'history' must be a list of [user, assistant] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DatasetError(f"{where}: field 'history[{i}]' must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    instruction = _text(row, "instruction", where)
+    extra = _text(row, "input", where, required=False)
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    if not prompt.strip():
+        raise DatasetError(f"{where}: field 'instruction' is empty")
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": _text(row, "output", where)})
+    return messages
+
+
+def sharegpt_to_messages(row: Any, where: str) -> list[dict]:
+    row = _require_dict(row, where)
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    system = _text(row, "system", where, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}: field '{field}' must be an object with 'from' and 'value'")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DatasetError(
+                f"{where}: field '{field}.from' is {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+            )
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn, "value", f"{where}: {field}")})
+    return messages
+
+
+def messages_to_messages(row: Any, where: str) -> list[dict]:
+    row = _require_dict(row, where)
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: field 'messages' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        field = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}: field '{field}' must be an object with 'role' and 'content'")
+        role = turn.get("role")
+        if role not in MESSAGE_ROLES:
+            raise DatasetError(f"{where}: field '{field}.role' is {role!r}; expected one of {sorted(MESSAGE_ROLES)}")
+        messages.append({"role": role, "content": _text(turn, "content", f"{where}: {field}")})
+    return messages
+
+
+CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "messages": messages_to_messages}
+
+
+def check_conversation(messages: list[dict], where: str) -> None:
+    """A trainable conversation: optional system first, then user and assistant turns, ending on an answer."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in body):
+        raise DatasetError(f"{where}: a system message may only come first")
+    if not body or body[-1]["role"] != "assistant":
+        raise DatasetError(f"{where}: the conversation must end with an assistant answer")
+    if body[0]["role"] != "user":
+        raise DatasetError(f"{where}: the conversation must start with a user message")
+    if not body[-1]["content"].strip():
+        raise DatasetError(f"{where}: the assistant answer is empty")
+
+
+def load_conversations(path: Path, fmt: str) -> list[list[dict]]:
+    """Every row of the dataset as validated chat messages; the first bad row raises DatasetError."""
+    convert = CONVERTERS[fmt]
+    conversations = []
+    for file, row_no, row in read_rows(path):
+        where = f"{file}: row {row_no}"
+        messages = convert(row, where)
+        check_conversation(messages, where)
+        conversations.append(messages)
+    if not conversations:
+        raise DatasetError(f"{path}: the dataset has no rows")
+    return conversations

@@ -1,0 +1,229 @@
+"""The training worker: what torchrun launches on every rank. It never imports Prefect.
+
+    torchrun --nproc_per_node 2 -m tuneflow.worker.train --spec runs/demo-1a2b3c/train/spec.json
+
+The spec (written by the train task) holds the validated config and the folders: base model, prepared dataset,
+output. Rank 0 alone writes files and logs to the MLflow run named by MLFLOW_RUN_ID. A rank that fails writes
+its error to <output>/errors/rank<N>.txt so the launcher can say which rank died and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+RANK = int(os.environ.get("RANK", 0))
+IS_RANK_ZERO = RANK == 0
+
+
+def log(msg: str) -> None:
+    if IS_RANK_ZERO:
+        print(f"[train] {msg}", flush=True)
+
+
+def build_model(cfg, model_dir: str):
+    """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from tuneflow.modeling import device, load_base
+
+    device_map = {"": device()} if cfg.train.method == "qlora" else None
+    model = load_base(model_dir, cfg, quantized=True, device_map=device_map)
+    model.config.use_cache = False
+    t = cfg.train
+    if t.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.method in ("qlora", "lora"):
+        lora = LoraConfig(
+            r=t.lora.rank,
+            lora_alpha=t.lora.alpha,
+            lora_dropout=t.lora.dropout,
+            target_modules=t.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    elif t.method == "freeze":
+        layers = model.config.num_hidden_layers
+        keep = {f".{i}." for i in range(max(0, layers - t.freeze_trainable_layers), layers)}
+        for name, param in model.named_parameters():
+            param.requires_grad = any(k in name for k in keep)
+    return model
+
+
+class MlflowStepLogger:
+    """Rank 0 logs loss, learning rate, grad norm and tokens/s once per logging step to the attached run."""
+
+    def __init__(self):
+        from mlflow import MlflowClient
+
+        self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.client = MlflowClient() if self.run_id and IS_RANK_ZERO else None
+        self.last = (time.perf_counter(), 0)
+
+    def __call__(self, state, logs: dict) -> None:
+        from mlflow.entities import Metric
+
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if "loss" in logs:
+            then, before = self.last
+            metrics["tokens_per_s"] = (tokens - before) / max(now - then, 1e-9)
+            self.last = (now, tokens)
+        for noisy in ("epoch", "num_input_tokens_seen", "train_tokens_per_second"):
+            metrics.pop(noisy, None)
+        log(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if self.client:
+            ts = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, state.global_step)
+                                                        for k, v in metrics.items()])
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (it writes trainer_state.json last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def train(spec: dict) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    from infra.deepspeed import deepspeed_config
+    from tuneflow.config import TuneflowConfig
+    from tuneflow.modeling import load_tokenizer
+
+    cfg = TuneflowConfig.model_validate(spec["config"])
+    t = cfg.train
+    out = Path(spec["output_dir"])
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(spec["model_dir"], cfg)
+    data = load_from_disk(spec["data_dir"])
+    on_gpu = torch.cuda.is_available()
+
+    # TrainingArguments first: with ZeRO-3 it must exist before the model is built.
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing and t.method != "qlora",  # qlora: done by peft above
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=deepspeed_config(t.deepspeed),
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps or None,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not on_gpu,
+        ddp_find_unused_parameters=False,
+        ddp_backend=None if on_gpu else "gloo",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    model = build_model(cfg, spec["model_dir"])
+    if IS_RANK_ZERO and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+
+    step_logger = MlflowStepLogger()
+
+    class OnLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            step_logger.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                step_logger(state, logs)
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"].select_columns(["input_ids", "labels"]),
+        eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=[OnLog()],
+    )
+    trainer.remove_callback(PrinterCallback)  # OnLog prints one line per step instead
+    resume = last_complete_checkpoint(out / "checkpoints")
+    resumed_from = int(resume.name.split("-")[-1]) if resume else None
+    if resume:
+        log(f"resuming from {resume} (step {resumed_from})")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    # Write the final weights beside their final name, then rename: no half-written adapter is ever visible.
+    final = out / ("adapter" if t.method in ("qlora", "lora") else "model")
+    staging = out / f".{final.name}.partial"
+    trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
+    if IS_RANK_ZERO:
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        plot_loss(trainer.state.log_history, out / "loss_curve.png")
+    return {
+        "weights_dir": str(final),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "resumed_from_step": resumed_from,
+        "log_history": trainer.state.log_history,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="tuneflow training worker (launched by torchrun)")
+    parser.add_argument("--spec", required=True, type=Path, help="spec.json written by the train task")
+    args = parser.parse_args()
+    spec = json.loads(args.spec.read_text())
+    out = Path(spec["output_dir"])
+    try:
+        result = train(spec)
+    except BaseException as exc:
+        errors = out / "errors"
+        errors.mkdir(parents=True, exist_ok=True)
+        (errors / f"rank{RANK}.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+        raise
+    if IS_RANK_ZERO:
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        log(f"done: {result['global_step']} steps, train loss {result['train_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
