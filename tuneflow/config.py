@@ -82,7 +82,6 @@ class DatasetConfig(Section):
 
 class PrepConfig(Section):
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer ones are cut.")
-    num_proc: int = Field(1, ge=1, le=256, description="Processes used to tokenize the dataset.")
 
 
 class LoraConfig(Section):
@@ -302,3 +301,35 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key with its default and description (`python -m tuneflow.config > docs/config.md`)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `tuneflow/config.py` by `python -m tuneflow.config > docs/config.md`; a test keeps it in sync.",
+        "",
+        "| key | default | description |",
+        "|---|---|---|",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+            bounds = [f"{label} {getattr(m, attr)}" for m in field.metadata
+                      for attr, label in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
+            extra = f" ({', '.join(bounds)})" if bounds else ""
+            lines.append(f"| `{key}` | `{default}` | {field.description}{extra} |")
+
+    walk(TuneflowConfig, "")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

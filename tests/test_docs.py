@@ -1,0 +1,21 @@
+"""The docs users read stay true to the code."""
+
+from pathlib import Path
+
+from tuneflow.config import reference_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_reference_is_in_sync():
+    assert (ROOT / "docs/config.md").read_text() == reference_markdown(), (
+        "docs/config.md is stale: run `.venv/bin/python -m tuneflow.config > docs/config.md`"
+    )
+
+
+def test_every_preset_says_the_command_that_runs_it():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        head = preset.read_text().split("\n\n")[0]
+        assert "make demo" in head or f"--config configs/{preset.name}" in head, preset
