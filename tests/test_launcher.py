@@ -1,0 +1,30 @@
+"""The torchrun launcher: a failing rank fails the launch with that rank's own error message."""
+
+import json
+
+import pytest
+
+from infra.launcher import WorkerFailed, launch, rank_errors
+
+
+def test_failed_ranks_are_named_with_their_error(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "config": {"dataset": {"name_or_path": "unused"}, "train": {"deepspeed": "none"}},
+        "model_dir": str(tmp_path / "no-such-model"),
+        "data_dir": str(tmp_path / "no-such-data"),
+        "output_dir": str(tmp_path),
+    }))
+    lines = []
+    with pytest.raises(WorkerFailed) as err:
+        launch(spec, nproc=2, master_port=0, env={}, on_line=lines.append)
+    message = str(err.value)
+    assert "rank 0:" in message and "rank 1:" in message, message
+    assert "no-such-model" in message, message  # the worker's own error, not just torchrun's exit code
+    assert any("launching:" in line for line in lines)  # worker output is streamed to the caller
+
+
+def test_rank_errors_lowest_rank_first(tmp_path):
+    for rank, text in ((10, "OSError: disk full"), (2, "RuntimeError: boom")):
+        (tmp_path / f"rank{rank}.txt").write_text(f"{text}\n\ntraceback...")
+    assert rank_errors(tmp_path) == ["rank 2: RuntimeError: boom", "rank 10: OSError: disk full"]
