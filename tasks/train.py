@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from infra.launcher import launch, resolve_nproc
+from infra.launcher import WorkerFailed, launch, resolve_nproc
 from tasks.context import RunContext
 from tasks.download import DownloadResult
 from tasks.prepare import PrepareResult
@@ -45,7 +45,16 @@ def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResu
     with ctx.stage("train") as (client, run_id):
         log_params(client, run_id, {"nproc": nproc, "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
         env = {"MLFLOW_TRACKING_URI": ctx.tracking_uri, "MLFLOW_RUN_ID": run_id, "TOKENIZERS_PARALLELISM": "false"}
-        launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info)
+        for attempt in range(1, cfg.train.retries + 2):
+            try:
+                launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info)
+                break
+            except WorkerFailed as exc:
+                client.set_tag(run_id, f"attempt_{attempt}_error", str(exc)[:4000])
+                if attempt > cfg.train.retries:
+                    raise
+                logger.warning("train attempt %d failed: %s; relaunching from the last complete checkpoint",
+                               attempt, exc)
         result = json.loads((out / "result.json").read_text())
         if (out / "loss_curve.png").is_file():
             client.log_artifact(run_id, str(out / "loss_curve.png"))

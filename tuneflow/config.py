@@ -127,6 +127,9 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
     eval_steps: int = Field(0, ge=0, description="Evaluate the held-out loss every N steps during training; 0 = off.")
     logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm and tokens/s every N steps.")
+    retries: int = Field(
+        1, ge=0, le=10, description="Relaunches after a failed training attempt, each resuming from the last checkpoint."
+    )
     seed: int = Field(42, ge=0, description="Seed for every rank, the data order and the eval split.")
     master_port: int = Field(0, ge=0, le=65535, description="torchrun rendezvous port; 0 picks a free one.")
 
