@@ -7,6 +7,7 @@ error that names the rank and its message instead of torchrun's bare exit code.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,6 +54,23 @@ def rank_errors(errors_dir: Path) -> list[str]:
     return found
 
 
+_ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+
+
+def dead_ranks(output: str) -> list[str]:
+    """torchrun's failure report for ranks that died without a word (e.g. killed): 'rank N: exit code C'."""
+    found = []
+    root_cause = output.rsplit("Root Cause", 1)[-1]  # the first rank to fail; the others were stopped after it
+    for rank, code in _ROOT_CAUSE.findall(root_cause):
+        signal_name = ""
+        if int(code) < 0:
+            import signal
+
+            signal_name = f" ({signal.Signals(-int(code)).name})" if -int(code) in signal.valid_signals() else ""
+        found.append(f"rank {rank}: exit code {code}{signal_name}")
+    return list(dict.fromkeys(found))
+
+
 def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_line: Callable[[str], None]) -> None:
     """Run the worker on ``nproc`` processes; raise WorkerFailed naming the failed rank(s)."""
     errors_dir = Path(spec).parent / "errors"
@@ -71,9 +89,9 @@ def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_lin
         line = line.rstrip()
         if line:
             on_line(line)
-            tail = (tail + [line])[-20:]
+            tail = (tail + [line])[-80:]
     code = proc.wait()
     if code != 0:
-        ranks = rank_errors(errors_dir)
-        detail = "; ".join(ranks) if ranks else "no rank reported an error; last output:\n" + "\n".join(tail)
+        ranks = rank_errors(errors_dir) or dead_ranks("\n".join(tail))
+        detail = "; ".join(ranks) if ranks else "no rank reported an error; last output:\n" + "\n".join(tail[-20:])
         raise WorkerFailed(f"training failed (torchrun exit code {code}): {detail}")

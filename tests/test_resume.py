@@ -1,0 +1,102 @@
+"""A training rank killed with SIGKILL: the launch fails naming the dead rank, and the relaunch resumes from the
+last complete checkpoint and ends where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.launcher import WorkerFailed, launch
+from infra.tiny import build
+from tasks.download import DownloadResult, Fetched
+from tasks.prepare import build as prepare
+from tuneflow.config import TuneflowConfig
+
+pytestmark = pytest.mark.slow
+STEPS, SAVE_EVERY = 24, 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    assets = build(root / "assets", n_rows=120)
+    cfg = TuneflowConfig.model_validate({
+        "model": {"name_or_path": str(assets["model"])},
+        "dataset": {"name_or_path": str(assets["data"]), "eval_size": 8},
+        "prep": {"cutoff_len": 128},
+        "train": {"method": "qlora", "max_steps": STEPS, "save_steps": SAVE_EVERY, "save_total_limit": 10,
+                  "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
+                  "lora": {"dropout": 0.0}, "deepspeed": "zero2", "nproc_per_node": 2},
+    })
+    fetched = DownloadResult(
+        model=Fetched(path=str(assets["model"]), revision="m", source="local"),
+        dataset=Fetched(path=str(assets["data"]), revision="d", source="local"),
+        mlflow_run_id="-",
+    )
+    prepare(cfg, fetched, root / "prepared")
+    return root, cfg, assets
+
+
+def _spec(root: Path, name: str, cfg, assets) -> Path:
+    out = root / name
+    out.mkdir()
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "model_dir": str(assets["model"]),
+                                "data_dir": str(root / "prepared"), "output_dir": str(out)}))
+    return spec
+
+
+def _rank_pid(spec: Path, rank: int) -> int | None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tuneflow.worker.train" in cmd and str(spec).encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def _last_loss(out: Path) -> float:
+    history = json.loads((out / "result.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h and h["step"] == STEPS][-1]
+
+
+def test_killed_rank_resumes_from_last_complete_checkpoint(setup):
+    root, cfg, assets = setup
+    whole = _spec(root, "uninterrupted", cfg, assets)
+    launch(whole, 2, 0, {}, on_line=lambda line: None)
+
+    spec = _spec(root, "killed", cfg, assets)
+    first_ckpt = spec.parent / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / "trainer_state.json"
+    killed = {}
+
+    def kill_rank_1_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not first_ckpt.exists():
+            time.sleep(0.02)
+        pid = _rank_pid(spec, 1)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"] = pid
+
+    killer = threading.Thread(target=kill_rank_1_after_first_checkpoint)
+    killer.start()
+    with pytest.raises(WorkerFailed) as err:
+        launch(spec, 2, 0, {}, on_line=lambda line: None)
+    killer.join()
+    assert killed, "rank 1 was never seen running"
+    assert "rank 1: exit code -9 (SIGKILL)" in str(err.value)
+    assert not (spec.parent / "result.json").exists()
+
+    launch(spec, 2, 0, {}, on_line=lambda line: None)
+    result = json.loads((spec.parent / "result.json").read_text())
+    assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= SAVE_EVERY
+    assert result["global_step"] == STEPS
+    # Same data order, optimizer, scheduler and RNG state after resume: the last step's loss matches.
+    assert _last_loss(spec.parent) == pytest.approx(_last_loss(whole.parent), abs=1e-3)
