@@ -51,7 +51,7 @@ def build_model(cfg, model_dir: str):
         model = get_peft_model(model, lora)
     elif t.method == "freeze":
         layers = model.config.num_hidden_layers
-        keep = {f".{i}." for i in range(max(0, layers - t.freeze_trainable_layers), layers)}
+        keep = {f"layers.{i}." for i in range(max(0, layers - t.freeze_trainable_layers), layers)}
         for name, param in model.named_parameters():
             param.requires_grad = any(k in name for k in keep)
     return model
