@@ -237,7 +237,11 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
 def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not str(p).startswith(("literal[", "list[", "function-after")))
+        loc = tuple(
+            p for p in e["loc"]
+            # pydantic adds union members to the location (int, literal['auto'], ...): not keys a user can set
+            if not (str(p).startswith(("literal[", "list[", "function-after")) or p in ("int", "float", "str", "bool"))
+        )
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             owner = _section_model(loc)
@@ -247,6 +251,8 @@ def format_errors(err: ValidationError) -> str:
                 if close:
                     hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
             lines.append(f"{key}: unknown key{hint}")
+        elif not loc:  # cross-field checks name their own keys
+            lines += e["msg"].removeprefix("Value error, ").split("; ")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {msg} (got {json.dumps(e.get('input'), default=str)[:80]})")

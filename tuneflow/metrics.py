@@ -18,7 +18,7 @@ def segment(text: str) -> list[str]:
         import jieba
 
         jieba.setLogLevel(60)
-        return [tok for tok in jieba.lcut(text) if tok.strip()]
+        return [tok for tok in jieba.lcut(text.lower()) if tok.strip()]
     return _WORD.findall(text.lower())
 
 

@@ -66,11 +66,17 @@ def read_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
                 raise DatasetError(f"{name}: expected a JSON list of rows")
             for i, row in enumerate(data, 1):
                 yield name, i, row
+        elif file.suffix == ".csv":
+            import pandas as pd
+
+            # Every cell is text: answers such as "3" or "None" must not turn into numbers or missing values.
+            table = pd.read_csv(file, dtype=str, keep_default_na=False).to_dict("records")
+            for i, row in enumerate(table, 1):
+                yield name, i, row
         else:
             import datasets
 
-            loader = "parquet" if file.suffix == ".parquet" else "csv"
-            table = datasets.load_dataset(loader, data_files=str(file), split="train")
+            table = datasets.load_dataset("parquet", data_files=str(file), split="train")
             for i, row in enumerate(table, 1):
                 yield name, i, row
 
@@ -157,17 +163,20 @@ def messages_to_messages(row: Any, where: str) -> list[dict]:
 CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "messages": messages_to_messages}
 
 
-def check_conversation(messages: list[dict], where: str) -> None:
+ANSWER_FIELD = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages"}
+
+
+def check_conversation(messages: list[dict], where: str, field: str) -> None:
     """A trainable conversation: optional system first, then user and assistant turns, ending on an answer."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if any(m["role"] == "system" for m in body):
-        raise DatasetError(f"{where}: a system message may only come first")
+        raise DatasetError(f"{where}: field '{field}': a system message may only come first")
     if not body or body[-1]["role"] != "assistant":
-        raise DatasetError(f"{where}: the conversation must end with an assistant answer")
+        raise DatasetError(f"{where}: field '{field}': the conversation must end with an assistant answer")
     if body[0]["role"] != "user":
-        raise DatasetError(f"{where}: the conversation must start with a user message")
+        raise DatasetError(f"{where}: field '{field}': the conversation must start with a user message")
     if not body[-1]["content"].strip():
-        raise DatasetError(f"{where}: the assistant answer is empty")
+        raise DatasetError(f"{where}: field '{field}': the assistant answer is empty")
 
 
 def load_conversations(path: Path, fmt: str) -> list[list[dict]]:
@@ -177,7 +186,7 @@ def load_conversations(path: Path, fmt: str) -> list[list[dict]]:
     for file, row_no, row in read_rows(path):
         where = f"{file}: row {row_no}"
         messages = convert(row, where)
-        check_conversation(messages, where)
+        check_conversation(messages, where, ANSWER_FIELD[fmt])
         conversations.append(messages)
     if not conversations:
         raise DatasetError(f"{path}: the dataset has no rows")

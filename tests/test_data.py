@@ -1,0 +1,513 @@
+"""Datasets in the formats users bring -> chat messages -> token ids with only the answers as labels -> splits."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.tiny import CHATML_TEMPLATE, build_tokenizer
+from tuneflow.data.formats import DatasetError, load_conversations
+from tuneflow.data.tokenize import IGNORE_INDEX, TemplateError, encode, prompt_and_reference
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache_in_tmp(tmp_path, monkeypatch):
+    """Parquet/CSV go through `datasets`, which caches Arrow files: keep them out of the home folder."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(tmp_path / "hf-datasets-cache"))
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def load_rows(tmp_path: Path, fmt: str, rows: list) -> list[list[dict]]:
+    return load_conversations(write_json(tmp_path / "rows.json", rows), fmt)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+# --- formats -> messages -----------------------------------------------------------------------------------
+
+
+def test_alpaca_with_input(tmp_path):
+    rows = [{"instruction": "Summarize the text.", "input": "The cat sat on the mat all day.", "output": "Cat sat."}]
+    assert load_rows(tmp_path, "alpaca", rows) == [
+        [user("Summarize the text.\nThe cat sat on the mat all day."), assistant("Cat sat.")]
+    ]
+
+
+def test_alpaca_without_input(tmp_path):
+    rows = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Add 1 and 1.", "output": "2"},
+        {"instruction": "Add 0 and 0.", "input": None, "output": "0"},
+    ]
+    assert load_rows(tmp_path, "alpaca", rows) == [
+        [user("Add 2 and 3."), assistant("5")],
+        [user("Add 1 and 1."), assistant("2")],
+        [user("Add 0 and 0."), assistant("0")],
+    ]
+
+
+def test_alpaca_with_system_and_history(tmp_path):
+    rows = [
+        {
+            "system": "Answer in one word.",
+            "history": [["Hi", "Hello"], ["Colour of the sky?", "Blue"]],
+            "instruction": "Colour of grass?",
+            "input": "",
+            "output": "Green",
+        }
+    ]
+    assert load_rows(tmp_path, "alpaca", rows) == [
+        [
+            system("Answer in one word."),
+            user("Hi"),
+            assistant("Hello"),
+            user("Colour of the sky?"),
+            assistant("Blue"),
+            user("Colour of grass?"),
+            assistant("Green"),
+        ]
+    ]
+
+
+def test_sharegpt_roles(tmp_path):
+    rows = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "2+2?"},
+                {"from": "gpt", "value": "4"},
+            ]
+        },
+        {"system": "You can call tools.", "conversations": [{"from": "user", "value": "x"}, {"from": "assistant", "value": "y"}]},
+    ]
+    assert load_rows(tmp_path, "sharegpt", rows) == [
+        [user("Hi"), assistant("Hello")],
+        [system("Be brief."), user("2+2?"), assistant("4")],
+        [system("You can call tools."), user("x"), assistant("y")],
+    ]
+
+
+def test_sharegpt_tool_turns(tmp_path):
+    call = '{"name": "weather", "arguments": {"city": "Paris"}}'
+    result = '{"temperature": 21}'
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {"from": "function_call", "value": call},
+                {"from": "observation", "value": result},
+                {"from": "gpt", "value": "It is 21 degrees."},
+            ],
+            "tools": "[]",
+        }
+    ]
+    # The call is the assistant's turn, the result is the tool's.
+    assert load_rows(tmp_path, "sharegpt", rows) == [
+        [
+            user("Weather in Paris?"),
+            assistant(call),
+            {"role": "tool", "content": result},
+            assistant("It is 21 degrees."),
+        ]
+    ]
+
+
+def test_messages_format(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1", "name": "bot"},  # extra keys are dropped
+                {"role": "tool", "content": "T"},
+                {"role": "assistant", "content": "A2"},
+            ]
+        }
+    ]
+    assert load_rows(tmp_path, "messages", rows) == [
+        [system("S"), user("Q1"), assistant("A1"), {"role": "tool", "content": "T"}, assistant("A2")]
+    ]
+
+
+def test_json_with_one_list_under_a_key(tmp_path):
+    path = write_json(tmp_path / "d.json", {"train": [{"instruction": "a", "output": "b"}]})
+    assert load_conversations(path, "alpaca") == [[user("a"), assistant("b")]]
+
+
+# --- bad rows: file, row and field ------------------------------------------------------------------------
+
+GOOD = {
+    "alpaca": {"instruction": "Say hi.", "output": "hi"},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
+    "messages": {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]},
+}
+BAD_ROWS = {
+    "alpaca-missing-output": ("alpaca", {"instruction": "Say hi."}, "'output'"),
+    "alpaca-non-string-instruction": ("alpaca", {"instruction": 3, "output": "x"}, "'instruction'"),
+    "alpaca-list-instruction": ("alpaca", {"instruction": ["a"], "output": "x"}, "'instruction'"),
+    "alpaca-empty-instruction": ("alpaca", {"instruction": " ", "output": "x"}, "'instruction'"),
+    "alpaca-empty-answer": ("alpaca", {"instruction": "Say hi.", "output": "  "}, "'output'"),
+    "alpaca-bad-history": ("alpaca", {"instruction": "a", "output": "b", "history": [["only one"]]}, "'history[0]'"),
+    "sharegpt-unknown-role": (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]},
+        "'conversations[1].from'",
+    ),
+    "sharegpt-empty-conversations": ("sharegpt", {"conversations": []}, "'conversations'"),
+    "sharegpt-missing-conversations": ("sharegpt", {"instruction": "a", "output": "b"}, "'conversations'"),
+    "sharegpt-missing-value": (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt"}]},
+        "'value'",
+    ),
+    "sharegpt-not-ending-with-assistant": (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]},
+        "'conversations",
+    ),
+    "sharegpt-empty-answer": (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]},
+        "'conversations",
+    ),
+    "messages-unknown-role": ("messages", {"messages": [{"role": "bot", "content": "a"}]}, "'messages[0].role'"),
+    "messages-not-ending-with-assistant": (
+        "messages",
+        {"messages": [{"role": "user", "content": "a"}]},
+        "'messages",
+    ),
+    "row-not-an-object": ("alpaca", ["Say hi.", "hi"], "object"),
+}
+
+
+@pytest.mark.parametrize(("fmt", "bad", "field"), BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_row_names_file_row_and_field(tmp_path, fmt, bad, field):
+    path = write_json(tmp_path / "rows.json", [GOOD[fmt], GOOD[fmt], bad, GOOD[fmt]])
+    with pytest.raises(DatasetError) as info:
+        load_conversations(path, fmt)
+    message = str(info.value)
+    prefix = f"{path}: row 3: "
+    assert message.startswith(prefix), message
+    assert field in message[len(prefix):], f"{message!r} does not name the field {field}"
+
+
+def test_bad_row_in_jsonl_is_numbered_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD["alpaca"]) + "\n\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(DatasetError, match=r"rows\.jsonl: row 3: field 'output' is missing"):
+        load_conversations(path, "alpaca")
+
+
+def test_bad_json_in_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD["alpaca"]) + "\n" + json.dumps(GOOD["alpaca"]) + "\n{instruction: oops}\n")
+    with pytest.raises(DatasetError) as info:
+        load_conversations(path, "alpaca")
+    assert str(info.value).startswith(f"{path}: line 3: not valid JSON")
+
+
+def test_bad_json_in_json_names_the_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": oops}\n]')
+    with pytest.raises(DatasetError) as info:
+        load_conversations(path, "alpaca")
+    assert str(info.value).startswith(f"{path}: line 3: not valid JSON")
+
+
+@pytest.mark.parametrize("content", [{"instruction": "a", "output": "b"}, "just text", 42])
+def test_json_that_is_not_a_list_names_the_file(tmp_path, content):
+    path = write_json(tmp_path / "rows.json", content)
+    with pytest.raises(DatasetError) as info:
+        load_conversations(path, "alpaca")
+    assert str(info.value) == f"{path}: expected a JSON list of rows"
+
+
+def test_empty_dataset_is_rejected(tmp_path):
+    path = write_json(tmp_path / "rows.json", [])
+    with pytest.raises(DatasetError, match="no rows"):
+        load_conversations(path, "alpaca")
+
+
+def test_folder_without_data_files_is_rejected(tmp_path):
+    (tmp_path / "README.md").write_text("# nothing here")
+    with pytest.raises(DatasetError) as info:
+        load_conversations(tmp_path, "alpaca")
+    assert str(tmp_path) in str(info.value)
+
+
+# --- file types and folders --------------------------------------------------------------------------------
+
+ALPACA = [
+    {"instruction": "Add 1 and 2.", "input": "", "output": "1 plus 2 is 3."},
+    {"instruction": "Title this.", "input": "Rain fell, then sun.", "output": "Rain, then sun"},
+]
+ALPACA_MESSAGES = [
+    [user("Add 1 and 2."), assistant("1 plus 2 is 3.")],
+    [user("Title this.\nRain fell, then sun."), assistant("Rain, then sun")],
+]
+
+
+def test_reads_json(tmp_path):
+    assert load_conversations(write_json(tmp_path / "d.json", ALPACA), "alpaca") == ALPACA_MESSAGES
+
+
+def test_reads_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    assert load_conversations(path, "alpaca") == ALPACA_MESSAGES
+
+
+def test_reads_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "d.parquet"
+    pd.DataFrame(ALPACA).to_parquet(path)
+    assert load_conversations(path, "alpaca") == ALPACA_MESSAGES
+
+
+def test_reads_nested_sharegpt_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    path = tmp_path / "d.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    assert load_conversations(path, "sharegpt") == [[user("Hi"), assistant("Hello")]]
+
+
+def test_reads_csv(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "d.csv"
+    pd.DataFrame(ALPACA).to_csv(path, index=False)
+    assert load_conversations(path, "alpaca") == ALPACA_MESSAGES
+
+
+@pytest.mark.parametrize(
+    ("csv", "expected"),
+    [
+        # Every answer looks like a number: it must still be the text of the answer.
+        ("instruction,input,output\nAdd 1 and 2.,,3\nAdd 2 and 2.,,4\n", [("Add 1 and 2.", "3"), ("Add 2 and 2.", "4")]),
+        # Answers that a CSV reader might take for a missing value.
+        ("instruction,input,output\nWhich of 4 and 6 is prime?,,None\nSay NA.,,NA\n",
+         [("Which of 4 and 6 is prime?", "None"), ("Say NA.", "NA")]),
+    ],
+    ids=["numeric-answers", "na-like-answers"],
+)
+def test_csv_cells_are_read_as_text(tmp_path, csv, expected):
+    path = tmp_path / "d.csv"
+    path.write_text(csv)
+    assert load_conversations(path, "alpaca") == [[user(q), assistant(a)] for q, a in expected]
+
+
+def test_reads_a_folder_of_files_in_path_order(tmp_path):
+    pd = pytest.importorskip("pandas")
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    write_json(folder / "a.json", [{"instruction": "q1", "output": "a1"}])
+    (folder / "b.jsonl").write_text(json.dumps({"instruction": "q2", "output": "a2"}) + "\n")
+    pd.DataFrame([{"instruction": "q3", "input": "", "output": "a3"}]).to_csv(folder / "c.csv", index=False)
+    pd.DataFrame([{"instruction": "q4", "input": "", "output": "a4"}]).to_parquet(folder / "sub" / "d.parquet")
+    (folder / "README.md").write_text("not data")
+    (folder / "notes.txt").write_text("not data")
+    assert load_conversations(folder, "alpaca") == [[user(f"q{i}"), assistant(f"a{i}")] for i in range(1, 5)]
+
+
+def test_error_in_a_folder_names_the_file(tmp_path):
+    write_json(tmp_path / "a.json", [{"instruction": "q1", "output": "a1"}])
+    bad = write_json(tmp_path / "b.json", [{"instruction": "q2", "output": "a2"}, {"instruction": "q3"}])
+    with pytest.raises(DatasetError) as info:
+        load_conversations(tmp_path, "alpaca")
+    assert str(info.value) == f"{bad}: row 2: field 'output' is missing"
+
+
+# --- chat template rendering and label masking -------------------------------------------------------------
+
+TEXTS = [
+    "You are a helpful assistant. system user assistant",
+    "Add 2 and 3. 2 plus 3 is 5.",
+    "Reverse apple river. river apple",
+    "Be brief. Add 1 and 2. 3.",
+] * 4
+SINGLE = [user("Add 2 and 3."), assistant("2 plus 3 is 5.")]
+MULTI = [
+    system("Be brief."),
+    user("Add 1 and 2."),
+    assistant("3."),
+    user("Reverse apple river."),
+    assistant("river apple"),
+]
+# What CHATML_TEMPLATE renders, written out by hand. Without a system message it inserts a default one; every
+# turn ends with "<|im_end|>\n", so each answer's labels are its content followed by "<|im_end|>\n".
+SINGLE_SEGMENTS = [
+    (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        False,
+    ),
+    ("2 plus 3 is 5.<|im_end|>\n", True),
+]
+MULTI_SEGMENTS = [
+    (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nAdd 1 and 2.<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        False,
+    ),
+    ("3.<|im_end|>\n", True),
+    ("<|im_start|>user\nReverse apple river.<|im_end|>\n<|im_start|>assistant\n", False),
+    ("river apple<|im_end|>\n", True),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(TEXTS, out)
+    return out
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)  # a fresh one per test: some tests change the template
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def runs(tokenizer, enc) -> list[tuple[str, bool]]:
+    """The encoded text cut into maximal runs of masked / labelled tokens, each decoded."""
+    out: list[tuple[list[int], bool]] = []
+    for tok, label in zip(enc["input_ids"], enc["labels"], strict=True):
+        labelled = label != IGNORE_INDEX
+        if out and out[-1][1] == labelled:
+            out[-1][0].append(tok)
+        else:
+            out.append(([tok], labelled))
+    return [(decode(tokenizer, ids), labelled) for ids, labelled in out]
+
+
+def test_tokenizer_carries_the_chatml_template(tokenizer):
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("messages", "segments"), [(SINGLE, SINGLE_SEGMENTS), (MULTI, MULTI_SEGMENTS)], ids=["single-turn", "multi-turn"]
+)
+def test_render_and_mask(tokenizer, messages, segments):
+    enc = encode(tokenizer, messages, cutoff_len=1024)
+    ids, labels = enc["input_ids"], enc["labels"]
+    full_text = "".join(text for text, _ in segments)
+    answers = "".join(m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant")
+
+    assert decode(tokenizer, ids) == full_text
+    assert decode(tokenizer, [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]) == answers
+    assert len(labels) == len(ids) == enc["length"] == enc["full_length"]
+    assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(ids, labels))
+    # System, user and generation-prompt tokens are all masked; each answer (with its end of turn) is labelled.
+    assert runs(tokenizer, enc) == segments
+
+
+def test_answer_end_of_turn_token_is_a_label(tokenizer):
+    enc = encode(tokenizer, SINGLE, cutoff_len=1024)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    labelled_im_end = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label == im_end]
+    assert len(labelled_im_end) == 1  # the answer's, not the system's or the user's
+    assert enc["input_ids"].count(im_end) == 3
+
+
+def test_cutoff_len_truncates_ids_and_labels_alike(tokenizer):
+    full = encode(tokenizer, MULTI, cutoff_len=1024)
+    n = full["full_length"]
+    for cutoff in (8, n // 2, n - 1, n, n + 10):
+        cut = encode(tokenizer, MULTI, cutoff_len=cutoff)
+        keep = min(cutoff, n)
+        assert cut["input_ids"] == full["input_ids"][:keep]
+        assert cut["labels"] == full["labels"][:keep]
+        assert len(cut["input_ids"]) == len(cut["labels"]) == cut["length"] == keep
+        assert cut["full_length"] == n
+
+
+def test_cutoff_before_the_answer_leaves_no_labels(tokenizer):
+    cut = encode(tokenizer, SINGLE, cutoff_len=8)
+    assert cut["labels"] == [IGNORE_INDEX] * 8
+
+
+def test_template_that_is_not_prefix_stable_raises(tokenizer):
+    # Puts the number of turns first: adding a turn changes the text rendered for the earlier ones.
+    tokenizer.chat_template = (
+        "{{ messages | length }}"
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(TemplateError):
+        encode(tokenizer, SINGLE, cutoff_len=1024)
+
+
+def test_other_prefix_stable_template_is_masked_too(tokenizer):
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+    )
+    enc = encode(tokenizer, SINGLE, cutoff_len=1024)
+    assert runs(tokenizer, enc) == [("### user:\nAdd 2 and 3.\n\n### assistant:\n", False), ("2 plus 3 is 5.\n\n", True)]
+
+
+def test_prompt_and_reference():
+    assert prompt_and_reference(MULTI) == (MULTI[:-1], "river apple")
+
+
+# --- train / eval split ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_indices():
+    from tasks.prepare import split_indices
+
+    return split_indices
+
+
+def test_split_is_deterministic_for_a_seed(split_indices):
+    assert split_indices(100, 0.1, seed=7) == split_indices(100, 0.1, seed=7)
+    assert split_indices(100, 0.1, seed=7) != split_indices(100, 0.1, seed=8)
+
+
+@pytest.mark.parametrize(("n", "eval_size", "n_eval"), [(100, 0.1, 10), (100, 0.05, 5), (10, 0.01, 1), (37, 0.5, 18)])
+def test_split_fraction(split_indices, n, eval_size, n_eval):
+    train, evaluation = split_indices(n, eval_size, seed=42)
+    assert len(evaluation) == n_eval
+    assert set(train).isdisjoint(evaluation)
+    assert sorted(train + evaluation) == list(range(n))
+    assert train == sorted(train) and evaluation == sorted(evaluation)
+
+
+@pytest.mark.parametrize(("n", "eval_size"), [(100, 1), (100, 24), (100, 24.0), (25, 24)])
+def test_split_count(split_indices, n, eval_size):
+    train, evaluation = split_indices(n, eval_size, seed=0)
+    assert len(evaluation) == int(eval_size)
+    assert len(train) == n - int(eval_size)
+    assert sorted(train + evaluation) == list(range(n))
+
+
+@pytest.mark.parametrize(("n", "eval_size"), [(24, 24), (10, 50), (10, 0.99), (1, 0.05)])
+def test_split_leaving_no_training_rows_is_rejected(split_indices, n, eval_size):
+    with pytest.raises(ValueError, match=r"dataset\.eval_size"):
+        split_indices(n, eval_size, seed=0)
