@@ -207,7 +207,7 @@ class TuneflowConfig(Section):
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -252,7 +252,7 @@ def format_errors(err: ValidationError) -> str:
                     hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
             lines.append(f"{key}: unknown key{hint}")
         elif not loc:  # cross-field checks name their own keys
-            lines += e["msg"].removeprefix("Value error, ").split("; ")
+            lines += e["msg"].removeprefix("Value error, ").splitlines()
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {msg} (got {json.dumps(e.get('input'), default=str)[:80]})")
