@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import random
+from collections import Counter
 import shutil
 import uuid
 from pathlib import Path
@@ -44,7 +45,7 @@ def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
         "format": cfg.dataset.format,
         "eval_size": cfg.dataset.eval_size,
         "seed": cfg.train.seed,
-        "cutoff_len": cfg.prep.cutoff_len,
+        "prep": cfg.prep.model_dump(),
         "code": hashlib.sha256(code.encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -68,12 +69,20 @@ def build(cfg: TuneflowConfig, downloaded: DownloadResult, out: Path) -> dict:
     """Tokenize and save the dataset to ``out``; return its statistics."""
     from datasets import Dataset, DatasetDict
 
-    from tuneflow.data.formats import load_conversations
+    from tuneflow.data.formats import DatasetError, load_conversations
     from tuneflow.data.tokenize import encode, prompt_and_reference
     from tuneflow.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(downloaded.model.path, cfg)
-    conversations = load_conversations(Path(downloaded.dataset.path), cfg.dataset.format)
+    invalid = Counter() if cfg.prep.on_invalid == "drop" else None
+    conversations = load_conversations(Path(downloaded.dataset.path), cfg.dataset.format, invalid)
+    if invalid:
+        dropped_fraction = sum(invalid.values()) / (sum(invalid.values()) + len(conversations))
+        if dropped_fraction > cfg.prep.max_invalid_fraction:
+            raise DatasetError(
+                f"{downloaded.dataset.path}: {dropped_fraction:.0%} of rows are invalid, more than "
+                f"prep.max_invalid_fraction={cfg.prep.max_invalid_fraction}; reasons: {dict(invalid.most_common(5))}"
+            )
     train_idx, eval_idx = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
     splits, dropped = {}, 0
     lengths, truncated = [], 0
@@ -97,6 +106,8 @@ def build(cfg: TuneflowConfig, downloaded: DownloadResult, out: Path) -> dict:
         "train_rows": len(splits["train"]),
         "eval_rows": len(splits["eval"]),
         "dropped_cut_off": dropped,
+        "dropped_invalid": sum((invalid or {}).values()),
+        "invalid_reasons": dict(invalid or {}),
         "truncation_rate": truncated / len(lengths),
         "tokens_mean": sum(lengths) / len(lengths),
         "tokens_p50": _percentile(lengths, 0.5),
@@ -133,5 +144,6 @@ def prepare(cfg: TuneflowConfig, downloaded: DownloadResult, ctx: RunContext) ->
                 raise
             logger.info("prepare: %s", json.dumps(stats))
         log_metrics(client, run_id, {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        client.log_dict(run_id, stats, "prepare_stats.json")
         client.set_tag(run_id, "cache_hit", str(hit).lower())
         return PrepareResult(data_dir=str(final.resolve()), stats=stats, cache_hit=hit, mlflow_run_id=run_id)

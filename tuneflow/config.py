@@ -82,6 +82,12 @@ class DatasetConfig(Section):
 
 class PrepConfig(Section):
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer ones are cut.")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="A malformed row: error stops the run naming the row; drop skips it and counts it."
+    )
+    max_invalid_fraction: float = Field(
+        0.1, ge=0, le=1, description="With on_invalid=drop: fail if more than this fraction of rows is dropped."
+    )
 
 
 class LoraConfig(Section):

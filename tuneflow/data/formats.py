@@ -10,6 +10,7 @@ Every problem names the file, the row and the field.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -179,15 +180,25 @@ def check_conversation(messages: list[dict], where: str, field: str) -> None:
         raise DatasetError(f"{where}: field '{field}': the assistant answer is empty")
 
 
-def load_conversations(path: Path, fmt: str) -> list[list[dict]]:
-    """Every row of the dataset as validated chat messages; the first bad row raises DatasetError."""
+def load_conversations(path: Path, fmt: str, invalid: Counter | None = None) -> list[list[dict]]:
+    """Every row of the dataset as validated chat messages.
+
+    The first bad row raises DatasetError, unless ``invalid`` is given: then bad rows are skipped and counted
+    there by reason (the message without its file and row).
+    """
     convert = CONVERTERS[fmt]
     conversations = []
     for file, row_no, row in read_rows(path):
         where = f"{file}: row {row_no}"
-        messages = convert(row, where)
-        check_conversation(messages, where, ANSWER_FIELD[fmt])
+        try:
+            messages = convert(row, where)
+            check_conversation(messages, where, ANSWER_FIELD[fmt])
+        except DatasetError as exc:
+            if invalid is None:
+                raise
+            invalid[str(exc).removeprefix(f"{where}: ")] += 1
+            continue
         conversations.append(messages)
     if not conversations:
-        raise DatasetError(f"{path}: the dataset has no rows")
+        raise DatasetError(f"{path}: the dataset has no {'valid ' if invalid else ''}rows")
     return conversations
