@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
 .PHONY: install demo test clean
+OLAH_VENV ?= .venv-olah
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
 # then DeepSpeed against that torch, then the project itself.
@@ -22,7 +23,13 @@ demo: install
 	$(BIN)/python -m infra.tiny --out demo/assets
 	$(BIN)/tuneflow run --config configs/demo.yaml
 
-test: install
+# The tests serve tiny repos from a local Hub mirror (olah); it needs a newer fastapi than Prefect, so its own venv.
+$(OLAH_VENV)/.installed:
+	test -x $(OLAH_VENV)/bin/python || $(PY) -m venv $(OLAH_VENV)
+	$(OLAH_VENV)/bin/pip install --quiet olah
+	touch $@
+
+test: install $(OLAH_VENV)/.installed
 	$(BIN)/python -m pytest -ra
 
 clean:
