@@ -26,11 +26,11 @@ demo: install
 # The tests serve tiny repos from a local Hub mirror (olah); it needs a newer fastapi than Prefect, so its own venv.
 $(OLAH_VENV)/.installed:
 	test -x $(OLAH_VENV)/bin/python || $(PY) -m venv $(OLAH_VENV)
-	$(OLAH_VENV)/bin/pip install --quiet olah
+	$(OLAH_VENV)/bin/pip install --quiet "olah>=0.5.4,<0.6"
 	touch $@
 
 test: install $(OLAH_VENV)/.installed
-	$(BIN)/python -m pytest -ra
+	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra
 
 clean:
 	rm -rf runs demo mlflow.db mlruns mlartifacts .pytest_cache

@@ -25,7 +25,8 @@ def deepspeed_config(preset: str) -> dict | None:
         zero_stage=STAGES[preset],
         offload_optimizer_device=offload,
         offload_param_device=offload,
-        # Gather the sharded weights on save, or a ZeRO-3 adapter is written empty.
+        # Gather sharded weights into one 16-bit copy on save (full and freeze under ZeRO-3; the Trainer gathers
+        # a PEFT adapter itself).
         zero3_save_16bit_model=True,
     )
     config = dict(plugin.deepspeed_config)

@@ -33,7 +33,10 @@ def build_model(cfg, model_dir: str):
 
     from tuneflow.modeling import device, load_base
 
-    device_map = {"": device()} if cfg.train.method == "qlora" else None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 places (and shards) the weights itself and refuses a device_map.
+    device_map = {"": device()} if cfg.train.method == "qlora" and not is_deepspeed_zero3_enabled() else None
     model = load_base(model_dir, cfg, quantized=True, device_map=device_map)
     model.config.use_cache = False
     t = cfg.train
@@ -213,16 +216,22 @@ def main() -> None:
     args = parser.parse_args()
     spec = json.loads(args.spec.read_text())
     out = Path(spec["output_dir"])
+    import torch.distributed as dist
+
     try:
         result = train(spec)
+        if IS_RANK_ZERO:
+            (out / "result.json").write_text(json.dumps(result, indent=1))
+            log(f"done: {result['global_step']} steps, train loss {result['train_loss']:.4f}")
+        # No rank leaves while another still writes: a rank tearing gloo down early can abort its peers.
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException as exc:
         errors = out / "errors"
         errors.mkdir(parents=True, exist_ok=True)
         (errors / f"rank{RANK}.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
         raise
-    if IS_RANK_ZERO:
-        (out / "result.json").write_text(json.dumps(result, indent=1))
-        log(f"done: {result['global_step']} steps, train loss {result['train_loss']:.4f}")
 
 
 if __name__ == "__main__":

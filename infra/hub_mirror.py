@@ -1,0 +1,160 @@
+"""A local Hugging Face Hub for tests and offline demos: git repos served by olah in offline mirror mode.
+
+olah (https://github.com/vtuber-plan/olah, PyPI ``olah``) serves git repos laid out as
+``<mirror>/models/<org>/<name>`` and ``<mirror>/datasets/<org>/<name>`` with the Hub's HTTP API, so
+``huggingface_hub.snapshot_download`` works against it unchanged once ``HF_ENDPOINT`` points at it, and the
+snapshot folder is named after the git commit SHA of the served revision.
+
+    from infra.hub_mirror import add_repo, olah_server
+
+    sha = add_repo(mirror, "model", "tiny-org/tiny-llama", "demo/assets/model")
+    with olah_server(mirror) as endpoint:            # http://127.0.0.1:<free port>
+        os.environ["HF_ENDPOINT"] = endpoint         # before huggingface_hub is imported (or in a subprocess)
+
+olah needs a newer fastapi than prefect tolerates, so it runs from its own virtual environment, by default
+``.venv-olah/`` at the repository root (override with ``TUNEFLOW_OLAH_VENV``):
+
+    python3 -m venv .venv-olah && .venv-olah/bin/pip install olah
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OLAH_VENV_ENV = "TUNEFLOW_OLAH_VENV"
+REPO_TYPES = {"model": "models", "dataset": "datasets"}
+
+
+class OlahUnavailable(RuntimeError):
+    """olah's virtual environment is missing, or the server did not start."""
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+    done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} in {repo} failed:\n{done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def add_repo(mirror: str | Path, repo_type: str, repo_id: str, source: str | Path, message: str = "upload") -> str:
+    """Commit the files of ``source`` (a folder, or one file) to branch ``main`` of the mirror repo for
+    ``repo_id`` (``org/name``); ``repo_type`` is ``model`` or ``dataset``. Returns the commit SHA.
+
+    The repo is created if needed; calling it again adds a new commit on top (the SHA changes)."""
+    if repo_type not in REPO_TYPES:
+        raise ValueError(f"repo_type must be one of {sorted(REPO_TYPES)}, not {repo_type!r}")
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must be 'org/name', not {repo_id!r}")
+    repo = Path(mirror) / REPO_TYPES[repo_type] / repo_id
+    source = Path(source)
+    repo.mkdir(parents=True, exist_ok=True)
+    if not (repo / ".git").exists():
+        _git(repo, "init", "--quiet", "--initial-branch=main")
+        _git(repo, "config", "user.name", "tuneflow tests")
+        _git(repo, "config", "user.email", "tests@tuneflow.invalid")
+        _git(repo, "config", "commit.gpgsign", "false")
+    if source.is_dir():
+        shutil.copytree(source, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
+    else:
+        shutil.copy2(source, repo / source.name)
+    _git(repo, "add", "--all")
+    _git(repo, "commit", "--quiet", "--allow-empty", "-m", message)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def olah_bin() -> Path:
+    """The olah-cli of olah's own virtual environment; a clear error if it is not installed."""
+    venv = Path(os.environ.get(OLAH_VENV_ENV) or REPO_ROOT / ".venv-olah")
+    cli = venv / "bin" / "olah-cli"
+    if not cli.is_file():
+        raise OlahUnavailable(
+            f"olah is not installed in {venv} (it needs its own virtualenv: a newer fastapi than prefect allows). "
+            f"Install it with:  python3 -m venv {venv} && {venv}/bin/pip install olah   "
+            f"(or set {OLAH_VENV_ENV} to a virtualenv that has it)"
+        )
+    return cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers with any HTTP status; raise OlahUnavailable on timeout or if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (urllib.error.URLError, OSError):
+            pass
+        output = log.read_text(errors="replace")[-3000:] if log and log.is_file() else ""
+        if proc is not None and proc.poll() is not None:
+            raise OlahUnavailable(f"{url}: the server exited with code {proc.returncode}:\n{output}")
+        if time.monotonic() > deadline:
+            raise OlahUnavailable(f"{url} did not answer within {timeout:.0f}s:\n{output}")
+        time.sleep(0.2)
+
+
+def write_config(path: Path, mirror: Path, port: int, repos: Path) -> None:
+    """olah's TOML config (keys from olah/configs.py): offline, serving only the git repos under ``mirror``."""
+    path.write_text(
+        "[basic]\n"
+        'host = "127.0.0.1"\n'
+        f"port = {port}\n"
+        f'repos-path = "{repos.as_posix()}"\n'  # olah's own cache; unused offline but kept out of the cwd
+        'hf-scheme = "http"\n'  # never contacted: offline
+        'hf-netloc = "127.0.0.1:9"\n'
+        'hf-lfs-netloc = "127.0.0.1:9"\n'
+        f'mirrors-path = ["{mirror.as_posix()}"]\n'
+        "\n"
+        "[accessibility]\n"
+        "offline = true\n"
+    )
+
+
+@contextlib.contextmanager
+def olah_server(mirror: str | Path, timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``mirror`` with olah on a free loopback port; yields the endpoint URL (for HF_ENDPOINT).
+
+    The config, olah's cache and its logs live in a temporary folder that is removed afterwards."""
+    cli = olah_bin()
+    mirror = Path(mirror).resolve()
+    with tempfile.TemporaryDirectory(prefix="olah-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        config = work / "olah.toml"
+        write_config(config, mirror, port, work / "repos")
+        log = work / "olah.out"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [str(cli), "--config", str(config), "--log-path", str(work / "logs")],
+                cwd=work, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(endpoint + "/", timeout, proc, log)
+            yield endpoint
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
