@@ -49,25 +49,25 @@ def rank_errors(errors_dir: Path) -> list[str]:
     """'rank N: <first line of its error>' for every rank that wrote one, lowest rank first."""
     found = []
     for file in sorted(errors_dir.glob("rank*.txt"), key=lambda p: int(p.stem[4:])):
-        first = file.read_text(errors="replace").splitlines()[0] if file.stat().st_size else "(empty)"
+        first = file.read_text(errors="replace").splitlines()[0][:400] if file.stat().st_size else "(empty)"
         found.append(f"rank {file.stem[4:]}: {first}")
     return found
 
 
-_ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+_FAILURE_ENTRY = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
 
 def dead_ranks(output: str) -> list[str]:
-    """torchrun's failure report for ranks that died without a word (e.g. killed): 'rank N: exit code C'."""
-    found = []
-    root_cause = output.rsplit("Root Cause", 1)[-1]  # the first rank to fail; the others were stopped after it
-    for rank, code in _ROOT_CAUSE.findall(root_cause):
-        signal_name = ""
-        if int(code) < 0:
-            import signal
+    """Ranks that torchrun reports killed by a signal (not counting the SIGTERM it sends the survivors)."""
+    import signal
 
-            signal_name = f" ({signal.Signals(-int(code)).name})" if -int(code) in signal.valid_signals() else ""
-        found.append(f"rank {rank}: exit code {code}{signal_name}")
+    report = output[output.rfind("Failures:"):] if "Failures:" in output else ""
+    found = []
+    for rank, code in _FAILURE_ENTRY.findall(report):
+        number = -int(code)
+        if number > 0 and number != signal.SIGTERM:
+            name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+            found.append(f"rank {rank}: exit code {code} ({name})")
     return list(dict.fromkeys(found))
 
 
@@ -89,9 +89,10 @@ def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_lin
         line = line.rstrip()
         if line:
             on_line(line)
-            tail = (tail + [line])[-80:]
+            tail = (tail + [line])[-200:]
     code = proc.wait()
     if code != 0:
-        ranks = rank_errors(errors_dir) or dead_ranks("\n".join(tail))
+        # A rank killed outright writes nothing; its peers then fail on the broken connection: name the killed first.
+        ranks = dead_ranks("\n".join(tail)) + rank_errors(errors_dir)
         detail = "; ".join(ranks) if ranks else "no rank reported an error; last output:\n" + "\n".join(tail[-20:])
         raise WorkerFailed(f"training failed (torchrun exit code {code}): {detail}")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from infra.launcher import WorkerFailed, launch, rank_errors
+from infra.launcher import WorkerFailed, dead_ranks, launch, rank_errors
 
 
 def test_failed_ranks_are_named_with_their_error(tmp_path):
@@ -28,3 +28,34 @@ def test_rank_errors_lowest_rank_first(tmp_path):
     for rank, text in ((10, "OSError: disk full"), (2, "RuntimeError: boom")):
         (tmp_path / f"rank{rank}.txt").write_text(f"{text}\n\ntraceback...")
     assert rank_errors(tmp_path) == ["rank 2: RuntimeError: boom", "rank 10: OSError: disk full"]
+
+
+TORCHRUN_REPORT = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+=======================================================
+tuneflow.worker.train FAILED
+-------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-22_00:37:12
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 16819)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 16819
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-22_00:37:11
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 16821)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 16821
+======================================================="""
+
+
+def test_killed_rank_is_named_from_torchruns_report():
+    # rank 0 got the launcher's own SIGTERM after rank 1 died: only rank 1 is named
+    assert dead_ranks(TORCHRUN_REPORT) == ["rank 1: exit code -9 (SIGKILL)"]
+    assert dead_ranks("no report here") == []
