@@ -124,8 +124,8 @@ def finetune(config: TuneflowConfig, run_dir: str | None = None) -> str:
         raise
 
     summary["status"] = "completed"
-    log_metrics(client, parent, {k: v for k, v in evaluated.metrics.items()})
-    log_metrics(client, parent, {f"base.{k}": v for k, v in evaluated.base_metrics.items()})
+    final = {k: v for k, v in summary["metrics"].items() if k != "base"}
+    log_metrics(client, parent, {**final, **{f"base.{k}": v for k, v in evaluated.base_metrics.items()}})
     path = write_summary(folder, summary)
     client.log_artifact(parent, str(path))
     client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))

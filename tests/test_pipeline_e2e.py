@@ -135,6 +135,13 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
     assert sorted((t.name.rsplit("-", 1)[0], t.state_type.value) for t in task_runs) == sorted(
         (name, "COMPLETED") for name in STAGES)
     assert CANARY not in json.dumps(flow_runs[0].parameters), "the Hub token is in the Prefect parameters"
+    with get_client(sync_client=True) as prefect:
+        artifacts = {a.key: a for a in prefect.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_runs[0].id])))}
+    assert artifacts["tuneflow-metrics"].type == "markdown"
+    assert "| eval_loss |" in artifacts["tuneflow-metrics"].data and "| rouge-l |" in artifacts["tuneflow-metrics"].data
+    link = artifacts["tuneflow-mlflow-run"].data  # Prefect stores a link artifact as markdown: [text](url)
+    assert f"]({mlflow_server}/#/experiments/" in link and summary["mlflow"]["parent_run_id"] in link, link
 
     # --- MLflow: one parent run, one FINISHED child per stage ----------------------------------------------------
     from mlflow import MlflowClient
