@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from infra.launcher import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OLAH_VENV_ENV = "TUNEFLOW_OLAH_VENV"
@@ -87,10 +88,14 @@ def olah_bin() -> Path:
     return cli
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate a server process, and kill it if it does not exit in ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -152,9 +157,4 @@ def olah_server(mirror: str | Path, timeout: float = 60.0) -> Iterator[str]:
             wait_http(endpoint + "/", timeout, proc, log)
             yield endpoint
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.hub_mirror import add_repo, free_port, olah_server, wait_http
+from infra.hub_mirror import add_repo, olah_server, stop, wait_http
+from infra.launcher import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent  # the project virtualenv's bin (mlflow, tuneflow)
@@ -78,9 +79,4 @@ def mlflow_server(tmp_path_factory) -> str:
         wait_http(uri + "/health", timeout=180, proc=proc, log=log)
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
