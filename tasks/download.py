@@ -85,6 +85,9 @@ def fetch(name_or_path: str, revision: str, repo_type: str, allow_patterns: list
                 "or set HF_TOKEN if it is private"
             ) from None
         except Exception as exc:  # network errors, a server that went away, a 5xx: retry with backoff
+            if not delays:
+                raise RuntimeError(f"{repo_type} {name_or_path}: HF_HUB_OFFLINE is set and the cache has no "
+                                   f"complete snapshot of revision {revision!r}: {exc}") from exc
             if delay is None:
                 raise RuntimeError(f"{repo_type} {name_or_path}: download failed after {attempt} attempts: {exc}") from exc
             logger.warning("%s %s: download failed (%s); retry %d in %ss", repo_type, name_or_path, exc, attempt, delay)
