@@ -101,7 +101,9 @@ def fetch(name_or_path: str, revision: str, repo_type: str, allow_patterns: list
 def download(cfg: TuneflowConfig, ctx: RunContext) -> DownloadResult:
     logger = get_run_logger()
     with ctx.stage("download") as (client, run_id):
-        model = fetch(cfg.model.name_or_path, cfg.model.revision, "model", MODEL_PATTERNS, logger)
+        # Python files only when the config trusts the repo's code (and then pins its revision).
+        patterns = MODEL_PATTERNS + ["*.py"] if cfg.model.trust_remote_code else MODEL_PATTERNS
+        model = fetch(cfg.model.name_or_path, cfg.model.revision, "model", patterns, logger)
         if not any(Path(model.path).glob("*.safetensors")):
             raise RuntimeError(f"model {cfg.model.name_or_path}: no .safetensors weights in {model.path}")
         dataset = fetch(cfg.dataset.name_or_path, cfg.dataset.revision, "dataset", DATASET_PATTERNS, logger)

@@ -386,3 +386,12 @@ def test_every_field_in_the_json_schema_has_a_description():
     # Every field of every section is in the schema (so the walk saw them all).
     assert seen == len(dotted_keys())
     assert not missing, f"fields without a description (blank in the Prefect form): {missing}"
+
+
+def test_trust_remote_code_requires_a_pinned_commit():
+    base = {"dataset": {"name_or_path": "d.json"}}
+    with pytest.raises(ConfigError, match="model.revision: trust_remote_code .* full commit SHA"):
+        load_config(data={**base, "model": {"name_or_path": "org/m", "trust_remote_code": True}})
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    cfg = load_config(data={**base, "model": {"name_or_path": "org/m", "trust_remote_code": True, "revision": sha}})
+    assert cfg.model.revision == sha

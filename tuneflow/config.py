@@ -210,6 +210,10 @@ class TuneflowConfig(Section):
             problems.append("train.precision: qlora computes in bf16 or fp16; set train.precision to bf16 or fp16")
         if t.lr_scheduler == "reduce_lr_on_plateau" and not t.eval_steps:
             problems.append("train.lr_scheduler: reduce_lr_on_plateau needs an eval loss; set train.eval_steps > 0")
+        if self.model.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", self.model.revision):
+            problems.append(
+                "model.revision: trust_remote_code runs code from the repo; pin model.revision to a full commit SHA"
+            )
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
         if problems:
