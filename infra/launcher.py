@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -59,8 +60,6 @@ _FAILURE_ENTRY = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOT
 
 def dead_ranks(output: str) -> list[str]:
     """Ranks that torchrun reports killed by a signal (not counting the SIGTERM it sends the survivors)."""
-    import signal
-
     report = output[output.rfind("Failures:"):] if "Failures:" in output else ""
     found = []
     for rank, code in _FAILURE_ENTRY.findall(report):

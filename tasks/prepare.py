@@ -12,9 +12,9 @@ import hashlib
 import inspect
 import json
 import random
-from collections import Counter
 import shutil
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from prefect import get_run_logger, task
