@@ -1,8 +1,10 @@
 """A training rank killed with SIGKILL: the launch fails naming the dead rank, and the relaunch resumes from the
-last complete checkpoint and ends where an uninterrupted run ends."""
+last complete checkpoint and ends where an uninterrupted run ends. A checkpoint whose save was cut short is never
+picked up."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -15,6 +17,7 @@ from infra.tiny import build
 from tasks.download import DownloadResult, Fetched
 from tasks.prepare import build as prepare
 from tuneflow.config import TuneflowConfig
+from tuneflow.worker.train import COMPLETE, last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 24, 4
@@ -73,7 +76,7 @@ def test_killed_rank_resumes_from_last_complete_checkpoint(setup):
     launch(whole, 2, 0, {}, on_line=lambda line: None)
 
     spec = _spec(root, "killed", cfg, assets)
-    first_ckpt = spec.parent / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / "trainer_state.json"
+    first_ckpt = spec.parent / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / COMPLETE
     killed = {}
 
     def kill_rank_1_after_first_checkpoint():
@@ -94,9 +97,21 @@ def test_killed_rank_resumes_from_last_complete_checkpoint(setup):
     assert "rank 1: exit code -9 (SIGKILL)" in str(err.value)
     assert not (spec.parent / "result.json").exists()
 
-    launch(spec, 2, 0, {}, on_line=lambda line: None)
+    # What a kill in the middle of a later save leaves: a checkpoint folder with a truncated file and no marker.
+    checkpoints = spec.parent / "checkpoints"
+    complete = last_complete_checkpoint(checkpoints)
+    assert complete is not None and int(complete.name.split("-")[1]) >= SAVE_EVERY
+    half_written = checkpoints / f"checkpoint-{STEPS - 2}"
+    shutil.copytree(complete, half_written)
+    (half_written / COMPLETE).unlink()
+    weights = half_written / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    lines = []
+    launch(spec, 2, 0, {}, on_line=lines.append)
     result = json.loads((spec.parent / "result.json").read_text())
-    assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= SAVE_EVERY
+    assert result["resumed_from_step"] == int(complete.name.split("-")[1])
+    assert f"discarding {half_written.name}: its save never finished" in "\n".join(lines)
     assert result["global_step"] == STEPS
     # Same data order, optimizer, scheduler and RNG state after resume: the last step's loss matches.
     assert _last_loss(spec.parent) == pytest.approx(_last_loss(whole.parent), abs=1e-3)

@@ -105,10 +105,31 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+COMPLETE = "tuneflow-complete"  # written into checkpoint-N once every rank has finished writing it
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint the Trainer finished writing (it writes trainer_state.json last)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The newest checkpoint that every rank finished writing. One without the marker (a save cut short by a
+    kill, or a rank still writing its optimizer shard when rank 0 wrote trainer_state.json) is never used."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return max(done, key=_step, default=None)
+
+
+def commit_checkpoint(folder: Path, keep: int) -> None:
+    """Mark ``folder`` complete (atomically), then delete older checkpoints beyond ``keep`` and any incomplete
+    ones: the newest complete checkpoint is never deleted before its successor is marked."""
+    tmp = folder / f".{COMPLETE}.tmp"
+    tmp.write_text(str(_step(folder)))
+    tmp.rename(folder / COMPLETE)
+    others = sorted((p for p in folder.parent.glob("checkpoint-*") if p != folder), key=_step)
+    complete = [p for p in others if (p / COMPLETE).is_file()]
+    stale = complete[: max(0, len(complete) - (keep - 1))] + [p for p in others if p not in complete]
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def train(spec: dict) -> dict:
@@ -148,7 +169,7 @@ def train(spec: dict) -> dict:
         deepspeed=deepspeed_config(t.deepspeed),
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # pruned by OnSave, only once the newer checkpoint is complete
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps or None,
         seed=t.seed,
@@ -176,6 +197,17 @@ def train(spec: dict) -> dict:
             if state.is_world_process_zero and logs:
                 step_logger(state, logs)
 
+    class OnSave(TrainerCallback):
+        """Runs after every rank has returned from writing checkpoint-N: wait for all, then mark it complete."""
+
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+            if state.is_world_process_zero:
+                commit_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", t.save_total_limit)
+
     trainer = Trainer(
         model=model,
         args=args,
@@ -183,11 +215,16 @@ def train(spec: dict) -> dict:
         eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
-        callbacks=[OnLog()],
+        callbacks=[OnLog(), OnSave()],
     )
     trainer.remove_callback(PrinterCallback)  # OnLog prints one line per step instead
     resume = last_complete_checkpoint(out / "checkpoints")
-    resumed_from = int(resume.name.split("-")[-1]) if resume else None
+    resumed_from = _step(resume) if resume else None
+    if IS_RANK_ZERO:
+        for partial in (out / "checkpoints").glob("checkpoint-*"):
+            if not (partial / COMPLETE).is_file():
+                log(f"discarding {partial.name}: its save never finished")
+                shutil.rmtree(partial, ignore_errors=True)
     if resume:
         log(f"resuming from {resume} (step {resumed_from})")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
