@@ -134,27 +134,33 @@ def write_config(path: Path, mirror: Path, port: int, repos: Path) -> None:
     )
 
 
+def start_olah(mirror: Path, work: Path, port: int) -> subprocess.Popen:
+    """Start olah serving ``mirror`` on ``port``, its config, cache and logs under ``work``; wait until it answers."""
+    config = work / "olah.toml"
+    write_config(config, Path(mirror).resolve(), port, work / "repos")
+    log = work / "olah.out"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(olah_bin()), "--config", str(config), "--log-path", str(work / "logs")],
+            cwd=work, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 60, proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 @contextlib.contextmanager
-def olah_server(mirror: str | Path, timeout: float = 60.0) -> Iterator[str]:
+def olah_server(mirror: str | Path) -> Iterator[str]:
     """Serve ``mirror`` with olah on a free loopback port; yields the endpoint URL (for HF_ENDPOINT).
 
     The config, olah's cache and its logs live in a temporary folder that is removed afterwards."""
-    cli = olah_bin()
-    mirror = Path(mirror).resolve()
     with tempfile.TemporaryDirectory(prefix="olah-") as tmp:
-        work = Path(tmp)
         port = free_port()
-        config = work / "olah.toml"
-        write_config(config, mirror, port, work / "repos")
-        log = work / "olah.out"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [str(cli), "--config", str(config), "--log-path", str(work / "logs")],
-                cwd=work, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        endpoint = f"http://127.0.0.1:{port}"
+        proc = start_olah(Path(mirror), Path(tmp), port)
         try:
-            wait_http(endpoint + "/", timeout, proc, log)
-            yield endpoint
+            yield f"http://127.0.0.1:{port}"
         finally:
             stop(proc)

@@ -34,12 +34,14 @@ def resolve_nproc(nproc: int | str) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def torchrun_command(spec: Path, nproc: int, master_port: int) -> list[str]:
+def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str | None = None) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1",
+        "--nnodes", str(nnodes),
+        "--node_rank", str(node_rank),
         "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1",
+        "--master_addr", master_addr or "127.0.0.1",
         "--master_port", str(master_port or free_port()),
         "-m", "tuneflow.worker.train",
         "--spec", str(spec),
@@ -70,13 +72,14 @@ def dead_ranks(output: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_line: Callable[[str], None]) -> None:
-    """Run the worker on ``nproc`` processes; raise WorkerFailed naming the failed rank(s)."""
+def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_line: Callable[[str], None],
+           nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None) -> None:
+    """Run the worker on ``nproc`` processes (on this node of ``nnodes``); raise WorkerFailed naming failed ranks."""
     errors_dir = Path(spec).parent / "errors"
     if errors_dir.exists():
         for stale in errors_dir.glob("rank*.txt"):
             stale.unlink()
-    cmd = torchrun_command(spec, nproc, master_port)
+    cmd = torchrun_command(spec, nproc, master_port, nnodes, node_rank, master_addr)
     on_line("launching: " + " ".join(cmd))
     proc = subprocess.Popen(
         cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import random
 import shutil
 import uuid
-from collections import Counter
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -51,15 +49,6 @@ def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def split_indices(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
-    n_eval = int(eval_size) if eval_size >= 1 else max(1, round(n * eval_size))
-    if n_eval >= n:
-        raise ValueError(f"dataset.eval_size: {eval_size} leaves no training rows out of {n}; lower it")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
-
-
 def _percentile(values: list[int], q: float) -> float:
     ordered = sorted(values)
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else 0.0
@@ -69,20 +58,12 @@ def build(cfg: TuneflowConfig, downloaded: DownloadResult, out: Path) -> dict:
     """Tokenize and save the dataset to ``out``; return its statistics."""
     from datasets import Dataset, DatasetDict
 
-    from tuneflow.data.formats import DatasetError, load_conversations
+    from tuneflow.data.formats import load_dataset_rows, split_indices
     from tuneflow.data.tokenize import encode, prompt_and_reference
     from tuneflow.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(downloaded.model.path, cfg)
-    invalid = Counter() if cfg.prep.on_invalid == "drop" else None
-    conversations = load_conversations(Path(downloaded.dataset.path), cfg.dataset.format, invalid)
-    if invalid:
-        dropped_fraction = sum(invalid.values()) / (sum(invalid.values()) + len(conversations))
-        if dropped_fraction > cfg.prep.max_invalid_fraction:
-            raise DatasetError(
-                f"{downloaded.dataset.path}: {dropped_fraction:.0%} of rows are invalid, more than "
-                f"prep.max_invalid_fraction={cfg.prep.max_invalid_fraction}; reasons: {dict(invalid.most_common(5))}"
-            )
+    conversations, invalid = load_dataset_rows(Path(downloaded.dataset.path), cfg)
     train_idx, eval_idx = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
     splits, dropped = {}, 0
     lengths, truncated = [], 0
@@ -106,8 +87,8 @@ def build(cfg: TuneflowConfig, downloaded: DownloadResult, out: Path) -> dict:
         "train_rows": len(splits["train"]),
         "eval_rows": len(splits["eval"]),
         "dropped_cut_off": dropped,
-        "dropped_invalid": sum((invalid or {}).values()),
-        "invalid_reasons": dict(invalid or {}),
+        "dropped_invalid": sum(invalid.values()),
+        "invalid_reasons": dict(invalid),
         "truncation_rate": truncated / len(lengths),
         "tokens_mean": sum(lengths) / len(lengths),
         "tokens_p50": _percentile(lengths, 0.5),

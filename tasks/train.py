@@ -47,7 +47,8 @@ def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResu
         env = {"MLFLOW_TRACKING_URI": ctx.tracking_uri, "MLFLOW_RUN_ID": run_id, "TOKENIZERS_PARALLELISM": "false"}
         for attempt in range(1, cfg.train.retries + 2):
             try:
-                launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info)
+                launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info, nnodes=cfg.train.nnodes,
+                       node_rank=cfg.train.node_rank, master_addr=cfg.train.master_addr)
                 break
             except WorkerFailed as exc:
                 client.set_tag(run_id, f"attempt_{attempt}_error", str(exc)[:4000])

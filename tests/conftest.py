@@ -2,7 +2,8 @@
 
 - ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json (infra.tiny)
 - ``hub_mirror``:    a local Hugging Face Hub (olah, offline mirror mode) serving them as
-                     ``tiny-org/tiny-llama`` (model) and ``tiny-org/tiny-instruct`` (dataset)
+                     ``tiny-org/tiny-llama`` (model) and ``tiny-org/tiny-instruct`` (dataset), plus broken
+                     variants of the model (no chat template, pickle weights only, custom code)
 - ``prefect_api``:   Prefect's test harness (a temporary ephemeral API server, ~15 s to start); its URL
 - ``mlflow_server``: a real ``mlflow server`` (SQLite backend, proxied artifacts); its URL
 
@@ -11,9 +12,11 @@ Nothing here reads outside the pytest temp folders and the repository.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,29 @@ class HubMirror:
     model_sha: str
     dataset_id: str
     dataset_sha: str
+    broken: dict[str, str] = field(default_factory=dict)  # what is wrong -> model repo id
+
+
+def broken_model(model: Path, out: Path, fault: str) -> Path:
+    """A copy of the tiny model with one thing wrong, as found on the Hub."""
+    shutil.copytree(model, out)
+    if fault == "no-chat-template":
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        tok = json.loads((out / "tokenizer_config.json").read_text())
+        tok.pop("chat_template", None)
+        (out / "tokenizer_config.json").write_text(json.dumps(tok))
+    elif fault == "pickle-only":
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(out / "model.safetensors"), out / "pytorch_model.bin")
+        (out / "model.safetensors").unlink()
+    elif fault == "custom-code":
+        config = json.loads((out / "config.json").read_text())
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+        (out / "config.json").write_text(json.dumps(config))
+        (out / "modeling_tiny.py").write_text("raise RuntimeError('remote code ran')\n")
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +73,13 @@ def hub_mirror(tiny_assets, tmp_path_factory) -> HubMirror:
     mirror = tmp_path_factory.mktemp("hub-mirror")
     model_sha = add_repo(mirror, "model", "tiny-org/tiny-llama", tiny_assets["model"])
     dataset_sha = add_repo(mirror, "dataset", "tiny-org/tiny-instruct", tiny_assets["data"])
+    variants = tmp_path_factory.mktemp("broken-models")
+    broken = {}
+    for fault in ("no-chat-template", "pickle-only", "custom-code"):
+        broken[fault] = f"tiny-org/{fault}"
+        add_repo(mirror, "model", broken[fault], broken_model(tiny_assets["model"], variants / fault, fault))
     with olah_server(mirror) as endpoint:
-        yield HubMirror(endpoint, "tiny-org/tiny-llama", model_sha, "tiny-org/tiny-instruct", dataset_sha)
+        yield HubMirror(endpoint, "tiny-org/tiny-llama", model_sha, "tiny-org/tiny-instruct", dataset_sha, broken)
 
 
 @pytest.fixture(scope="session")

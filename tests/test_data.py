@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from infra.tiny import CHATML_TEMPLATE, build_tokenizer
-from tuneflow.data.formats import DatasetError, load_conversations
+from tuneflow.data.formats import DatasetError, load_conversations, split_indices
 from tuneflow.data.tokenize import IGNORE_INDEX, TemplateError, encode, prompt_and_reference
 
 
@@ -202,10 +202,22 @@ def test_bad_row_names_file_row_and_field(tmp_path, fmt, bad, field):
     path = write_json(tmp_path / "rows.json", [GOOD[fmt], GOOD[fmt], bad, GOOD[fmt]])
     with pytest.raises(DatasetError) as info:
         load_conversations(path, fmt)
-    message = str(info.value)
-    prefix = f"{path}: row 3: "
-    assert message.startswith(prefix), message
-    assert field in message[len(prefix):], f"{message!r} does not name the field {field}"
+    headline, *rows = str(info.value).splitlines()
+    assert headline == f"1 invalid row for dataset.format={fmt}; fix them, or set prep.on_invalid: drop to skip them:"
+    prefix = f"  - {path}: row 3: "
+    assert len(rows) == 1 and rows[0].startswith(prefix), rows
+    assert field in rows[0][len(prefix):], f"{rows[0]!r} does not name the field {field}"
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path):
+    rows = [GOOD["alpaca"]] * 3 + [{"instruction": f"q{i}"} for i in range(12)] + [{"output": "a"}]
+    path = write_json(tmp_path / "rows.json", rows)
+    with pytest.raises(DatasetError) as info:
+        load_conversations(path, "alpaca")
+    headline, *listed = str(info.value).splitlines()
+    assert headline.startswith("13 invalid rows for dataset.format=alpaca")
+    assert listed[:2] == [f"  - {path}: row 4: field 'output' is missing", f"  - {path}: row 5: field 'output' is missing"]
+    assert len(listed) == 11 and listed[-1] == "  - ... and 3 more"
 
 
 def test_bad_row_in_jsonl_is_numbered_by_line(tmp_path):
@@ -331,7 +343,7 @@ def test_error_in_a_folder_names_the_file(tmp_path):
     bad = write_json(tmp_path / "b.json", [{"instruction": "q2", "output": "a2"}, {"instruction": "q3"}])
     with pytest.raises(DatasetError) as info:
         load_conversations(tmp_path, "alpaca")
-    assert str(info.value) == f"{bad}: row 2: field 'output' is missing"
+    assert f"  - {bad}: row 2: field 'output' is missing" in str(info.value).splitlines()
 
 
 # --- chat template rendering and label masking -------------------------------------------------------------
@@ -478,20 +490,13 @@ def test_prompt_and_reference():
 # --- train / eval split ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def split_indices():
-    from tasks.prepare import split_indices
-
-    return split_indices
-
-
-def test_split_is_deterministic_for_a_seed(split_indices):
+def test_split_is_deterministic_for_a_seed():
     assert split_indices(100, 0.1, seed=7) == split_indices(100, 0.1, seed=7)
     assert split_indices(100, 0.1, seed=7) != split_indices(100, 0.1, seed=8)
 
 
 @pytest.mark.parametrize(("n", "eval_size", "n_eval"), [(100, 0.1, 10), (100, 0.05, 5), (10, 0.01, 1), (37, 0.5, 18)])
-def test_split_fraction(split_indices, n, eval_size, n_eval):
+def test_split_fraction(n, eval_size, n_eval):
     train, evaluation = split_indices(n, eval_size, seed=42)
     assert len(evaluation) == n_eval
     assert set(train).isdisjoint(evaluation)
@@ -500,7 +505,7 @@ def test_split_fraction(split_indices, n, eval_size, n_eval):
 
 
 @pytest.mark.parametrize(("n", "eval_size"), [(100, 1), (100, 24), (100, 24.0), (25, 24)])
-def test_split_count(split_indices, n, eval_size):
+def test_split_count(n, eval_size):
     train, evaluation = split_indices(n, eval_size, seed=0)
     assert len(evaluation) == int(eval_size)
     assert len(train) == n - int(eval_size)
@@ -508,6 +513,6 @@ def test_split_count(split_indices, n, eval_size):
 
 
 @pytest.mark.parametrize(("n", "eval_size"), [(24, 24), (10, 50), (10, 0.99), (1, 0.05)])
-def test_split_leaving_no_training_rows_is_rejected(split_indices, n, eval_size):
+def test_split_leaving_no_training_rows_is_rejected(n, eval_size):
     with pytest.raises(ValueError, match=r"dataset\.eval_size"):
         split_indices(n, eval_size, seed=0)

@@ -1,54 +1,121 @@
-"""Stage 1 against a real Hub endpoint (the olah mirror): commit SHAs, allow_patterns, offline use of the cache."""
+"""Stage 1 against a real Hub endpoint (olah): commit SHAs, reuse of the Hub cache, offline use of a complete
+snapshot (and refusal of an incomplete one), and a Hub server killed in the middle of a download."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-FETCH = """
+from infra.hub_mirror import add_repo, start_olah, stop
+from infra.launcher import free_port
+
+pytestmark = pytest.mark.slow
+
+DOWNLOAD = """
 import json, logging, sys
-from tasks.download import MODEL_PATTERNS, fetch
+from tasks.download import fetch_weights, fetched
+from tuneflow.config import TuneflowConfig
+from tuneflow.preflight import PreflightError, Problem, preflight
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+log = logging.getLogger("tuneflow")
+log.setLevel(logging.INFO)
+cfg = TuneflowConfig.model_validate({"model": {"name_or_path": sys.argv[1]},
+                                     "dataset": {"name_or_path": sys.argv[2], "eval_size": 2}})
 try:
-    got = fetch(sys.argv[1], "main", "model", MODEL_PATTERNS, logging.getLogger("test"))
-    print(json.dumps(got.model_dump()))
-except RuntimeError as exc:
+    checked = preflight(cfg, log)
+    print(json.dumps(fetched(checked.model, fetch_weights(checked.model, cfg, log)).model_dump()))
+except (PreflightError, Problem) as exc:
     print(json.dumps({"error": str(exc)}))
 """
 
 
-def fetch_in_subprocess(repo_id: str, env: dict) -> dict:
-    """huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at import: each case runs in its own process."""
+def download_env(endpoint: str, cache: Path, **extra) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    done = subprocess.run([sys.executable, "-c", FETCH, repo_id], env={**base, **env},
-                          capture_output=True, text=True, timeout=300)
+    return {**base, "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_PROGRESS_BARS": "1", **extra}
+
+
+def download(repo_id: str, data: Path, env: dict) -> tuple[dict, str]:
+    """huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at import: each case runs in its own process."""
+    done = subprocess.run([sys.executable, "-c", DOWNLOAD, repo_id, str(data)], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
-@pytest.mark.slow
-def test_hub_download_then_offline_from_cache(hub_mirror, tmp_path):
-    cache = str(tmp_path / "hub-cache")
-    online = fetch_in_subprocess(hub_mirror.model_id, {"HF_ENDPOINT": hub_mirror.endpoint, "HF_HUB_CACHE": cache})
+def test_hub_download_cache_reuse_and_offline(hub_mirror, tiny_assets, tmp_path):
+    cache = tmp_path / "hub-cache"
+    online, _ = download(hub_mirror.model_id, tiny_assets["data"], download_env(hub_mirror.endpoint, cache))
     assert online["revision"] == hub_mirror.model_sha and online["source"] == "hub"
-    files = {p for p in os.listdir(online["path"])}
+    files = set(os.listdir(online["path"]))
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= files
 
+    again, log = download(hub_mirror.model_id, tiny_assets["data"], download_env(hub_mirror.endpoint, cache))
+    assert again == online
+    assert f"model {hub_mirror.model_id}@{hub_mirror.model_sha}: all" in log and "nothing to download" in log, log
+
     # Offline, the complete cached snapshot is used without the network (the endpoint is unreachable).
-    offline = fetch_in_subprocess(hub_mirror.model_id, {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": cache,
-                                                        "HF_HUB_OFFLINE": "1"})
-    assert offline == online
+    offline_env = download_env("http://127.0.0.1:9", cache, HF_HUB_OFFLINE="1")
+    assert download(hub_mirror.model_id, tiny_assets["data"], offline_env)[0] == online
 
     # Offline with nothing cached: a clear error, at once (no retries).
-    missing = fetch_in_subprocess(hub_mirror.model_id, {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1",
-                                                        "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
-    assert "HF_HUB_OFFLINE is set and the cache has no complete snapshot of revision 'main'" in missing.get(
-        "error", ""), missing
+    missing, _ = download(hub_mirror.model_id, tiny_assets["data"],
+                          download_env("http://127.0.0.1:9", tmp_path / "empty-cache", HF_HUB_OFFLINE="1"))
+    assert "HF_HUB_OFFLINE is set and the cache has no complete snapshot of revision 'main'" in missing["error"]
+
+    # Offline with an incomplete snapshot (the weights never arrived): refused, not used.
+    (Path(online["path"]) / "model.safetensors").unlink()
+    partial, _ = download(hub_mirror.model_id, tiny_assets["data"], offline_env)
+    assert "HF_HUB_OFFLINE is set and the cache has no complete snapshot" in partial["error"], partial
+    assert "model.safetensors" in partial["error"], partial
 
 
-@pytest.mark.slow
-def test_unknown_repo_is_a_clear_error(hub_mirror, tmp_path):
-    got = fetch_in_subprocess("tiny-org/no-such-model", {"HF_ENDPOINT": hub_mirror.endpoint,
-                                                         "HF_HUB_CACHE": str(tmp_path / "c")})
-    assert "tiny-org/no-such-model" in got.get("error", "") and "not found" in got["error"], got
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_hub_killed_mid_download(tiny_assets, tmp_path):
+    """SIGKILL the Hub server while weights stream in and keep it down past huggingface_hub's own quick resumes;
+    bring it back on the same port: tuneflow's backoff retries, the download completes, and every file is
+    byte-identical to the repo's (no partial file is ever used)."""
+    source = tmp_path / "big-model"
+    shutil.copytree(tiny_assets["model"], source)
+    for i in range(3):  # ~150 MB in all: several seconds through olah, so the kill lands mid-stream
+        (source / f"extra-{i}.safetensors").write_bytes(os.urandom(48 * 2**20))
+    sha = add_repo(tmp_path / "mirror", "model", "tiny-org/big", source)
+    port, work = free_port(), tmp_path / "olah"
+    work.mkdir()
+    server = start_olah(tmp_path / "mirror", work, port)
+    cache = tmp_path / "hub-cache"
+    client = subprocess.Popen([sys.executable, "-c", DOWNLOAD, "tiny-org/big", str(tiny_assets["data"])],
+                              env=download_env(f"http://127.0.0.1:{port}", cache), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        partial = []
+        while not partial and time.monotonic() < deadline and client.poll() is None:
+            partial = [p for p in cache.rglob("*.incomplete") if p.stat().st_size > 0]
+            time.sleep(0.05)
+        assert partial, "the download was never seen in progress"
+        server.kill()  # the Hub goes away mid-stream
+        server.wait()
+        time.sleep(10)
+        server = start_olah(tmp_path / "mirror", work, port)
+        out, err = client.communicate(timeout=300)
+    finally:
+        client.kill()
+        stop(server)
+    assert client.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result.get("revision") == sha, f"{result}\n{err[-3000:]}"
+    snapshot = Path(result["path"])
+    for file in sorted(source.glob("*.safetensors")):
+        assert sha256(snapshot / file.name) == sha256(file), f"{file.name} differs from the repo's"
+    assert not list(cache.rglob("*.incomplete")), "a partial download was left behind"
+    assert "model tiny-org/big: Hub request failed" in err and "retry 1 in 2s" in err, err[-3000:]

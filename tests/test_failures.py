@@ -12,26 +12,29 @@ from tuneflow.config import TuneflowConfig
 def test_failed_stage_is_failed_everywhere(prefect_api, tiny_assets, tmp_path):
     from flows.finetune import finetune
 
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"instruction": "Add 1 and 2.", "output": "3"}] * 5 + [{"instruction": "x"}]))
+    # Valid rows (the download stage's checks pass), whose answers all lie past cutoff_len: prepare fails.
+    bad = tmp_path / "long.json"
+    bad.write_text(json.dumps([{"instruction": "Add 1 and 2. " * 40, "output": "3"}] * 6))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = TuneflowConfig.model_validate({
         "output_dir": str(tmp_path / "runs"),
         "model": {"name_or_path": str(tiny_assets["model"])},
         "dataset": {"name_or_path": str(bad), "eval_size": 1},
+        "prep": {"cutoff_len": 16},
         "tracking": {"uri": uri, "experiment": "failures"},
     })
     run_dir = tmp_path / "runs" / "failing"
     state = finetune(cfg, run_dir=str(run_dir), return_state=True)
 
     assert state.is_failed()
-    assert "row 6: field 'output' is missing" in state.message
+    message = "no train rows left: every answer lies past prep.cutoff_len=16"
+    assert message in state.message
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["failed_stage"] == "prepare"
     assert summary["stages"]["download"]["status"] == "completed"
     assert summary["stages"]["prepare"]["status"] == "failed"
-    assert "row 6: field 'output' is missing" in summary["stages"]["prepare"]["error"]
+    assert message in summary["stages"]["prepare"]["error"]
     assert summary["stages"]["train"]["status"] == "pending"
 
     client = MlflowClient(uri)

@@ -1,7 +1,7 @@
 """The tuneflow command line.
 
     tuneflow run --config configs/demo.yaml [--set train.learning_rate=1e-4 ...]
-    tuneflow validate --config configs/my.yaml
+    tuneflow validate --config configs/my.yaml [--config-only]
     tuneflow generate --model runs/<run>/export --prompt "Add 2 and 3." [--stream]
     tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
 """
@@ -26,7 +26,24 @@ def _config(args) -> object:
 
 def cmd_validate(args) -> int:
     cfg = _config(args)
-    print(f"{args.config}: valid ({cfg.train.method}, deepspeed {cfg.train.deepspeed})")
+    print(f"{args.config}: config valid ({cfg.train.method}, deepspeed {cfg.train.deepspeed})", flush=True)
+    if args.config_only:
+        return 0
+    import logging
+
+    from tuneflow.preflight import PreflightError, preflight
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger = logging.getLogger("tuneflow.preflight")
+    logger.setLevel(logging.INFO)
+    try:
+        checked = preflight(cfg, logger)
+    except PreflightError as exc:
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        return 2
+    where = {s.key: "local" if s.local else f"commit {s.sha}" if s.sha else "cached" for s in (checked.model, checked.dataset)}
+    print(f"ready to run: model {cfg.model.name_or_path} ({where['model']}), "
+          f"dataset {cfg.dataset.name_or_path} ({where['dataset']})")
     return 0
 
 
@@ -87,13 +104,17 @@ def cmd_generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tuneflow", description="QLoRA fine-tuning pipeline (Prefect + MLflow)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (("run", cmd_run, "run the whole pipeline"), ("validate", cmd_validate, "check a config")):
+    for name, fn, help_ in (("run", cmd_run, "run the whole pipeline"),
+                           ("validate", cmd_validate, "check a config, its model and its dataset")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=True, help="YAML config file (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--run-dir", help="use this run folder instead of a new one")
+    sub.choices["validate"].add_argument(
+        "--config-only", action="store_true",
+        help="check the config alone; by default the model and dataset are checked too (nothing large is downloaded)")
     g = sub.add_parser("generate", help="answer a prompt with an exported model or base + adapter")
     g.add_argument("--model", required=True, help="exported model folder, or the base model folder")
     g.add_argument("--adapter", help="LoRA adapter folder to put over --model")

@@ -137,7 +137,14 @@ class TrainConfig(Section):
         1, ge=0, le=10, description="Relaunches after a failed training attempt, each resuming from the last checkpoint."
     )
     seed: int = Field(42, ge=0, description="Seed for every rank, the data order and the eval split.")
-    master_port: int = Field(0, ge=0, le=65535, description="torchrun rendezvous port; 0 picks a free one.")
+    nnodes: int = Field(1, ge=1, description="Machines taking part; run `tuneflow run` on each, with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="This machine's index among train.nnodes (0 hosts the rendezvous).")
+    master_addr: str | None = Field(
+        None, description="Address of node 0, which every node can reach; required when train.nnodes > 1."
+    )
+    master_port: int = Field(
+        0, ge=0, le=65535, description="torchrun rendezvous port; 0 picks a free one (single node only)."
+    )
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -175,6 +182,14 @@ class ExportConfig(Section):
         return v
 
 
+class HubConfig(Section):
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the Hugging Face token; unset: HF_TOKEN or the "
+        "token saved by `hf auth login`. The token itself never enters the config.",
+    )
+
+
 class TrackingConfig(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
@@ -198,6 +213,7 @@ class TuneflowConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on the held-out split.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Merged, standalone model.")
+    hub: HubConfig = Field(default_factory=HubConfig, description="Hugging Face Hub access.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
 
     @model_validator(mode="after")
@@ -214,6 +230,18 @@ class TuneflowConfig(Section):
             problems.append(
                 "model.revision: trust_remote_code runs code from the repo; pin model.revision to a full commit SHA"
             )
+        if t.nnodes > 1:
+            if not t.master_addr:
+                problems.append(f"train.master_addr: a multi-node run (train.nnodes={t.nnodes}) needs the address "
+                                "of node 0; set train.master_addr")
+            if not t.master_port:
+                problems.append("train.master_port: every node must use the same rendezvous port; set it (e.g. 29500)")
+        if t.node_rank >= t.nnodes:
+            problems.append(f"train.node_rank: {t.node_rank} is not below train.nnodes={t.nnodes}")
+        if t.method not in ("qlora", "lora") and t.lora != LoraConfig():
+            problems.append(f"train.lora: applies to methods qlora and lora, not {t.method}; remove it")
+        if t.method != "freeze" and t.freeze_trainable_layers != TrainConfig.model_fields["freeze_trainable_layers"].default:
+            problems.append(f"train.freeze_trainable_layers: applies to method freeze only, not {t.method}; remove it")
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
         if problems:

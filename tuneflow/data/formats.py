@@ -10,6 +10,7 @@ Every problem names the file, the row and the field.
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -180,14 +181,17 @@ def check_conversation(messages: list[dict], where: str, field: str) -> None:
         raise DatasetError(f"{where}: field '{field}': the assistant answer is empty")
 
 
+MAX_REPORTED = 10
+
+
 def load_conversations(path: Path, fmt: str, invalid: Counter | None = None) -> list[list[dict]]:
     """Every row of the dataset as validated chat messages.
 
-    The first bad row raises DatasetError, unless ``invalid`` is given: then bad rows are skipped and counted
-    there by reason (the message without its file and row).
+    Bad rows raise one DatasetError that lists them all (the first MAX_REPORTED), unless ``invalid`` is given:
+    then bad rows are skipped and counted there by reason (the message without its file and row).
     """
     convert = CONVERTERS[fmt]
-    conversations = []
+    conversations, problems = [], []
     for file, row_no, row in read_rows(path):
         where = f"{file}: row {row_no}"
         try:
@@ -195,10 +199,43 @@ def load_conversations(path: Path, fmt: str, invalid: Counter | None = None) -> 
             check_conversation(messages, where, ANSWER_FIELD[fmt])
         except DatasetError as exc:
             if invalid is None:
-                raise
-            invalid[str(exc).removeprefix(f"{where}: ")] += 1
+                problems.append(str(exc))
+            else:
+                invalid[str(exc).removeprefix(f"{where}: ")] += 1
             continue
         conversations.append(messages)
+    if problems:
+        shown = [f"  - {p}" for p in problems[:MAX_REPORTED]]
+        if len(problems) > MAX_REPORTED:
+            shown.append(f"  - ... and {len(problems) - MAX_REPORTED} more")
+        rows = "1 invalid row" if len(problems) == 1 else f"{len(problems)} invalid rows"
+        raise DatasetError(f"{rows} for dataset.format={fmt}; fix them, or set prep.on_invalid: drop to skip "
+                           "them:\n" + "\n".join(shown))
     if not conversations:
         raise DatasetError(f"{path}: the dataset has no {'valid ' if invalid else ''}rows")
     return conversations
+
+
+def load_dataset_rows(path: Path, cfg) -> tuple[list[list[dict]], Counter]:
+    """The dataset's valid conversations under cfg.prep.on_invalid, and the dropped rows counted by reason.
+
+    With on_invalid=drop it still fails when more than prep.max_invalid_fraction of the rows are invalid."""
+    invalid: Counter = Counter()
+    conversations = load_conversations(path, cfg.dataset.format, invalid if cfg.prep.on_invalid == "drop" else None)
+    dropped = sum(invalid.values())
+    if dropped / (dropped + len(conversations)) > cfg.prep.max_invalid_fraction:
+        raise DatasetError(
+            f"{path}: {dropped / (dropped + len(conversations)):.0%} of rows are invalid, more than "
+            f"prep.max_invalid_fraction={cfg.prep.max_invalid_fraction}; reasons: {dict(invalid.most_common(5))}"
+        )
+    return conversations, invalid
+
+
+def split_indices(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, eval) row indices; eval_size is a fraction below 1, else a row count."""
+    n_eval = int(eval_size) if eval_size >= 1 else max(1, round(n * eval_size))
+    if n_eval >= n:
+        raise DatasetError(f"dataset.eval_size: {eval_size:g} leaves no training rows out of {n} valid rows; lower it")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])

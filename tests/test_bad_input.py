@@ -1,0 +1,337 @@
+"""Every bad input, with the message it must produce: the config, the model, the dataset.
+
+Each is caught by `tuneflow validate` (the same checks the download stage runs before any weights are fetched),
+ends with a non-zero exit and a message that names the key, file or row and says what to change, never a traceback.
+`test_bad_input_fails_the_run_everywhere` runs one through `tuneflow run`: the flow fails in its first stage, every
+MLflow run is FAILED and no weights were downloaded.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneflow.cli import main
+from tuneflow.preflight import hardware_problems, unsafe_names
+
+TUNEFLOW = Path(sys.executable).parent / "tuneflow"
+GOOD_ROWS = [{"instruction": f"Add {i} and 1.", "output": f"{i + 1}"} for i in range(12)]
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text(rows if isinstance(rows, str) else json.dumps(rows))
+    return path
+
+
+def validate(tmp_path: Path, config: dict, capsys, config_only: bool = False) -> tuple[int, str]:
+    """`tuneflow validate` in this process: (exit code, stderr)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        code = main(["validate", "--config", str(path)] + (["--config-only"] if config_only else []))
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def base_config(model: str | Path, dataset: str | Path) -> dict:
+    return {"model": {"name_or_path": str(model)}, "dataset": {"name_or_path": str(dataset), "eval_size": 2}}
+
+
+def merge(base: dict, changes: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in changes.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+# --- config: reported in well under a second, before Prefect, torch or any model is imported -----------------
+
+CONFIG_CASES = {
+    "unknown key": ({"train.learning_rat": 1e-4},
+                    "train.learning_rat: unknown key (did you mean 'train.learning_rate'?)"),
+    "wrong type": ({"train.max_steps": "many"}, "train.max_steps: Input should be a valid integer"),
+    "lora rank 0": ({"train.lora.rank": 0}, "train.lora.rank: Input should be greater than or equal to 1 (got 0)"),
+    "negative learning rate": ({"train.learning_rate": -1e-4},
+                               "train.learning_rate: Input should be greater than 0 (got -0.0001)"),
+    "cutoff_len 0": ({"prep.cutoff_len": 0}, "prep.cutoff_len: Input should be greater than or equal to 8 (got 0)"),
+    "qlora with freeze options": ({"train.freeze_trainable_layers": 4},
+                                  "train.freeze_trainable_layers: applies to method freeze only, not qlora"),
+    "full with lora options": ({"train.method": "full", "train.precision": "bf16", "train.lora.rank": 64},
+                               "train.lora: applies to methods qlora and lora, not full"),
+    "qlora in fp32": ({"train.precision": "fp32"}, "train.precision: qlora computes in bf16 or fp16"),
+    "qlora with zero3_offload": ({"train.deepspeed": "zero3_offload"},
+                                 "train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora"),
+    "multi-node without master address": ({"train.nnodes": 2, "train.master_port": 29500},
+                                          "train.master_addr: a multi-node run (train.nnodes=2) needs the address "
+                                          "of node 0; set train.master_addr"),
+    "custom code on a branch": ({"model.trust_remote_code": True},
+                                "model.revision: trust_remote_code runs code from the repo; pin model.revision"),
+    "run name with a path": ({"run_name": "../elsewhere"}, "run_name: String should match pattern"),
+}
+
+
+@pytest.mark.parametrize(("changes", "message"), CONFIG_CASES.values(), ids=CONFIG_CASES.keys())
+def test_bad_config(tmp_path, capsys, changes, message):
+    code, err = validate(tmp_path, merge(base_config("m", "d.json"), changes), capsys, config_only=True)
+    assert code == 2 and message in err, err
+    assert err.startswith("tuneflow: invalid config in ") and "Traceback" not in err
+
+
+def test_config_errors_come_before_any_heavy_import(tmp_path):
+    """A typo costs a second, not a Prefect engine start or a model load."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(merge(base_config("m", "d.json"), {"train.lora.rnak": 8})))
+    probe = ("import sys\nfrom tuneflow.cli import main\ntry:\n    main(['run', '--config', sys.argv[1]])\n"
+             "except SystemExit as e:\n    print(e.code, sorted(m for m in ('prefect', 'torch', 'transformers', "
+             "'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    assert "train.lora.rnak: unknown key (did you mean 'train.lora.rank'?)" in done.stderr
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    import torch
+
+    from tuneflow.config import TuneflowConfig
+
+    cfg = TuneflowConfig.model_validate(base_config("m", "d.json"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the hardware question, answered as a T4 would
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    assert hardware_problems(cfg) == ["train.precision: bf16 is not supported by Tesla T4; use fp16"]
+    assert hardware_problems(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "fp16"})})) == []
+
+
+def test_hub_file_names_that_escape_the_snapshot_are_refused():
+    names = ["config.json", "sub/model.safetensors", "../../.bashrc", "/etc/passwd", "a/../../b", "dir\\..\\x"]
+    assert unsafe_names(names) == ["../../.bashrc", "/etc/passwd", "a/../../b", "dir\\..\\x"]
+
+
+# --- the dataset (local files, a local model) ------------------------------------------------------------------
+
+DATASET_CASES = {
+    "not found": (lambda d: d / "missing.json", {}, "dataset.name_or_path: no such file or folder: {path}"),
+    "bad JSONL": (lambda d: write(d / "rows.jsonl", json.dumps(GOOD_ROWS[0]) + "\n{oops\n"), {},
+                  "{path}: line 2: not valid JSON"),
+    "bad JSON": (lambda d: write(d / "rows.json", '[{"instruction": "a", "output": "b"},\n{oops}]'), {},
+                 "{path}: line 2: not valid JSON"),
+    "empty": (lambda d: write(d / "rows.json", []), {}, "{path}: the dataset has no rows"),
+    "wrong format": (lambda d: write(d / "rows.json", GOOD_ROWS), {"dataset.format": "sharegpt"},
+                     "{path}: row 1: field 'conversations' must be a non-empty list"),
+    "missing field": (lambda d: write(d / "rows.json", GOOD_ROWS + [{"instruction": "q"}]), {},
+                      "{path}: row 13: field 'output' is missing"),
+    "mistyped field": (lambda d: write(d / "rows.json", GOOD_ROWS + [{"instruction": "q", "output": 3}]), {},
+                       "{path}: row 13: field 'output' must be a string, got int"),
+    "unknown role": (lambda d: write(d / "rows.json", [{"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}] * 5), {"dataset.format": "sharegpt"},
+        "{path}: row 1: field 'conversations[1].from' is 'bot'; expected one of human, user, gpt"),
+    "empty response": (lambda d: write(d / "rows.json", GOOD_ROWS + [{"instruction": "q", "output": " "}]), {},
+                       "{path}: row 13: field 'output': the assistant answer is empty"),
+    "too few rows for the eval split": (lambda d: write(d / "rows.json", GOOD_ROWS[:5]), {"dataset.eval_size": 5},
+                                        "dataset.eval_size: 5 leaves no training rows out of 5 valid rows; lower it"),
+    "too many dropped": (lambda d: write(d / "rows.json", GOOD_ROWS[:4] + [{"instruction": "q"}] * 2),
+                         {"prep.on_invalid": "drop"},
+                         "{path}: 33% of rows are invalid, more than prep.max_invalid_fraction=0.1"),
+}
+
+
+@pytest.mark.parametrize(("make", "changes", "message"), DATASET_CASES.values(), ids=DATASET_CASES.keys())
+def test_bad_dataset(tmp_path, capsys, tiny_assets, make, changes, message):
+    path = make(tmp_path)
+    code, err = validate(tmp_path, merge(base_config(tiny_assets["model"], path), changes), capsys)
+    assert code == 2, err
+    assert err.startswith("tuneflow: 1 problem found before downloading weights or training:"), err
+    assert message.format(path=path) in err and "Traceback" not in err, err
+
+
+def test_every_dataset_and_model_problem_at_once(tmp_path, capsys, tiny_assets):
+    rows = write(tmp_path / "rows.json", GOOD_ROWS + [{"instruction": "q"}, {"instruction": "r", "output": 1}])
+    config = merge(base_config(tmp_path / "no-model", rows), {})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and err.startswith("tuneflow: 2 problems found"), err
+    assert f"model.name_or_path: no such file or folder: {tmp_path / 'no-model'}" in err
+    assert "2 invalid rows for dataset.format=alpaca" in err
+    assert f"{rows}: row 13: field 'output' is missing" in err and f"{rows}: row 14: field 'output' must be" in err
+
+
+def test_answers_entirely_cut_off(tmp_path, tiny_assets):
+    """Found while tokenizing (prepare), still before any model is loaded."""
+    from tasks.download import DownloadResult, Fetched
+    from tasks.prepare import build
+    from tuneflow.config import TuneflowConfig
+
+    rows = write(tmp_path / "rows.json", [{"instruction": "word " * 200, "output": "answer"}] * 6)
+    cfg = TuneflowConfig.model_validate(merge(base_config(tiny_assets["model"], rows), {"prep.cutoff_len": 16}))
+    fetched = DownloadResult(model=Fetched(path=str(tiny_assets["model"]), revision="m", source="local"),
+                             dataset=Fetched(path=str(rows), revision="d", source="local"), mlflow_run_id="-")
+    with pytest.raises(ValueError, match="no train rows left: every answer lies past prep.cutoff_len=16"):
+        build(cfg, fetched, tmp_path / "out")
+
+
+# --- the model on the Hub --------------------------------------------------------------------------------------
+
+
+def validate_cli(tmp_path: Path, config: dict, env: dict) -> subprocess.CompletedProcess:
+    """`tuneflow validate` as a user runs it (huggingface_hub reads HF_ENDPOINT at import: a new process)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return subprocess.run([str(TUNEFLOW), "validate", "--config", str(path)], capture_output=True, text=True,
+                          env={**base, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), **env}, timeout=300)
+
+
+MODEL_CASES = {
+    "repo not found": ({"model.name_or_path": "tiny-org/no-such-model"},
+                       "model.name_or_path: tiny-org/no-such-model is neither a local path nor a repo on the Hub"),
+    "revision not found": ({"model.revision": "no-such-branch"},
+                           "model.revision: 'no-such-branch' is not a branch, tag or commit of tiny-org/tiny-llama"),
+    "no chat template": ({"model.name_or_path": "tiny-org/no-chat-template"},
+                         "model.chat_template: tiny-org/no-chat-template has no chat template"),
+    "pickle weights only": ({"model.name_or_path": "tiny-org/pickle-only"},
+                            "model.name_or_path: tiny-org/pickle-only has only pickle weights (pytorch_model.bin); "
+                            "tuneflow loads safetensors only"),
+    "custom code, not trusted": ({"model.name_or_path": "tiny-org/custom-code"},
+                                 "model.trust_remote_code: tiny-org/custom-code needs Python code from its repo"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("changes", "message"), MODEL_CASES.values(), ids=MODEL_CASES.keys())
+def test_bad_model_on_the_hub(tmp_path, hub_mirror, tiny_assets, changes, message):
+    config = merge(base_config(hub_mirror.model_id, tiny_assets["data"]), changes)
+    done = validate_cli(tmp_path, config, {"HF_ENDPOINT": hub_mirror.endpoint})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not list((tmp_path / "hf-cache").rglob("*.safetensors")), "weights were downloaded before the checks"
+
+
+@pytest.mark.slow
+def test_a_configured_chat_template_stands_in_for_a_missing_one(tmp_path, hub_mirror, tiny_assets):
+    from infra.tiny import CHATML_TEMPLATE
+
+    config = merge(base_config("tiny-org/no-chat-template", tiny_assets["data"]),
+                   {"model.chat_template": CHATML_TEMPLATE})
+    done = validate_cli(tmp_path, config, {"HF_ENDPOINT": hub_mirror.endpoint})
+    assert done.returncode == 0, done.stderr
+    assert "ready to run: model tiny-org/no-chat-template (commit " in done.stdout
+
+
+CANARY = "hf_tuneflowGatedCanary0123456789abcdef"
+
+
+def gated_hub(upstream: str) -> http.server.ThreadingHTTPServer:
+    """The Hub's behaviour for a gated repo in front of ``upstream`` (olah): a request that carries the token
+    CANARY is passed through, any other is refused as the Hub refuses it (401, X-Error-Code: GatedRepo)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _serve(self):
+            if self.headers.get("Authorization") != f"Bearer {CANARY}":
+                self.send_response(401)
+                self.send_header("X-Error-Code", "GatedRepo")
+                self.send_header("X-Error-Message", "Access to this repo is restricted.")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "accept", "accept-encoding")}
+            request = urllib.request.Request(upstream + self.path, headers=headers, method=self.command)
+            try:
+                response = urllib.request.urlopen(request, timeout=60)
+            except urllib.error.HTTPError as err:
+                response = err
+            body = response.read()
+            self.send_response(response.status)
+            for key, value in response.headers.items():
+                if key.lower() not in ("transfer-encoding", "connection", "server", "date"):
+                    self.send_header(key, value)
+            if "Content-Length" not in response.headers:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _serve
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.slow
+def test_gated_model_needs_a_token_from_the_environment_or_a_prefect_secret(tmp_path, hub_mirror, tiny_assets,
+                                                                           prefect_api):
+    from prefect.blocks.system import Secret
+
+    Secret(value=CANARY).save("tuneflow-test-hub-token", overwrite=True)
+    server = gated_hub(hub_mirror.endpoint)
+    endpoint = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "PREFECT_API_URL": prefect_api}
+    config = base_config(hub_mirror.model_id, tiny_assets["data"])
+    try:
+        refused = validate_cli(tmp_path / "none", config, endpoint)
+        from_env = validate_cli(tmp_path / "env", config, {**endpoint, "HF_TOKEN": CANARY})
+        secret = merge(config, {"hub.token_secret": "tuneflow-test-hub-token"})
+        from_block = validate_cli(tmp_path / "block", secret, endpoint)
+        no_block = validate_cli(tmp_path / "no-block", merge(config, {"hub.token_secret": "no-such-block"}), endpoint)
+    finally:
+        server.shutdown()
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert (f"model.name_or_path: {hub_mirror.model_id} is gated; accept its terms on the Hub, then set HF_TOKEN"
+            in refused.stderr), refused.stderr
+    for done in (from_env, from_block):
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"ready to run: model {hub_mirror.model_id} (commit {hub_mirror.model_sha})" in done.stdout
+        assert CANARY not in done.stdout + done.stderr
+    assert no_block.returncode == 2
+    assert "hub.token_secret: there is no Prefect Secret block named 'no-such-block'" in no_block.stderr
+
+
+# --- through the whole pipeline ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bad_input_fails_the_run_everywhere(tmp_path, hub_mirror, prefect_api, tiny_assets):
+    from mlflow import MlflowClient
+
+    rows = write(tmp_path / "rows.json", GOOD_ROWS + [{"instruction": "q"}])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = merge(base_config("tiny-org/no-chat-template", rows),
+                   {"output_dir": str(tmp_path / "runs"), "tracking.uri": uri})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_"))}
+    env.update(HF_ENDPOINT=hub_mirror.endpoint, HF_HUB_CACHE=str(tmp_path / "hf-cache"), PREFECT_API_URL=prefect_api)
+    done = subprocess.run([str(TUNEFLOW), "run", "--config", str(path)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    headline = [line for line in done.stderr.splitlines() if line.startswith("tuneflow: ")]
+    assert headline == ["tuneflow: run failed: PreflightError: 2 problems found before downloading weights or "
+                        "training:"], done.stderr[-3000:]
+    assert "model.chat_template: tiny-org/no-chat-template has no chat template" in done.stderr
+    assert f"{rows}: row 13: field 'output' is missing" in done.stderr
+    assert not list((tmp_path / "hf-cache").rglob("*.safetensors")), "weights were downloaded before the checks"
+
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and summary["failed_stage"] == "download"
+    assert "no chat template" in summary["stages"]["download"]["error"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted(
+        [(Path(summary["run_dir"]).name, "FAILED"), ("download", "FAILED")])
