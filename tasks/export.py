@@ -80,6 +80,19 @@ def merge(cfg: TuneflowConfig, model_dir: str, weights_dir: str):
     return PeftModel.from_pretrained(base, weights_dir).merge_and_unload()
 
 
+def write_export(merged, tokenizer, card: str, final: Path, max_shard_size: str) -> list[str]:
+    """Write the model, tokenizer and card to a temporary folder beside ``final``, then rename it into place:
+    a kill at any moment leaves either no export or a complete one at ``final``, never a half-written one."""
+    staging = final.parent / f".{final.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an attempt that was killed
+    merged.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return sorted(p.name for p in final.glob("*.safetensors"))
+
+
 @task(name="export", cache_policy=NO_CACHE)
 def export(
     cfg: TuneflowConfig, downloaded: DownloadResult, trained: TrainResult, evaluated: EvalResult, ctx: RunContext
@@ -91,18 +104,11 @@ def export(
 
     logger = get_run_logger()
     final = Path(ctx.run_dir) / "export"
-    staging = Path(ctx.run_dir) / ".export.partial"
     with ctx.stage("export") as (client, run_id):
-        shutil.rmtree(staging, ignore_errors=True)
         merged = merge(cfg, downloaded.model.path, trained.weights_dir)
-        merged.save_pretrained(staging, max_shard_size=cfg.export.max_shard_size, safe_serialization=True)
-        tokenizer = load_tokenizer(downloaded.model.path, cfg)
-        tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(cfg, downloaded, evaluated), encoding="utf-8")
+        shards = write_export(merged, load_tokenizer(downloaded.model.path, cfg),
+                              model_card(cfg, downloaded, evaluated), final, cfg.export.max_shard_size)
         del merged
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        shards = sorted(p.name for p in final.glob("*.safetensors"))
         logger.info("export: %d shard(s) in %s", len(shards), final)
 
         records = [json.loads(line) for line in open(evaluated.predictions_file, encoding="utf-8")]

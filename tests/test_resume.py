@@ -115,3 +115,58 @@ def test_killed_rank_resumes_from_last_complete_checkpoint(setup):
     assert result["global_step"] == STEPS
     # Same data order, optimizer, scheduler and RNG state after resume: the last step's loss matches.
     assert _last_loss(spec.parent) == pytest.approx(_last_loss(whole.parent), abs=1e-3)
+
+
+def test_killed_rank_in_a_pipeline_run_is_retried_and_recorded(tmp_path, hub_mirror, prefect_api, mlflow_server):
+    """The same through `tuneflow run`: the train task's automatic retry resumes, and summary.json and MLflow say
+    from which step and why."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": hub_mirror.model_id},
+        "dataset": {"name_or_path": hub_mirror.dataset_id, "eval_size": 8},
+        "prep": {"cutoff_len": 128},
+        "train": {"max_steps": 12, "save_steps": SAVE_EVERY, "per_device_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "deepspeed": "zero2", "nproc_per_node": 2},  # retries: 1
+        "eval": {"max_samples": 8, "max_new_tokens": 8, "batch_size": 8, "compare_base": False},
+        "export": {"enabled": False},
+        "tracking": {"uri": mlflow_server, "experiment": "resume"},
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_"))}
+    env.update(HF_ENDPOINT=hub_mirror.endpoint, HF_HUB_CACHE=str(tmp_path / "hf-cache"), PREFECT_API_URL=prefect_api)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "tuneflow"), "run", "--config", str(config)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = {}
+
+    def kill_rank_1_after_first_checkpoint():
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            marks = list((tmp_path / "runs").glob(f"*/train/checkpoints/checkpoint-{SAVE_EVERY}/{COMPLETE}"))
+            if marks:
+                pid = _rank_pid(marks[0].parents[2] / "spec.json", 1)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_rank_1_after_first_checkpoint)
+    killer.start()
+    out, err = proc.communicate(timeout=600)
+    killer.join()
+    assert killed, "rank 1 was never seen running"
+    assert proc.returncode == 0, err[-6000:]
+    summary = json.loads(Path(out.strip().splitlines()[-1]).read_text())
+    train = summary["stages"]["train"]
+    assert train["status"] == "completed" and train["global_step"] == 12
+    assert train["resumed_from_step"] is not None and train["resumed_from_step"] >= SAVE_EVERY
+    tags = MlflowClient(mlflow_server).get_run(train["mlflow_run_id"]).data.tags
+    assert tags["resumed_from_step"] == str(train["resumed_from_step"])
+    assert "rank 1: exit code -9 (SIGKILL)" in tags["attempt_1_error"]
+    assert "relaunching from the last complete checkpoint" in err
