@@ -19,3 +19,10 @@ def test_every_preset_says_the_command_that_runs_it():
     for preset in presets:
         head = preset.read_text().split("\n\n")[0]
         assert "make demo" in head or f"--config configs/{preset.name}" in head, preset
+
+
+def test_every_test_the_fault_docs_name_exists():
+    import re
+
+    named = set(re.findall(r"`(tests/test_\w+\.py)`", (ROOT / "docs/faults.md").read_text()))
+    assert named and all((ROOT / path).is_file() for path in named), sorted(p for p in named if not (ROOT / p).is_file())

@@ -72,8 +72,10 @@ def offline() -> bool:
 
 def hub_call(fn, src: Source, logger: logging.Logger):
     """Call the Hub with retries and backoff on network errors; turn the Hub's refusals into Problems."""
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -97,7 +99,12 @@ def hub_call(fn, src: Source, logger: logging.Logger):
                 raise Problem(f"{what}: HF_HUB_OFFLINE is set and the cache has no complete snapshot of revision "
                               f"{src.revision!r}: {str(exc).splitlines()[0]}") from None
             error = exc
-        except Exception as exc:  # connection refused or reset, a timeout, a 5xx: retry with backoff
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 500
+            if status < 500 and status != 429:
+                raise Problem(f"{what}: the Hub refused the request: {str(exc).splitlines()[0]}") from None
+            error = exc  # overloaded or failing: retry
+        except (httpx2.TransportError, OSError) as exc:  # connection refused or reset, a timeout
             error = exc
         if delay is None:
             raise Problem(f"{what}: the Hub did not answer after {attempt} attempts: {error}")
