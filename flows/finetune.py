@@ -118,6 +118,10 @@ def finetune(config: TuneflowConfig, run_dir: str | None = None) -> str:
         failed = next((n for n, s in summary["stages"].items() if s["status"] == "running"), None)
         if failed:
             summary["stages"][failed] = {"status": "failed", "error": str(exc)}
+            child = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                                 f"tags.mlflow.runName = '{failed}'", max_results=1)
+            if child:
+                summary["stages"][failed]["mlflow_run_id"] = child[0].info.run_id
         summary.update(status="failed", failed_stage=failed, error=f"{type(exc).__name__}: {exc}")
         client.set_terminated(parent, RunStatus.to_string(RunStatus.FAILED))
         write_summary(folder, summary)

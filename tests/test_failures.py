@@ -42,3 +42,5 @@ def test_failed_stage_is_failed_everywhere(prefect_api, tiny_assets, tmp_path):
     assert parent.info.status == "FAILED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_name: r.info.status for r in children} == {"download": "FINISHED", "prepare": "FAILED"}
+    failed_run = next(r for r in children if r.info.run_name == "prepare")
+    assert summary["stages"]["prepare"]["mlflow_run_id"] == failed_run.info.run_id

@@ -119,9 +119,27 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     return max(done, key=_step, default=None)
 
 
+def verify_adapter(folder: Path) -> None:
+    """Refuse an adapter written empty (the ZeRO-3 gather bug) or with NaN/inf weights (a diverged run)."""
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        return  # full / freeze: no adapter
+    from safetensors.torch import load_file
+
+    tensors = load_file(file)
+    empty = [k for k, t in tensors.items() if t.numel() == 0]
+    bad = [k for k, t in tensors.items() if t.numel() and not bool(t.float().isfinite().all())]
+    if not tensors or empty:
+        raise RuntimeError(f"{file}: the adapter was written empty ({len(empty)} of {len(tensors)} tensors)")
+    if bad:
+        raise RuntimeError(f"{file}: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]}): training "
+                           "diverged; lower train.learning_rate or use bf16")
+
+
 def commit_checkpoint(folder: Path, keep: int) -> None:
-    """Mark ``folder`` complete (atomically), then delete older checkpoints beyond ``keep`` and any incomplete
-    ones: the newest complete checkpoint is never deleted before its successor is marked."""
+    """Check the adapter, mark ``folder`` complete (atomically), then delete older checkpoints beyond ``keep``
+    and any incomplete ones: the newest complete checkpoint is never deleted before its successor is marked."""
+    verify_adapter(folder)
     tmp = folder / f".{COMPLETE}.tmp"
     tmp.write_text(str(_step(folder)))
     tmp.rename(folder / COMPLETE)
@@ -234,6 +252,7 @@ def train(spec: dict) -> dict:
     staging = out / f".{final.name}.partial"
     trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
     if IS_RANK_ZERO:
+        verify_adapter(staging)
         tokenizer.save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
