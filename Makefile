@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean deploy
 OLAH_VENV ?= .venv-olah
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m infra.tiny --out demo/assets
+	$(BIN)/python -m tuneflow.demo --out demo/assets
 	$(BIN)/tuneflow run --config configs/demo.yaml
 
 # The tests serve tiny repos from a local Hub mirror (olah); it needs a newer fastapi than Prefect, so its own venv.
@@ -34,3 +34,14 @@ test: install $(OLAH_VENV)/.installed
 
 clean:
 	rm -rf runs demo mlflow.db mlruns mlartifacts .pytest_cache
+
+# Register the deployments on the Prefect server at PREFECT_API_URL (README: "Run it on a team's Prefect server").
+GPU_CONCURRENCY ?= 1
+deploy: install
+	@test -n "$$PREFECT_API_URL" || { echo "make deploy: set PREFECT_API_URL to your Prefect server's API, e.g. http://127.0.0.1:4200/api"; exit 2; }
+	for pool in cpu gpu; do \
+	  $(BIN)/prefect work-pool inspect $$pool >/dev/null 2>&1 || \
+	  $(BIN)/prefect work-pool create $$pool --type process --base-job-template infra/work-pools/$$pool.json || exit 1; \
+	done
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name on-demand
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name gpu --concurrency-limit $(GPU_CONCURRENCY) --collision-strategy ENQUEUE

@@ -1,9 +1,8 @@
 """Stage 1, download: pre-flight checks, then the model weights, from the Hugging Face Hub or a local path.
 
-Hub access is `huggingface_hub`, so HF_ENDPOINT (a mirror), HF_TOKEN, HF_HUB_CACHE and HF_HUB_OFFLINE work as
-everywhere else. First `tuneflow.preflight` fetches the repo listings, the model's small files and the dataset and
-checks them all; only then come the weights. The commit SHAs are recorded (a content hash for local paths).
-Files land in the Hub cache one by one through a temporary name, so a download cut short is resumed, never used.
+First `tuneflow.preflight` fetches the repo listings, the model's small files and the dataset and checks them all;
+only then come the weights. The result pins both: Hub repo + commit SHA, or a local path + content digest, which is
+what a stage on another machine needs to find the same files (`tuneflow.hub.fetch`).
 """
 
 from __future__ import annotations
@@ -13,26 +12,15 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.context import RunContext
 from tuneflow.config import TuneflowConfig
-from tuneflow.preflight import Problem, Source, cached_fraction, model_patterns, preflight, snapshot
+from tuneflow.hub import Problem, Source, cached_fraction, model_patterns, snapshot
+from tuneflow.preflight import preflight
+from tuneflow.results import DownloadResult, SourceRef
 from tuneflow.tracking import log_params
 
 FULL_HASH_LIMIT = 64 * 2**20
-
-
-class Fetched(BaseModel):
-    path: str
-    revision: str  # Hub commit SHA, or "sha256:<digest>" of a local path
-    source: str  # "hub" or "local"
-
-
-class DownloadResult(BaseModel):
-    model: Fetched
-    dataset: Fetched
-    mlflow_run_id: str
 
 
 def local_revision(path: Path) -> str:
@@ -49,10 +37,10 @@ def local_revision(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def fetched(src: Source, folder: Path) -> Fetched:
+def pinned(src: Source, folder: Path) -> SourceRef:
     if src.local is not None:
-        return Fetched(path=str(folder), revision=local_revision(folder), source="local")
-    return Fetched(path=str(folder), revision=folder.name, source="hub")  # snapshots/<commit sha>
+        return SourceRef(kind=src.key, name=src.name, revision=local_revision(folder), local_path=str(folder))
+    return SourceRef(kind=src.key, name=src.name, revision=folder.name)  # snapshots/<commit sha>
 
 
 def fetch_weights(src: Source, cfg: TuneflowConfig, logger) -> Path:
@@ -76,11 +64,10 @@ def download(cfg: TuneflowConfig, ctx: RunContext) -> DownloadResult:
     with ctx.stage("download") as (client, run_id):
         checked = preflight(cfg, logger)
         logger.info("pre-flight checks passed: model %s, dataset %s", cfg.model.name_or_path, cfg.dataset.name_or_path)
-        model = fetched(checked.model, fetch_weights(checked.model, cfg, logger))
-        dataset = fetched(checked.dataset, checked.dataset_dir)
-        logger.info("model %s -> %s; dataset %s -> %s", model.revision, model.path, dataset.revision, dataset.path)
-        log_params(client, run_id, {
-            "model.path": model.path, "model.revision": model.revision, "model.source": model.source,
-            "dataset.path": dataset.path, "dataset.revision": dataset.revision, "dataset.source": dataset.source,
-        })
+        model = pinned(checked.model, fetch_weights(checked.model, cfg, logger))
+        dataset = pinned(checked.dataset, checked.dataset_dir)
+        logger.info("model %s@%s; dataset %s@%s", model.name, model.revision, dataset.name, dataset.revision)
+        log_params(client, run_id, {f"{ref.kind}.{k}": v for ref in (model, dataset)
+                                    for k, v in (("name", ref.name), ("revision", ref.revision),
+                                                 ("source", ref.source))})
         return DownloadResult(model=model, dataset=dataset, mlflow_run_id=run_id)

@@ -1,9 +1,11 @@
 """Stage 2, prepare: validate every row, render it with the model's chat template, tokenize, mask prompts, split.
 
-The result is an Arrow DatasetDict (train, eval) under <output_dir>/.cache/prepared/<key>, where the key hashes
-everything the result depends on (dataset revision, tokenizer revision, prep settings, this code), so later flow
-runs with the same inputs reuse it. It is written to a temporary folder and renamed, so a half-written cache entry
-is never seen.
+The result (`tuneflow.data.prepare.build`: an Arrow DatasetDict of train and eval, and stats.json) is cached under
+$TUNEFLOW_CACHE/prepared/<key>, where the key hashes everything it depends on (dataset revision, tokenizer
+revision, prep settings, the prep code), and logged as the `prepared` artifact of this stage's MLflow run, which is
+where training and evaluation read it from on any machine. A later run with the same inputs on the same MLflow
+server reuses both the cache entry and the artifact. Entries are written to a temporary folder and renamed, so a
+half-written one is never seen.
 """
 
 from __future__ import annotations
@@ -17,25 +19,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.context import RunContext
-from tasks.download import DownloadResult
+from tuneflow.artifacts import cache_root, publish, register
 from tuneflow.config import TuneflowConfig
+from tuneflow.hub import fetch
+from tuneflow.results import ArtifactRef, DownloadResult, PrepareResult
 from tuneflow.tracking import log_metrics, log_params
 
 
-class PrepareResult(BaseModel):
-    data_dir: str
-    stats: dict
-    cache_hit: bool
-    mlflow_run_id: str
-
-
 def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
-    from tuneflow.data import formats, tokenize
+    from tuneflow.data import formats, prepare, tokenize
 
-    code = inspect.getsource(formats) + inspect.getsource(tokenize) + inspect.getsource(build)
+    code = "".join(inspect.getsource(m) for m in (formats, tokenize, prepare))
     parts = {
         "dataset": downloaded.dataset.revision,
         "tokenizer": downloaded.model.revision,
@@ -49,55 +45,42 @@ def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else 0.0
+def build_entry(cfg: TuneflowConfig, downloaded: DownloadResult, final: Path, logger) -> None:
+    from tuneflow.data.prepare import build
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        tokenizer_dir = fetch(downloaded.model, cfg, logger, weights=False)
+        stats = build(cfg, tokenizer_dir, fetch(downloaded.dataset, cfg, logger), staging)
+        logger.info("prepare: %s", json.dumps(stats))
+        try:
+            staging.rename(final)
+        except OSError:  # a concurrent flow finished the same entry first: theirs is identical
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def build(cfg: TuneflowConfig, downloaded: DownloadResult, out: Path) -> dict:
-    """Tokenize and save the dataset to ``out``; return its statistics."""
-    from datasets import Dataset, DatasetDict
+def published(final: Path, client, tracking_uri: str) -> ArtifactRef | None:
+    """The artifact an earlier run on this MLflow server logged for this cache entry, if it is still there."""
+    record = final.with_name(final.name + ".published.json")
+    entry = json.loads(record.read_text()).get(tracking_uri) if record.is_file() else None
+    if not entry:
+        return None
+    ref = ArtifactRef.model_validate(entry)
+    try:
+        return ref if client.list_artifacts(ref.run_id, ref.path) else None
+    except Exception:  # the run was deleted
+        return None
 
-    from tuneflow.data.formats import load_dataset_rows, split_indices
-    from tuneflow.data.tokenize import encode, prompt_and_reference
-    from tuneflow.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(downloaded.model.path, cfg)
-    conversations, invalid = load_dataset_rows(Path(downloaded.dataset.path), cfg)
-    train_idx, eval_idx = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
-    splits, dropped = {}, 0
-    lengths, truncated = [], 0
-    for split, indices in (("train", train_idx), ("eval", eval_idx)):
-        rows = []
-        for i in indices:
-            enc = encode(tokenizer, conversations[i], cfg.prep.cutoff_len)
-            lengths.append(enc["full_length"])
-            truncated += enc["full_length"] > cfg.prep.cutoff_len
-            if all(label == -100 for label in enc["labels"]):
-                dropped += 1  # the answer is entirely past cutoff_len: nothing to learn from
-                continue
-            prompt, reference = prompt_and_reference(conversations[i])
-            rows.append({**enc, "prompt": json.dumps(prompt, ensure_ascii=False), "reference": reference})
-        if not rows:
-            raise ValueError(f"no {split} rows left: every answer lies past prep.cutoff_len={cfg.prep.cutoff_len}")
-        splits[split] = Dataset.from_list(rows)
-    DatasetDict(splits).save_to_disk(str(out))
-    stats = {
-        "rows": len(conversations),
-        "train_rows": len(splits["train"]),
-        "eval_rows": len(splits["eval"]),
-        "dropped_cut_off": dropped,
-        "dropped_invalid": sum(invalid.values()),
-        "invalid_reasons": dict(invalid),
-        "truncation_rate": truncated / len(lengths),
-        "tokens_mean": sum(lengths) / len(lengths),
-        "tokens_p50": _percentile(lengths, 0.5),
-        "tokens_p95": _percentile(lengths, 0.95),
-        "tokens_max": float(max(lengths)),
-        "train_label_tokens": sum(sum(1 for t in r if t != -100) for r in splits["train"]["labels"]),
-    }
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    return stats
+def remember(final: Path, tracking_uri: str, ref: ArtifactRef) -> None:
+    record = final.with_name(final.name + ".published.json")
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({**known, tracking_uri: ref.model_dump()}))
+    tmp.replace(record)
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
@@ -105,26 +88,23 @@ def prepare(cfg: TuneflowConfig, downloaded: DownloadResult, ctx: RunContext) ->
     logger = get_run_logger()
     with ctx.stage("prepare") as (client, run_id):
         key = cache_key(cfg, downloaded)
-        final = Path(cfg.output_dir) / ".cache" / "prepared" / key
-        log_params(client, run_id, {"cache_key": key, "data_dir": str(final.resolve())})
+        final = cache_root() / "prepared" / key
+        log_params(client, run_id, {"cache_key": key})
         hit = (final / "stats.json").is_file()
         if hit:
             logger.info("prepare: reusing the tokenized dataset in %s (same inputs as an earlier run)", final)
-            stats = json.loads((final / "stats.json").read_text())
         else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staging = final.parent / f".{key}.{uuid.uuid4().hex[:8]}.partial"
-            try:
-                stats = build(cfg, downloaded, staging)
-                try:
-                    staging.rename(final)
-                except OSError:  # a concurrent flow finished the same entry first: theirs is identical
-                    shutil.rmtree(staging, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            logger.info("prepare: %s", json.dumps(stats))
+            build_entry(cfg, downloaded, final, logger)
+        stats = json.loads((final / "stats.json").read_text())
+        ref = published(final, client, ctx.tracking_uri)
+        if ref is None:
+            ref = publish(client, run_id, final, "prepared")
+            remember(final, ctx.tracking_uri, ref)
+        else:
+            register(ref.digest, final)
+            logger.info("prepare: the same data is already logged as %s", ref.uri)
+        log_params(client, run_id, {"data.uri": ref.uri, "data.digest": ref.digest})
         log_metrics(client, run_id, {k: v for k, v in stats.items() if isinstance(v, (int, float))})
         client.log_dict(run_id, stats, "prepare_stats.json")
         client.set_tag(run_id, "cache_hit", str(hit).lower())
-        return PrepareResult(data_dir=str(final.resolve()), stats=stats, cache_hit=hit, mlflow_run_id=run_id)
+        return PrepareResult(data=ref, stats=stats, cache_hit=hit, mlflow_run_id=run_id)

@@ -1,71 +1,92 @@
-"""Stage 3, train: QLoRA (or LoRA / full / freeze) under torchrun + DeepSpeed, in a subprocess.
+"""Stage 3, train: QLoRA (or LoRA / full / freeze) under torchrun + DeepSpeed, here or on a GPU work pool.
 
-The task writes <run>/train/spec.json (the config and the folders), launches `tuneflow.worker.train` on N processes,
-streams their output into the Prefect logs and attaches them to this stage's MLflow run through MLFLOW_RUN_ID.
+Without a deployment the attempt runs in this process's machine (`tuneflow.training.run.train_once`). With one
+(`tuneflow-train/gpu`) each attempt is a flow run of that deployment on the `gpu` pool: this task waits for it,
+fails with the training run's own error, cancels it when the pipeline is cancelled or the wait times out, and reads
+its result from the stage's MLflow run. A failed attempt is relaunched up to train.retries times, anywhere in the
+pool, resuming from the last checkpoint uploaded to MLflow.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
-from infra.launcher import WorkerFailed, launch, resolve_nproc
 from tasks.context import RunContext
-from tasks.download import DownloadResult
-from tasks.prepare import PrepareResult
 from tuneflow.config import TuneflowConfig
-from tuneflow.tracking import log_params
+from tuneflow.results import DownloadResult, PrepareResult, TrainRequest, TrainResult
 
-class TrainResult(BaseModel):
-    weights_dir: str
-    global_step: int
-    train_loss: float
-    resumed_from_step: int | None
-    nproc: int
-    mlflow_run_id: str
+POLL_SECONDS = 5
+
+
+class TrainingRunFailed(RuntimeError):
+    """A training attempt that ended without a result; the message is the training run's own."""
+
+
+def run_on_pool(deployment: str, request: TrainRequest, timeout_s: float, logger) -> TrainResult:
+    """One attempt as a flow run of ``deployment``; raise TrainingRunFailed with its error if it does not complete."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    from tuneflow.training.run import RESULT_ARTIFACT
+
+    # timeout=0: create the run and return, so that this task can cancel it (run_deployment would only poll).
+    child = run_deployment(deployment, parameters={"request": request.model_dump(mode="json")}, timeout=0,
+                           as_subflow=True)
+    logger.info("training runs as flow run %s of %s (pool %s)", child.name, deployment, child.work_pool_name)
+    deadline, last = time.monotonic() + timeout_s, None
+    with get_client(sync_client=True) as client:
+        try:
+            while True:
+                child = client.read_flow_run(child.id)
+                state = child.state
+                if state.name != last:
+                    logger.info("training run %s: %s", child.name, state.name)
+                    last = state.name
+                if state.is_final():
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"training run {child.name} did not finish within train.timeout_hours="
+                                       f"{timeout_s / 3600:g} (state {state.name}); it was cancelled")
+                time.sleep(POLL_SECONDS)
+        except BaseException:  # timeout, or this pipeline cancelled / interrupted: the training run stops too
+            client.set_flow_run_state(child.id, Cancelling(message="the pipeline run stopped waiting"), force=True)
+            raise
+    if not state.is_completed():
+        raise TrainingRunFailed(f"training run {child.name} {state.name}: {state.message or 'no message'}")
+    path = MlflowClient(request.tracking_uri).download_artifacts(request.mlflow_run_id, RESULT_ARTIFACT)
+    return TrainResult.model_validate(json.loads(Path(path).read_text()))
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResult, ctx: RunContext) -> TrainResult:
+def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResult, ctx: RunContext,
+          deployment: str | None = None) -> TrainResult:
+    from tuneflow.training.launcher import WorkerFailed
+    from tuneflow.training.run import train_once
+
     logger = get_run_logger()
-    out = Path(ctx.run_dir) / "train"
-    out.mkdir(parents=True, exist_ok=True)
-    nproc = resolve_nproc(cfg.train.nproc_per_node)
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({
-        "config": cfg.model_dump(mode="json"),
-        "model_dir": downloaded.model.path,
-        "data_dir": prepared.data_dir,
-        "output_dir": str(out),
-    }, indent=1))
     with ctx.stage("train") as (client, run_id):
-        log_params(client, run_id, {"nproc": nproc, "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
-        env = {"MLFLOW_TRACKING_URI": ctx.tracking_uri, "MLFLOW_RUN_ID": run_id, "TOKENIZERS_PARALLELISM": "false"}
-        for attempt in range(1, cfg.train.retries + 2):
+        request = TrainRequest(config=cfg, model=downloaded.model, data=prepared.data, tracking_uri=ctx.tracking_uri,
+                               mlflow_run_id=run_id, run_folder=Path(ctx.run_dir).name)
+        attempts = cfg.train.retries + 1
+        for attempt in range(1, attempts + 1):
             try:
-                launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info, nnodes=cfg.train.nnodes,
-                       node_rank=cfg.train.node_rank, master_addr=cfg.train.master_addr)
+                if deployment:
+                    result = run_on_pool(deployment, request, cfg.train.timeout_hours * 3600, logger)
+                else:
+                    result = train_once(request, Path(ctx.run_dir) / "train", logger)
                 break
-            except WorkerFailed as exc:
+            except (WorkerFailed, TrainingRunFailed) as exc:
                 client.set_tag(run_id, f"attempt_{attempt}_error", str(exc)[:4000])
-                if attempt > cfg.train.retries:
+                if attempt == attempts:
                     raise
                 logger.warning("train attempt %d failed: %s; relaunching from the last complete checkpoint",
                                attempt, exc)
-        result = json.loads((out / "result.json").read_text())
-        if (out / "loss_curve.png").is_file():
-            client.log_artifact(run_id, str(out / "loss_curve.png"))
-        if result["resumed_from_step"] is not None:
-            client.set_tag(run_id, "resumed_from_step", str(result["resumed_from_step"]))
-        return TrainResult(
-            weights_dir=result["weights_dir"],
-            global_step=result["global_step"],
-            train_loss=result["train_loss"],
-            resumed_from_step=result["resumed_from_step"],
-            nproc=nproc,
-            mlflow_run_id=run_id,
-        )
+        client.set_tag(run_id, "attempts", str(attempt))
+        return result.model_copy(update={"attempts": attempt})

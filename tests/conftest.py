@@ -1,10 +1,10 @@
 """Shared, session-scoped test infrastructure: started once, on first use, and stopped at the end.
 
-- ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json (infra.tiny)
+- ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json (tuneflow.demo)
 - ``hub_mirror``:    a local Hugging Face Hub (olah, offline mirror mode) serving them as
                      ``tiny-org/tiny-llama`` (model) and ``tiny-org/tiny-instruct`` (dataset), plus broken
                      variants of the model (no chat template, pickle weights only, custom code)
-- ``prefect_api``:   Prefect's test harness (a temporary ephemeral API server, ~15 s to start); its URL
+- ``prefect_api``:   a ``prefect server start`` (own PREFECT_HOME, SQLite, the UI); its API URL
 - ``mlflow_server``: a real ``mlflow server`` (SQLite backend, proxied artifacts); its URL
 
 Nothing here reads outside the pytest temp folders and the repository.
@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from infra.hub_mirror import add_repo, olah_server, stop, wait_http
-from infra.launcher import free_port
+from tests.servers import add_repo, olah_server, prefect_server
+from tests.servers import mlflow_server as start_mlflow
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent  # the project virtualenv's bin (mlflow, tuneflow)
 
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     """{"model": folder, "data": train.json} built once per session."""
-    from infra.tiny import build
+    from tuneflow.demo import build
 
     return build(tmp_path_factory.mktemp("tiny-assets"), n_rows=240)
 
@@ -83,31 +79,20 @@ def hub_mirror(tiny_assets, tmp_path_factory) -> HubMirror:
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> str:
-    """PREFECT_API_URL of a temporary Prefect server (in-process flows use it too while the session runs)."""
+def prefect_api(tmp_path_factory) -> str:
+    """PREFECT_API_URL of a `prefect server start` for the session; in-process flows use it too."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}):  # no telemetry calls from the sandbox
-        with prefect_test_harness(server_startup_timeout=120):
-            yield PREFECT_API_URL.value()
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            yield url
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()  # this process's flow logs reach the server before it stops
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """The tracking URI of an ``mlflow server`` with a SQLite store and artifacts proxied by the server."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(uri + "/health", timeout=180, proc=proc, log=log)
+    with start_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
-    finally:
-        stop(proc)

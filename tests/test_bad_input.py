@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from tuneflow.cli import main
-from tuneflow.preflight import hardware_problems, unsafe_names
+from tuneflow.hub import unsafe_names
+from tuneflow.preflight import hardware_problems
 
 TUNEFLOW = Path(sys.executable).parent / "tuneflow"
 GOOD_ROWS = [{"instruction": f"Add {i} and 1.", "output": f"{i + 1}"} for i in range(12)]
@@ -69,10 +70,6 @@ CONFIG_CASES = {
     "negative learning rate": ({"train.learning_rate": -1e-4},
                                "train.learning_rate: Input should be greater than 0 (got -0.0001)"),
     "cutoff_len 0": ({"prep.cutoff_len": 0}, "prep.cutoff_len: Input should be greater than or equal to 8 (got 0)"),
-    "qlora with freeze options": ({"train.freeze_trainable_layers": 4},
-                                  "train.freeze_trainable_layers: applies to method freeze only, not qlora"),
-    "full with lora options": ({"train.method": "full", "train.precision": "bf16", "train.lora.rank": 64},
-                               "train.lora: applies to methods qlora and lora, not full"),
     "qlora in fp32": ({"train.precision": "fp32"}, "train.precision: qlora computes in bf16 or fp16"),
     "qlora with zero3_offload": ({"train.deepspeed": "zero3_offload"},
                                  "train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora"),
@@ -90,6 +87,16 @@ def test_bad_config(tmp_path, capsys, changes, message):
     code, err = validate(tmp_path, merge(base_config("m", "d.json"), changes), capsys, config_only=True)
     assert code == 2 and message in err, err
     assert err.startswith("tuneflow: invalid config in ") and "Traceback" not in err
+
+
+def test_settings_of_another_method_are_ignored_with_a_warning(tmp_path, capsys):
+    """Switching train.method in a preset or the UI form never fails on the LoRA or freeze settings it carries."""
+    code, err = validate(tmp_path, merge(base_config("m", "d.json"), {"train.method": "full", "train.lora.rank": 64,
+                                                                      "train.freeze_trainable_layers": 4}),
+                         capsys, config_only=True)
+    assert code == 0, err
+    assert "warning: train.lora applies to methods qlora and lora, not full: ignored" in err
+    assert "warning: train.freeze_trainable_layers applies to method freeze only, not full: ignored" in err
 
 
 def test_config_errors_come_before_any_heavy_import(tmp_path):
@@ -171,16 +178,13 @@ def test_every_dataset_and_model_problem_at_once(tmp_path, capsys, tiny_assets):
 
 def test_answers_entirely_cut_off(tmp_path, tiny_assets):
     """Found while tokenizing (prepare), still before any model is loaded."""
-    from tasks.download import DownloadResult, Fetched
-    from tasks.prepare import build
     from tuneflow.config import TuneflowConfig
+    from tuneflow.data.prepare import build
 
     rows = write(tmp_path / "rows.json", [{"instruction": "word " * 200, "output": "answer"}] * 6)
     cfg = TuneflowConfig.model_validate(merge(base_config(tiny_assets["model"], rows), {"prep.cutoff_len": 16}))
-    fetched = DownloadResult(model=Fetched(path=str(tiny_assets["model"]), revision="m", source="local"),
-                             dataset=Fetched(path=str(rows), revision="d", source="local"), mlflow_run_id="-")
     with pytest.raises(ValueError, match="no train rows left: every answer lies past prep.cutoff_len=16"):
-        build(cfg, fetched, tmp_path / "out")
+        build(cfg, tiny_assets["model"], rows, tmp_path / "out")
 
 
 # --- the model on the Hub --------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def test_bad_model_on_the_hub(tmp_path, hub_mirror, tiny_assets, changes, messag
 
 @pytest.mark.slow
 def test_a_configured_chat_template_stands_in_for_a_missing_one(tmp_path, hub_mirror, tiny_assets):
-    from infra.tiny import CHATML_TEMPLATE
+    from tuneflow.demo import CHATML_TEMPLATE
 
     config = merge(base_config("tiny-org/no-chat-template", tiny_assets["data"]),
                    {"model.chat_template": CHATML_TEMPLATE})

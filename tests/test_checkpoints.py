@@ -1,7 +1,7 @@
 """Checkpoint bookkeeping: only checkpoints marked complete are resumed from or kept; pruning never removes the
 newest complete checkpoint before its successor is complete."""
 
-from tuneflow.worker.train import COMPLETE, commit_checkpoint, last_complete_checkpoint
+from tuneflow.training.checkpoints import COMPLETE, commit_checkpoint, last_complete_checkpoint
 
 
 def _checkpoint(root, step, complete=True):
@@ -44,7 +44,7 @@ def test_an_empty_or_diverged_adapter_is_never_marked_complete(tmp_path):
     import pytest
     import torch
 
-    from tuneflow.worker.train import verify_adapter
+    from tuneflow.training.checkpoints import verify_adapter
 
     verify_adapter(_adapter(tmp_path / "checkpoint-1", a=torch.ones(2, 4), b=torch.zeros(4, 2)))  # fine
     empty = _adapter(tmp_path / "checkpoint-2", a=torch.ones(0), b=torch.ones(4, 2))

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from infra.hub_mirror import add_repo, start_olah, stop
-from infra.launcher import free_port
+from tests.servers import add_repo, start_olah, stop
+from tuneflow.training.launcher import free_port
 
 pytestmark = pytest.mark.slow
 
 DOWNLOAD = """
 import json, logging, sys
-from tasks.download import fetch_weights, fetched
+from tasks.download import fetch_weights, pinned
 from tuneflow.config import TuneflowConfig
-from tuneflow.preflight import PreflightError, Problem, preflight
+from tuneflow.hub import Problem
+from tuneflow.preflight import PreflightError, preflight
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 log = logging.getLogger("tuneflow")
@@ -30,7 +31,9 @@ cfg = TuneflowConfig.model_validate({"model": {"name_or_path": sys.argv[1]},
                                      "dataset": {"name_or_path": sys.argv[2], "eval_size": 2}})
 try:
     checked = preflight(cfg, log)
-    print(json.dumps(fetched(checked.model, fetch_weights(checked.model, cfg, log)).model_dump()))
+    folder = fetch_weights(checked.model, cfg, log)
+    ref = pinned(checked.model, folder)
+    print(json.dumps({**ref.model_dump(), "source": ref.source, "path": str(folder)}))
 except (PreflightError, Problem) as exc:
     print(json.dumps({"error": str(exc)}))
 """

@@ -2,7 +2,7 @@
 
 import pytest
 
-from infra.tiny import build
+from tuneflow.demo import build
 from tuneflow.cli import main
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from infra.launcher import WorkerFailed, dead_ranks, launch, rank_errors
+from tuneflow.training.launcher import WorkerFailed, dead_ranks, launch, rank_errors
 
 
 def test_failed_ranks_are_named_with_their_error(tmp_path):
@@ -33,7 +33,7 @@ def test_rank_errors_lowest_rank_first(tmp_path):
 TORCHRUN_REPORT = """\
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 =======================================================
-tuneflow.worker.train FAILED
+tuneflow.training.worker FAILED
 -------------------------------------------------------
 Failures:
 [1]:

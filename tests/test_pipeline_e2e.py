@@ -40,7 +40,7 @@ def deepspeed_setting(zero: str, tmp: Path) -> str:
     model's are, and only then can saving the adapter go wrong (written empty)."""
     if zero != "zero3-partitioned":
         return zero
-    from infra.deepspeed import deepspeed_config
+    from tuneflow.training.deepspeed import deepspeed_config
 
     config = deepspeed_config("zero3")
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -184,7 +184,7 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
     assert (export_dir / "tokenizer.json").is_file() and (export_dir / "config.json").is_file()
     from transformers import AutoTokenizer
 
-    from infra.tiny import CHATML_TEMPLATE
+    from tuneflow.demo import CHATML_TEMPLATE
 
     assert AutoTokenizer.from_pretrained(export_dir).chat_template == CHATML_TEMPLATE
     card = (export_dir / "README.md").read_text()

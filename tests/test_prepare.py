@@ -5,11 +5,12 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from infra.tiny import build as build_assets
-from tasks.download import DownloadResult, Fetched
-from tasks.prepare import build, cache_key
+from tuneflow.demo import build as build_assets
+from tasks.prepare import cache_key
 from tuneflow.config import TuneflowConfig
 from tuneflow.data.formats import DatasetError
+from tuneflow.data.prepare import build
+from tuneflow.results import DownloadResult, SourceRef
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def _setup(model_dir, data_file, **prep):
         "prep": {"cutoff_len": 128, **prep},
     })
     fetched = DownloadResult(
-        model=Fetched(path=str(model_dir), revision="m1", source="local"),
-        dataset=Fetched(path=str(data_file), revision="d1", source="local"),
+        model=SourceRef(kind="model", name=str(model_dir), revision="m1", local_path=str(model_dir)),
+        dataset=SourceRef(kind="dataset", name=str(data_file), revision="d1", local_path=str(data_file)),
         mlflow_run_id="-",
     )
     return cfg, fetched
@@ -40,7 +41,7 @@ def test_splits_and_statistics(model_dir, tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(_rows(10, 0)))
     cfg, fetched = _setup(model_dir, data)
-    stats = build(cfg, fetched, tmp_path / "out")
+    stats = build(cfg, model_dir, data, tmp_path / "out")
     saved = load_from_disk(str(tmp_path / "out"))
     assert (len(saved["train"]), len(saved["eval"])) == (8, 2)
     assert stats["rows"] == 10 and stats["train_rows"] == 8 and stats["eval_rows"] == 2
@@ -53,13 +54,13 @@ def test_bad_row_stops_the_run_by_default(model_dir, tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(_rows(10, 1)))
     with pytest.raises(DatasetError, match=r"row 11: field 'output' is missing"):
-        build(*_setup(model_dir, data), tmp_path / "out")
+        build(_setup(model_dir, data)[0], model_dir, data, tmp_path / "out")
 
 
 def test_drop_counts_invalid_rows_by_reason(model_dir, tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(_rows(18, 1) + [{"instruction": 3, "output": "x"}]))
-    stats = build(*_setup(model_dir, data, on_invalid="drop"), tmp_path / "out")
+    stats = build(_setup(model_dir, data, on_invalid="drop")[0], model_dir, data, tmp_path / "out")
     assert stats["rows"] == 18 and stats["dropped_invalid"] == 2
     assert stats["invalid_reasons"] == {"field 'output' is missing": 1,
                                         "field 'instruction' must be a string, got int": 1}
@@ -69,7 +70,7 @@ def test_drop_still_fails_past_the_invalid_fraction(model_dir, tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(_rows(6, 4)))
     with pytest.raises(DatasetError, match="40% of rows are invalid.*prep.max_invalid_fraction=0.1"):
-        build(*_setup(model_dir, data, on_invalid="drop"), tmp_path / "out")
+        build(_setup(model_dir, data, on_invalid="drop")[0], model_dir, data, tmp_path / "out")
 
 
 def test_answers_cut_off_entirely_are_dropped(model_dir, tmp_path):
@@ -77,7 +78,7 @@ def test_answers_cut_off_entirely_are_dropped(model_dir, tmp_path):
     rows = _rows(10, 0) + [{"instruction": "word " * 200, "output": "late answer"}]
     data.write_text(json.dumps(rows))
     cfg, fetched = _setup(model_dir, data)
-    stats = build(cfg, fetched, tmp_path / "out")
+    stats = build(cfg, model_dir, data, tmp_path / "out")
     assert stats["dropped_cut_off"] == 1 and stats["truncation_rate"] > 0
 
 

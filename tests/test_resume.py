@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.launcher import WorkerFailed, launch
-from infra.tiny import build
-from tasks.download import DownloadResult, Fetched
-from tasks.prepare import build as prepare
+from tuneflow.training.launcher import WorkerFailed, launch
 from tuneflow.config import TuneflowConfig
-from tuneflow.worker.train import COMPLETE, last_complete_checkpoint
+from tuneflow.data.prepare import build as prepare
+from tuneflow.demo import build
+from tuneflow.training.spec import TrainSpec
+from tuneflow.training.checkpoints import COMPLETE, last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 24, 4
@@ -35,12 +35,7 @@ def setup(tmp_path_factory):
                   "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
                   "lora": {"dropout": 0.0}, "deepspeed": "zero2", "nproc_per_node": 2},
     })
-    fetched = DownloadResult(
-        model=Fetched(path=str(assets["model"]), revision="m", source="local"),
-        dataset=Fetched(path=str(assets["data"]), revision="d", source="local"),
-        mlflow_run_id="-",
-    )
-    prepare(cfg, fetched, root / "prepared")
+    prepare(cfg, assets["model"], assets["data"], root / "prepared")
     return root, cfg, assets
 
 
@@ -48,8 +43,8 @@ def _spec(root: Path, name: str, cfg, assets) -> Path:
     out = root / name
     out.mkdir()
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "model_dir": str(assets["model"]),
-                                "data_dir": str(root / "prepared"), "output_dir": str(out)}))
+    spec.write_text(TrainSpec(config=cfg, model_dir=str(assets["model"]), data_dir=str(root / "prepared"),
+                              output_dir=str(out)).model_dump_json())
     return spec
 
 
@@ -60,7 +55,7 @@ def _rank_pid(spec: Path, rank: int) -> int | None:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"tuneflow.worker.train" in cmd and str(spec).encode() in cmd and f"RANK={rank}".encode() in env:
+        if b"tuneflow.training.worker" in cmd and str(spec).encode() in cmd and f"RANK={rank}".encode() in env:
             return int(pid)
     return None
 

@@ -18,10 +18,13 @@ from tuneflow.config import ConfigError, load_config
 
 def _config(args) -> object:
     try:
-        return load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set)
     except ConfigError as exc:
         print(f"tuneflow: {exc}", file=sys.stderr)
         sys.exit(2)
+    for ignored in cfg.ignored_settings():
+        print(f"tuneflow: warning: {ignored}", file=sys.stderr)
+    return cfg
 
 
 def cmd_validate(args) -> int:
@@ -52,11 +55,10 @@ def cmd_run(args) -> int:
     from flows.finetune import finetune
 
     try:
-        summary = finetune(cfg, run_dir=args.run_dir)
+        data = finetune(cfg, run_dir=args.run_dir)
     except Exception as exc:
         print(f"tuneflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    data = json.loads(Path(summary).read_text())
     metrics = data.get("metrics", {})
     base = metrics.get("base", {})
     print("\nheld-out metrics (base -> tuned):")
@@ -68,7 +70,7 @@ def cmd_run(args) -> int:
     uri = data["mlflow"]["tracking_uri"]
     ui = f"open {uri}" if uri.startswith("http") else f".venv/bin/mlflow ui --backend-store-uri {uri}"
     print(f"MLflow: {ui}  (run {data['mlflow']['parent_run_id']})")
-    print(summary)
+    print(Path(data["run_dir"]) / "summary.json")
     return 0
 
 
@@ -76,19 +78,16 @@ def cmd_generate(args) -> int:
     from tuneflow.config import TuneflowConfig
     from tuneflow.generation import generate, stream
 
-    cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "train": {"method": "lora"}})
-    from transformers import AutoModelForCausalLM
+    from tuneflow.modeling import DTYPES, device, load_pretrained, load_tokenizer, load_trained
 
-    from tuneflow.modeling import DTYPES, device, load_tokenizer
-
+    cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "train": {"method": "lora",
+                                         "precision": args.dtype}, "model": {"name_or_path": args.model}})
     tokenizer = load_tokenizer(args.model, cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], device_map={"": device()}, use_safetensors=True
-    )
+    device_map = {"": device()}
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_trained(args.model, args.adapter, cfg, device_map)
+    else:
+        model = load_pretrained(args.model, cfg, DTYPES[args.dtype], device_map)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]

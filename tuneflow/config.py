@@ -142,6 +142,10 @@ class TrainConfig(Section):
     master_addr: str | None = Field(
         None, description="Address of node 0, which every node can reach; required when train.nnodes > 1."
     )
+    timeout_hours: float = Field(
+        48, gt=0, description="Training on a work pool: the longest the pipeline waits for a training run, queued "
+        "and running, before it cancels the run and fails."
+    )
     master_port: int = Field(
         0, ge=0, le=65535, description="torchrun rendezvous port; 0 picks a free one (single node only)."
     )
@@ -204,9 +208,9 @@ class TuneflowConfig(Section):
         "run",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         max_length=80,
-        description="Name of the run; its folder is <output_dir>/<run_name>-<unique suffix>.",
+        description="Name of the run; its folder is output_dir/run_name-time-suffix, unique per run.",
     )
-    output_dir: str = Field("runs", min_length=1, description="Folder that holds run folders and the prep cache.")
+    output_dir: str = Field("runs", min_length=1, description="Folder that holds the run folders (prepared data and downloaded artifacts go to $TUNEFLOW_CACHE).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     dataset: DatasetConfig = Field(..., description="The instruction dataset.")
     prep: PrepConfig = Field(default_factory=PrepConfig, description="Tokenization.")
@@ -238,15 +242,21 @@ class TuneflowConfig(Section):
                 problems.append("train.master_port: every node must use the same rendezvous port; set it (e.g. 29500)")
         if t.node_rank >= t.nnodes:
             problems.append(f"train.node_rank: {t.node_rank} is not below train.nnodes={t.nnodes}")
-        if t.method not in ("qlora", "lora") and t.lora != LoraConfig():
-            problems.append(f"train.lora: applies to methods qlora and lora, not {t.method}; remove it")
-        if t.method != "freeze" and t.freeze_trainable_layers != TrainConfig.model_fields["freeze_trainable_layers"].default:
-            problems.append(f"train.freeze_trainable_layers: applies to method freeze only, not {t.method}; remove it")
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def ignored_settings(self) -> list[str]:
+        """Settings that do not apply to train.method (a preset or the UI form carries them): they are ignored,
+        and the run log says so, so that switching the method never fails on them."""
+        t, ignored = self.train, []
+        if t.method not in ("qlora", "lora") and t.lora != LoraConfig():
+            ignored.append(f"train.lora applies to methods qlora and lora, not {t.method}: ignored")
+        if t.method != "freeze" and t.freeze_trainable_layers != TrainConfig.model_fields["freeze_trainable_layers"].default:
+            ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")
+        return ignored
 
 
 # ---------------------------------------------------------------------------------------------------------

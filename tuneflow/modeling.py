@@ -49,31 +49,45 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_base(model_dir: str | Path, cfg: TuneflowConfig, quantized: bool, device_map=None, dtype=None):
-    """The base model as training sees it: 4-bit NF4 for qlora when ``quantized``, else ``dtype``."""
+def load_pretrained(folder: str | Path, cfg: TuneflowConfig, dtype: torch.dtype, device_map=None, **kwargs):
+    """Every ``from_pretrained`` of a causal LM in tuneflow: safetensors only, custom code only when trusted."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(
-        trust_remote_code=cfg.model.trust_remote_code,
-        dtype=dtype or DTYPES[cfg.train.precision],
-        use_safetensors=True,
-    )
-    if quantized and cfg.train.method == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+    )
 
 
-def load_tuned(model_dir: str | Path, adapter_dir: str | Path | None, cfg: TuneflowConfig, device_map=None):
-    """Base + trained weights, for evaluation: the adapter over the training-time base, or a full checkpoint."""
+def load_base(model_dir: str | Path, cfg: TuneflowConfig, quantized: bool, device_map=None, dtype=None):
+    """The base model as training sees it: 4-bit NF4 for qlora when ``quantized``, else ``dtype``."""
+    kwargs = {}
+    if quantized and cfg.train.method == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg)
+    return load_pretrained(model_dir, cfg, dtype or DTYPES[cfg.train.precision], device_map, **kwargs)
+
+
+def load_trained(model_dir: str | Path, weights_dir: str | Path, cfg: TuneflowConfig, device_map=None, base=None):
+    """Base + trained weights as training left them: the adapter over the base as trained (NF4 for qlora; pass
+    ``base`` to reuse one already loaded), or the whole saved model (full, freeze)."""
     if cfg.train.method in ("full", "freeze"):
-        from transformers import AutoModelForCausalLM
+        return load_pretrained(weights_dir, cfg, DTYPES[cfg.train.precision], device_map)
+    from peft import PeftModel
 
-        return AutoModelForCausalLM.from_pretrained(
-            adapter_dir, dtype=DTYPES[cfg.train.precision], device_map=device_map, use_safetensors=True
-        )
+    if base is None:
+        base = load_base(model_dir, cfg, quantized=True, device_map=device_map)
+    return PeftModel.from_pretrained(base, weights_dir)
+
+
+def load_merged(model_dir: str | Path, weights_dir: str | Path, cfg: TuneflowConfig, dtype: torch.dtype, device_map):
+    """A standalone model in ``dtype``. For qlora the adapter is merged into the *dequantised* NF4 base (the weights
+    it was trained against), never into the original 16-bit weights, which would shift every answer a little."""
+    if cfg.train.method in ("full", "freeze"):
+        return load_pretrained(weights_dir, cfg, dtype, device_map)
     from peft import PeftModel
 
     base = load_base(model_dir, cfg, quantized=True, device_map=device_map)
-    return PeftModel.from_pretrained(base, adapter_dir)
+    if cfg.train.method == "qlora":
+        base = base.dequantize()
+    return PeftModel.from_pretrained(base.to(dtype), weights_dir).merge_and_unload()

@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 
 from tuneflow.config import TuneflowConfig
-from tuneflow.data.formats import DATA_SUFFIXES
+from tuneflow.hub import (
+    DATASET_PATTERNS, WEIGHTS, Problem, Source, hub_token, locate, model_patterns, snapshot,
+)
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
-MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
-WEIGHTS = ["*.safetensors"]
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-DATASET_PATTERNS = [f"{prefix}*{suffix}" for prefix in ("", "**/") for suffix in DATA_SUFFIXES]
-RETRY_DELAYS = (2, 5, 15, 30)
-
-
-class Problem(Exception):
-    """One thing that stops the run, worded for the user."""
-
-
-class RepoNotFound(Problem):
-    pass
 
 
 class PreflightError(RuntimeError):
@@ -40,143 +29,6 @@ class PreflightError(RuntimeError):
         lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
         count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
         super().__init__(f"{count} found before downloading weights or training:\n{lines}")
-
-
-@dataclass
-class Source:
-    """A model or dataset: a local path, or a Hub repo at a resolved commit with its file listing."""
-
-    key: str  # "model" or "dataset": the config section
-    name: str
-    revision: str
-    local: Path | None = None
-    sha: str | None = None  # None when offline: the cache decides
-    files: list[str] = field(default_factory=list)
-    token: str | None = field(default=None, repr=False)  # None: huggingface_hub's own (HF_TOKEN, hf auth login)
-
-    @property
-    def repo_type(self) -> str:
-        return self.key
-
-
-def model_patterns(cfg: TuneflowConfig) -> list[str]:
-    # Python files only when the config trusts the repo's code (and then pins its revision).
-    return MODEL_SMALL_FILES + WEIGHTS + (["*.py"] if cfg.model.trust_remote_code else [])
-
-
-def offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE
-
-
-def hub_call(fn, src: Source, logger: logging.Logger):
-    """Call the Hub with retries and backoff on network errors; turn the Hub's refusals into Problems."""
-    import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    what = f"{src.key} {src.name}"
-    delays = () if offline() else RETRY_DELAYS
-    for attempt, delay in enumerate((*delays, None), 1):
-        try:
-            return fn()
-        except GatedRepoError:
-            raise Problem(f"{src.key}.name_or_path: {src.name} is gated; accept its terms on the Hub, then set "
-                          "HF_TOKEN (or hub.token_secret) to a token of that account") from None
-        except RevisionNotFoundError:
-            raise Problem(f"{src.key}.revision: {src.revision!r} is not a branch, tag or commit of {src.name}") from None
-        except RepositoryNotFoundError:
-            raise RepoNotFound(f"{src.key}.name_or_path: {src.name} is neither a local path nor a repo on the Hub "
-                          f"({src.repo_type}s); check the name, or set HF_TOKEN if it is private") from None
-        except LocalEntryNotFoundError as exc:
-            if offline():
-                raise Problem(f"{what}: HF_HUB_OFFLINE is set and the cache has no complete snapshot of revision "
-                              f"{src.revision!r}: {str(exc).splitlines()[0]}") from None
-            error = exc
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else 500
-            if status < 500 and status != 429:
-                raise Problem(f"{what}: the Hub refused the request: {str(exc).splitlines()[0]}") from None
-            error = exc  # overloaded or failing: retry
-        except (httpx2.TransportError, OSError) as exc:  # connection refused or reset, a timeout
-            error = exc
-        if delay is None:
-            raise Problem(f"{what}: the Hub did not answer after {attempt} attempts: {error}")
-        logger.warning("%s: Hub request failed (%s); retry %d in %ss", what, str(error).splitlines()[0], attempt, delay)
-        time.sleep(delay)
-
-
-def unsafe_names(files: list[str]) -> list[str]:
-    """Repo file names that would land outside the snapshot folder: absolute, '..' or backslash paths."""
-    return [f for f in files if f.startswith("/") or "\\" in f or ".." in PurePosixPath(f).parts]
-
-
-def has_main(api, name: str, repo_type: str) -> bool:
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        api.repo_info(name, repo_type=repo_type, revision="main")
-    except RepositoryNotFoundError:
-        return False
-    return True
-
-
-def locate(name_or_path: str, revision: str, key: str, logger: logging.Logger, token: str | None = None) -> Source:
-    """A local path as it is; a Hub repo resolved to a commit SHA with its file listing (nothing downloaded)."""
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        return Source(key, name_or_path, revision, local=local.resolve())
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.endswith(DATA_SUFFIXES):
-        raise Problem(f"{key}.name_or_path: no such file or folder: {name_or_path}")
-    src = Source(key, name_or_path, revision, token=token)
-    if offline():
-        return src
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    try:
-        info = hub_call(lambda: api.repo_info(name_or_path, repo_type=key, revision=revision), src, logger)
-    except RepoNotFound:
-        # Some Hub servers (mirrors) answer an unknown revision as an unknown repo: tell the two apart.
-        if revision != "main" and has_main(api, name_or_path, key):
-            raise Problem(f"{key}.revision: {revision!r} is not a branch, tag or commit of {name_or_path}") from None
-        raise
-    src.sha, src.files = info.sha, sorted(s.rfilename for s in info.siblings or [])
-    unsafe = unsafe_names(src.files)
-    if unsafe:
-        raise Problem(f"{key}.name_or_path: {name_or_path} lists file names that leave the repo folder: {unsafe[:3]}")
-    return src
-
-
-def snapshot(src: Source, patterns: list[str], logger: logging.Logger) -> Path:
-    """The files matching ``patterns`` from the Hub cache, downloading what it lacks (atomically, per file)."""
-    if src.local is not None:
-        return src.local
-    from huggingface_hub import snapshot_download
-
-    folder = Path(hub_call(lambda: snapshot_download(src.name, repo_type=src.repo_type, revision=src.revision,
-                                                     allow_patterns=patterns, token=src.token), src, logger))
-    if src.sha and folder.name != src.sha:
-        raise Problem(f"{src.key} {src.name}: revision {src.revision!r} moved from {src.sha} to {folder.name} "
-                      f"during the download; run again, or pin {src.key}.revision to a commit")
-    return folder
-
-
-def cached_fraction(src: Source, patterns: list[str]) -> tuple[int, int]:
-    """(files already in the Hub cache, files wanted) for the Hub files matching ``patterns``."""
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import filter_repo_objects
-
-    wanted = list(filter_repo_objects(src.files, allow_patterns=patterns))
-    cached = sum(isinstance(try_to_load_from_cache(src.name, f, revision=src.sha, repo_type=src.repo_type), str)
-                 for f in wanted)
-    return cached, len(wanted)
 
 
 def weights_problems(src: Source, names: list[str]) -> list[str]:
@@ -245,19 +97,6 @@ class Checked:
     model_dir: Path  # the small files (a Hub snapshot without weights yet), or the local folder
     dataset: Source
     dataset_dir: Path
-
-
-def hub_token(cfg: TuneflowConfig) -> str | None:
-    """The token from the Prefect Secret block named by hub.token_secret; None leaves it to huggingface_hub."""
-    if not cfg.hub.token_secret:
-        return None
-    from prefect.blocks.system import Secret
-
-    try:
-        return Secret.load(cfg.hub.token_secret).get()
-    except ValueError:
-        raise Problem(f"hub.token_secret: there is no Prefect Secret block named {cfg.hub.token_secret!r}; create "
-                      "it in the Prefect UI (Blocks > Secret) or with Secret(value=...).save(name)") from None
 
 
 def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:

@@ -1,22 +1,27 @@
 """The training worker: what torchrun launches on every rank. It never imports Prefect.
 
-    torchrun --nproc_per_node 2 -m tuneflow.worker.train --spec runs/demo-1a2b3c/train/spec.json
+    torchrun --nproc_per_node 2 -m tuneflow.training.worker --spec runs/demo-1a2b3c/train/spec.json
 
-The spec (written by the train task) holds the validated config and the folders: base model, prepared dataset,
-output. Rank 0 alone writes files and logs to the MLflow run named by MLFLOW_RUN_ID. A rank that fails writes
-its error to <output>/errors/rank<N>.txt so the launcher can say which rank died and why.
+The spec (`tuneflow.training.spec.TrainSpec`, written by `tuneflow.training.run`) holds the validated config and
+the folders on this machine: base model, prepared dataset, output. Rank 0 alone writes files and logs to the MLflow
+run named by MLFLOW_RUN_ID, and uploads each complete checkpoint there. A rank that fails writes its error to
+<output>/errors/rank<N>.txt so the launcher can say which rank died and why.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
 import time
 import traceback
 from pathlib import Path
+
+from tuneflow.training.checkpoints import (
+    COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
+)
+from tuneflow.training.spec import TrainOutcome, TrainSpec
 
 RANK = int(os.environ.get("RANK", 0))
 IS_RANK_ZERO = RANK == 0
@@ -105,66 +110,20 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-COMPLETE = "tuneflow-complete"  # written into checkpoint-N once every rank has finished writing it
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that every rank finished writing. One without the marker (a save cut short by a
-    kill, or a rank still writing its optimizer shard when rank 0 wrote trainer_state.json) is never used."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE).is_file()]
-    return max(done, key=_step, default=None)
-
-
-def verify_adapter(folder: Path) -> None:
-    """Refuse an adapter written empty (the ZeRO-3 gather bug) or with NaN/inf weights (a diverged run)."""
-    file = folder / "adapter_model.safetensors"
-    if not file.is_file():
-        return  # full / freeze: no adapter
-    from safetensors.torch import load_file
-
-    tensors = load_file(file)
-    empty = [k for k, t in tensors.items() if t.numel() == 0]
-    bad = [k for k, t in tensors.items() if t.numel() and not bool(t.float().isfinite().all())]
-    if not tensors or empty:
-        raise RuntimeError(f"{file}: the adapter was written empty ({len(empty)} of {len(tensors)} tensors)")
-    if bad:
-        raise RuntimeError(f"{file}: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]}): training "
-                           "diverged; lower train.learning_rate or use bf16")
-
-
-def commit_checkpoint(folder: Path, keep: int) -> None:
-    """Check the adapter, mark ``folder`` complete (atomically), then delete older checkpoints beyond ``keep``
-    and any incomplete ones: the newest complete checkpoint is never deleted before its successor is marked."""
-    verify_adapter(folder)
-    tmp = folder / f".{COMPLETE}.tmp"
-    tmp.write_text(str(_step(folder)))
-    tmp.rename(folder / COMPLETE)
-    others = sorted((p for p in folder.parent.glob("checkpoint-*") if p != folder), key=_step)
-    complete = [p for p in others if (p / COMPLETE).is_file()]
-    stale = complete[: max(0, len(complete) - (keep - 1))] + [p for p in others if p not in complete]
-    for old in stale:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def train(spec: dict) -> dict:
+def train(spec: TrainSpec) -> TrainOutcome:
     import torch
     from datasets import load_from_disk
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from infra.deepspeed import deepspeed_config
-    from tuneflow.config import TuneflowConfig
     from tuneflow.modeling import load_tokenizer
+    from tuneflow.training.deepspeed import deepspeed_config
 
-    cfg = TuneflowConfig.model_validate(spec["config"])
+    cfg = spec.config
     t = cfg.train
-    out = Path(spec["output_dir"])
+    out = Path(spec.output_dir)
     set_seed(t.seed)
-    tokenizer = load_tokenizer(spec["model_dir"], cfg)
-    data = load_from_disk(spec["data_dir"])
+    tokenizer = load_tokenizer(spec.model_dir, cfg)
+    data = load_from_disk(spec.data_dir)
     on_gpu = torch.cuda.is_available()
 
     # TrainingArguments first: with ZeRO-3 it must exist before the model is built.
@@ -201,11 +160,12 @@ def train(spec: dict) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    model = build_model(cfg, spec["model_dir"])
+    model = build_model(cfg, spec.model_dir)
     if IS_RANK_ZERO and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
     step_logger = MlflowStepLogger()
+    uploader = CheckpointUploader(step_logger.run_id, log) if step_logger.client else None
 
     class OnLog(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -224,7 +184,10 @@ def train(spec: dict) -> dict:
             if dist.is_initialized():
                 dist.barrier()
             if state.is_world_process_zero:
-                commit_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", t.save_total_limit)
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                commit_checkpoint(folder, t.save_total_limit)
+                if uploader:
+                    uploader.submit(folder)
 
     trainer = Trainer(
         model=model,
@@ -237,7 +200,7 @@ def train(spec: dict) -> dict:
     )
     trainer.remove_callback(PrinterCallback)  # OnLog prints one line per step instead
     resume = last_complete_checkpoint(out / "checkpoints")
-    resumed_from = _step(resume) if resume else None
+    resumed_from = checkpoint_step(resume) if resume else None
     if IS_RANK_ZERO:
         for partial in (out / "checkpoints").glob("checkpoint-*"):
             if not (partial / COMPLETE).is_file():
@@ -245,7 +208,11 @@ def train(spec: dict) -> dict:
                 shutil.rmtree(partial, ignore_errors=True)
     if resume:
         log(f"resuming from {resume} (step {resumed_from})")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        if uploader:
+            uploader.close()
 
     # Write the final weights beside their final name, then rename: no half-written adapter is ever visible.
     final = out / ("adapter" if t.method in ("qlora", "lora") else "model")
@@ -257,28 +224,24 @@ def train(spec: dict) -> dict:
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         plot_loss(trainer.state.log_history, out / "loss_curve.png")
-    return {
-        "weights_dir": str(final),
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "resumed_from_step": resumed_from,
-        "log_history": trainer.state.log_history,
-    }
+    return TrainOutcome(weights_dir=str(final), global_step=trainer.state.global_step,
+                        train_loss=result.training_loss, resumed_from_step=resumed_from,
+                        log_history=trainer.state.log_history)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="tuneflow training worker (launched by torchrun)")
-    parser.add_argument("--spec", required=True, type=Path, help="spec.json written by the train task")
+    parser.add_argument("--spec", required=True, type=Path, help="spec.json written by tuneflow.training.run")
     args = parser.parse_args()
-    spec = json.loads(args.spec.read_text())
-    out = Path(spec["output_dir"])
+    spec = TrainSpec.model_validate_json(args.spec.read_text())
+    out = Path(spec.output_dir)
     import torch.distributed as dist
 
     try:
         result = train(spec)
         if IS_RANK_ZERO:
-            (out / "result.json").write_text(json.dumps(result, indent=1))
-            log(f"done: {result['global_step']} steps, train loss {result['train_loss']:.4f}")
+            (out / "result.json").write_text(result.model_dump_json(indent=1))
+            log(f"done: {result.global_step} steps, train loss {result.train_loss:.4f}")
         # No rank leaves while another still writes: a rank tearing gloo down early can abort its peers.
         if dist.is_initialized():
             dist.barrier()

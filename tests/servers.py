@@ -1,11 +1,13 @@
-"""A local Hugging Face Hub for tests and offline demos: git repos served by olah in offline mirror mode.
+"""Real servers on loopback for the tests: a local Hugging Face Hub (olah), a Prefect server and an MLflow server.
+
+The Hub: git repos served by olah in offline mirror mode.
 
 olah (https://github.com/vtuber-plan/olah, PyPI ``olah``) serves git repos laid out as
 ``<mirror>/models/<org>/<name>`` and ``<mirror>/datasets/<org>/<name>`` with the Hub's HTTP API, so
 ``huggingface_hub.snapshot_download`` works against it unchanged once ``HF_ENDPOINT`` points at it, and the
 snapshot folder is named after the git commit SHA of the served revision.
 
-    from infra.hub_mirror import add_repo, olah_server
+    from tests.servers import add_repo, olah_server
 
     sha = add_repo(mirror, "model", "tiny-org/tiny-llama", "demo/assets/model")
     with olah_server(mirror) as endpoint:            # http://127.0.0.1:<free port>
@@ -23,6 +25,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -30,7 +33,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from infra.launcher import free_port
+from tuneflow.training.launcher import free_port
+
+VENV_BIN = Path(sys.executable).parent  # the project virtualenv's bin (prefect, mlflow, tuneflow)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OLAH_VENV_ENV = "TUNEFLOW_OLAH_VENV"
@@ -164,3 +169,41 @@ def olah_server(mirror: str | Path) -> Iterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             stop(proc)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite there); yields the API URL."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true")
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port)], cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc, log)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """`mlflow server` with a SQLite store and artifacts proxied by the server (stored under root/artifacts)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+            cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 180, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)

@@ -43,7 +43,7 @@ def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, 
         "--nproc_per_node", str(nproc),
         "--master_addr", master_addr or "127.0.0.1",
         "--master_port", str(master_port or free_port()),
-        "-m", "tuneflow.worker.train",
+        "-m", "tuneflow.training.worker",
         "--spec", str(spec),
     ]
 

@@ -1,0 +1,58 @@
+"""One training attempt on this machine: the part of the train stage that needs the GPUs.
+
+    train_once(request, folder, logger)
+
+It finds the base model (Hub cache, by commit) and the prepared data (MLflow artifact) on this machine, restores
+the newest checkpoint uploaded to the stage's MLflow run if this machine has none as new (an attempt that died on
+another machine), launches the worker under torchrun, and logs the trained weights as an artifact. The pipeline
+runs it in-process (`tuneflow run`) or on a GPU worker as the `tuneflow-train` flow. It never imports Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneflow.artifacts import materialize, publish
+from tuneflow.hub import fetch
+from tuneflow.results import TrainRequest, TrainResult
+from tuneflow.tracking import log_params
+from tuneflow.training.checkpoints import restore_checkpoint
+from tuneflow.training.launcher import launch, resolve_nproc
+from tuneflow.training.spec import TrainOutcome, TrainSpec
+
+RESULT_ARTIFACT = "train_result.json"
+
+
+def train_once(request: TrainRequest, folder: Path, logger) -> TrainResult:
+    """Train (or resume) in ``folder``; raise WorkerFailed naming the failed ranks."""
+    from mlflow import MlflowClient
+
+    cfg, run_id = request.config, request.mlflow_run_id
+    client = MlflowClient(request.tracking_uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_dir = fetch(request.model, cfg, logger)
+    data_dir = materialize(request.data, request.tracking_uri)
+    restored = restore_checkpoint(client, run_id, request.tracking_uri, folder / "checkpoints")
+    if restored is not None:
+        logger.info("restored checkpoint-%d from MLflow run %s", restored, run_id)
+    nproc = resolve_nproc(cfg.train.nproc_per_node)
+    if "nproc" not in client.get_run(run_id).data.params:  # a retry logs nothing twice
+        log_params(client, run_id, {"nproc": nproc, "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
+    spec = folder / "spec.json"
+    spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir),
+                              output_dir=str(folder)).model_dump_json(indent=1))
+    env = {"MLFLOW_TRACKING_URI": request.tracking_uri, "MLFLOW_RUN_ID": run_id, "TOKENIZERS_PARALLELISM": "false"}
+    launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info, nnodes=cfg.train.nnodes,
+           node_rank=cfg.train.node_rank, master_addr=cfg.train.master_addr)
+
+    outcome = TrainOutcome.model_validate_json((folder / "result.json").read_text())
+    weights = Path(outcome.weights_dir)
+    ref = publish(client, run_id, weights, weights.name)  # "adapter" (qlora, lora) or "model" (full, freeze)
+    if (folder / "loss_curve.png").is_file():
+        client.log_artifact(run_id, str(folder / "loss_curve.png"))
+    if outcome.resumed_from_step is not None:
+        client.set_tag(run_id, "resumed_from_step", str(outcome.resumed_from_step))
+    result = TrainResult(weights=ref, global_step=outcome.global_step, train_loss=outcome.train_loss,
+                         resumed_from_step=outcome.resumed_from_step, nproc=nproc, mlflow_run_id=run_id)
+    client.log_dict(run_id, result.model_dump(mode="json"), RESULT_ARTIFACT)
+    return result
