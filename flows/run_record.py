@@ -68,8 +68,10 @@ class RunRecord:
         uri = tracking_uri(cfg.tracking.uri)
         self.client = MlflowClient(uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment)
-        self.parent = self.client.create_run(exp_id, run_name=self.folder.name,
-                                             tags={"tuneflow.run_dir": str(self.folder)}).info.run_id
+        from prefect.runtime import flow_run
+
+        tags = {"tuneflow.run_dir": str(self.folder), "prefect.flow_run_id": str(flow_run.id)}
+        self.parent = self.client.create_run(exp_id, run_name=self.folder.name, tags=tags).info.run_id
         log_params(self.client, self.parent, flatten(cfg))
         self.ctx = RunContext(run_dir=str(self.folder), tracking_uri=uri, experiment_id=exp_id,
                               parent_run_id=self.parent)
@@ -120,8 +122,8 @@ class RunRecord:
                 if child:
                     self.summary["stages"][failed]["mlflow_run_id"] = child[0].info.run_id
             self.summary.update(status="failed", failed_stage=failed, error=f"{type(exc).__name__}: {exc}")
+            self.client.log_artifact(self.parent, str(self.write_summary()))
             self.client.set_terminated(self.parent, RunStatus.to_string(RunStatus.FAILED))
-            self.write_summary()
             raise
 
     def write_summary(self) -> Path:

@@ -88,7 +88,7 @@ def prefect_api(tmp_path_factory) -> str:
             yield url
             from prefect.logging.handlers import APILogHandler
 
-            APILogHandler.flush()  # this process's flow logs reach the server before it stops
+            APILogHandler().flush()  # this process's flow logs reach the server before it stops
 
 
 @pytest.fixture(scope="session")
