@@ -29,7 +29,9 @@ $(OLAH_VENV)/.installed:
 	$(OLAH_VENV)/bin/pip install --quiet "olah>=0.5.4,<0.6"
 	touch $@
 
+# The Prefect UI form test drives Debian's chromium (Playwright's own browser download is not used).
 test: install $(OLAH_VENV)/.installed
+	command -v chromium >/dev/null || test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra
 
 clean:

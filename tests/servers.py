@@ -177,7 +177,9 @@ def prefect_server(home: Path) -> Iterator[str]:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true")
+    # The UI finds the API through PREFECT_SERVER_API_PORT (default 4200), not through --port.
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true",
+               PREFECT_SERVER_API_PORT=str(port))
     log = home / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",

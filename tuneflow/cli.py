@@ -2,6 +2,7 @@
 
     tuneflow run --config configs/demo.yaml [--set train.learning_rate=1e-4 ...]
     tuneflow validate --config configs/my.yaml [--config-only]
+    tuneflow plan --config configs/my.yaml [--gpu-memory 24GiB] [--json]
     tuneflow generate --model runs/<run>/export --prompt "Add 2 and 3." [--stream]
     tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
 """
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tuneflow.config import ConfigError, load_config
+from tuneflow.memory_plan import add_plan_command
 
 
 def _config(args) -> object:
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.set_defaults(fn=cmd_generate)
+    add_plan_command(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

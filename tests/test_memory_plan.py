@@ -1,0 +1,371 @@
+"""`tuneflow plan`: the memory plan per rank, from config.json alone.
+
+The static lines are held against the bytes of real tensors: tiny Llama/Qwen2 models loaded on the CPU with
+bitsandbytes NF4 + double quantisation exactly as training loads them (tuneflow.modeling.load_base), and the LoRA
+parameter count against peft's own get_peft_model. The QLoRA paper's claims (arXiv 2305.14314) are checked on
+config dicts of LLaMA 7B/33B/65B (nothing is downloaded). Activations are an estimate; see docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneflow.config import TuneflowConfig, parse_size
+from tuneflow.memory_plan import (
+    GiB, ModelShape, add_plan_command, largest_batch_that_fits, lora_param_count, nf4_bytes, plan, plan_problems,
+    zero_setup,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(**train) -> TuneflowConfig:
+    prep = {"cutoff_len": train.pop("cutoff_len")} if "cutoff_len" in train else {}
+    model = train.pop("model", "Qwen/Qwen2.5-0.5B-Instruct")
+    train.setdefault("nproc_per_node", 1)
+    return TuneflowConfig.model_validate({"dataset": {"name_or_path": "x"}, "model": {"name_or_path": str(model)},
+                                          "prep": prep, "train": train})
+
+
+def llama(hidden, intermediate, layers, heads, vocab=32000, **extra) -> dict:
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "vocab_size": vocab,
+            "tie_word_embeddings": False, **extra}
+
+
+LLAMA_7B = llama(4096, 11008, 32, 32)
+LLAMA_33B = llama(6656, 17920, 60, 52)
+LLAMA_65B = llama(8192, 22016, 80, 64)
+
+
+# --- the static parts against real tensors -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tiny_assets, tmp_path_factory) -> dict[str, Path]:
+    """The tiny demo Llama, plus a bigger random Llama (GQA, tied embeddings) and a Qwen2 (q/k/v biases)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    out = {"tiny-llama": tiny_assets["model"]}
+    common = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, dtype="bfloat16")
+    for name, cls, conf in (("llama-512", LlamaForCausalLM, LlamaConfig(**common, tie_word_embeddings=True)),
+                            ("qwen2-256", Qwen2ForCausalLM, Qwen2Config(**{**common, "hidden_size": 256,
+                                                                           "num_hidden_layers": 2,
+                                                                           "intermediate_size": 512,
+                                                                           "tie_word_embeddings": False}))):
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(name)
+        cls(conf).to(torch.bfloat16).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def loaded_bytes(model) -> dict[str, int]:
+    """Bytes of the model's parameters and of every tensor in each Params4bit's quant_state (nested included)."""
+    import torch
+
+    seen, quantized, other = set(), 0, 0
+
+    def tensors(state):
+        for value in vars(state).values():
+            if torch.is_tensor(value):
+                yield value
+            elif value is not None and hasattr(value, "absmax"):  # the nested QuantState of double quantisation
+                yield from tensors(value)
+
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        size = param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        if state is None:
+            other += size
+            continue
+        quantized += size
+        for t in tensors(state):
+            if id(t) not in seen:
+                seen.add(id(t))
+                quantized += t.numel() * t.element_size()
+    return {"quantized": quantized, "frozen": other}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "llama-512", "qwen2-256"])
+def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig as PeftLoraConfig
+
+    from tuneflow.modeling import load_base
+
+    folder = models[name]
+    model_config = json.loads((folder / "config.json").read_text())
+    # ZeRO-0 (DeepSpeed, one rank): the weights as loaded, 16-bit parts in bf16, nothing sharded.
+    cfg = config(model=folder, deepspeed="zero0")
+    model = load_base(folder, cfg, quantized=True, device_map={"": "cpu"})
+    real = loaded_bytes(model)
+    p = plan(cfg, model_config, world_size=1)
+    assert p.per_rank["quantized_weights"] == pytest.approx(real["quantized"], rel=0.02)
+    assert p.per_rank["frozen_weights"] == pytest.approx(real["frozen"], rel=0.02)
+    total = p.per_rank["quantized_weights"] + p.per_rank["frozen_weights"]
+    assert total == pytest.approx(real["quantized"] + real["frozen"], rel=0.02)
+    unquantized = load_base(folder, cfg, quantized=False, device_map={"": "cpu"})
+    assert p.params["total"] == sum(x.numel() for x in unquantized.parameters())
+
+    # Without DeepSpeed the worker's prepare_model_for_kbit_training upcasts every non-4-bit weight to fp32.
+    cfg = config(model=folder, deepspeed="none")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    upcast = loaded_bytes(model)
+    assert upcast["frozen"] == 2 * real["frozen"]
+    p = plan(cfg, model_config, world_size=1)
+    assert p.per_rank["frozen_weights"] == pytest.approx(upcast["frozen"], rel=0.02)
+
+    # LoRA: the exact parameter count, and peft's fp32 adapters (params + grads in fp32 without DeepSpeed).
+    for rank, targets in ((16, "all-linear"), (8, ["q_proj", "v_proj"]), (4, ["self_attn.o_proj", "down_proj"])):
+        peft_model = get_peft_model(model, PeftLoraConfig(r=rank, target_modules=targets, task_type="CAUSAL_LM"))
+        trainable = [x for x in peft_model.parameters() if x.requires_grad]
+        shape = ModelShape.from_config(model_config)
+        assert lora_param_count(shape, rank, targets) == sum(x.numel() for x in trainable), (rank, targets)
+        cfg = config(model=folder, deepspeed="none", lora={"rank": rank, "target_modules": targets})
+        adapter = plan(cfg, model_config, world_size=1).per_rank["adapter"]
+        assert adapter == 2 * sum(x.numel() * x.element_size() for x in trainable)
+        peft_model.unload()
+
+
+def test_nf4_bytes_per_tensor():
+    # 4096 x 4096: 8 MiB packed, 262144 absmax bytes, 1024 nested fp32 absmax, the two codes and the offset
+    assert nf4_bytes(4096 * 4096) == 2**23 + 2**18 + 4 * 1024 + 4 + 64 + 1024
+    # the paper's ~0.127 bits per parameter of constants (8/64 + 32/(64*256))
+    n = 4096 * 11008
+    assert (nf4_bytes(n) - n // 2) * 8 / n == pytest.approx(8 / 64 + 32 / (64 * 256), rel=0.01)
+
+
+# --- the QLoRA paper ---------------------------------------------------------------------------------------------
+
+
+def test_7b_in_4_bit_is_about_5_gb():
+    cfg = config(deepspeed="zero0")
+    p = plan(cfg, LLAMA_7B, world_size=1)
+    assert p.params["total"] == pytest.approx(6.74e9, rel=0.01)
+    base = p.per_rank["quantized_weights"] + p.per_rank["frozen_weights"]
+    assert 3.5e9 <= base <= 5.5e9, base / 1e9
+    assert 3.5e9 <= base + p.per_rank["frozen_weights"] <= 5.5e9  # also with the fp32 upcast of the 16-bit parts
+
+
+@pytest.mark.parametrize("deepspeed", ["none", "zero2"])
+def test_33b_trains_on_one_24gb_gpu(deepspeed):
+    cfg = config(per_device_batch_size=1, cutoff_len=512, gradient_checkpointing=True, deepspeed=deepspeed)
+    p = plan(cfg, LLAMA_33B, parse_size("24GiB"), world_size=1)
+    assert p.fits is True, p.per_rank["total"] / GiB
+    assert plan_problems(cfg, LLAMA_33B, parse_size("24GiB"), world_size=1) == []
+
+
+def test_65b_fits_48gb_and_not_24gb():
+    cfg = config(per_device_batch_size=1, cutoff_len=512, gradient_checkpointing=True, deepspeed="none")
+    assert plan(cfg, LLAMA_65B, parse_size("48GiB"), world_size=1).fits is True
+    assert plan(cfg, LLAMA_65B, parse_size("24GiB"), world_size=1).fits is False
+    problems = plan_problems(cfg, LLAMA_65B, parse_size("24GiB"), world_size=1)
+    assert len(problems) == 1 and problems[0].startswith("model.name_or_path: ")
+    assert "train.deepspeed: zero3" in problems[0] and "on a 24 GiB GPU" in problems[0]
+    assert largest_batch_that_fits(cfg, LLAMA_65B, parse_size("24GiB"), world_size=1) is None
+
+
+# --- ZeRO, methods, activations ----------------------------------------------------------------------------------
+
+
+def test_zero_stages_shard_what_they_say():
+    shape_cfg = LLAMA_7B
+    plans = {ds: plan(config(method="lora", deepspeed=ds), shape_cfg, world_size=4).per_rank
+             for ds in ("zero0", "zero1", "zero2", "zero3")}
+    one = plan(config(method="lora", deepspeed="zero0"), shape_cfg, world_size=1).per_rank
+    assert plans["zero0"] == one  # nothing sharded
+    assert plans["zero1"]["optimizer"] == -(-one["optimizer"] // 4)
+    assert plans["zero1"]["adapter"] == one["adapter"]
+    assert plans["zero2"]["adapter"] < one["adapter"] and plans["zero2"]["frozen_weights"] == one["frozen_weights"]
+    # ZeRO-3: a quarter of the frozen weights plus the largest piece gathered at once (a decoder layer here)
+    shape = ModelShape.from_config(shape_cfg)
+    layer = shape.layer_linear_params() + shape.layer_small_params()
+    assert layer > shape.embed_params
+    assert plans["zero3"]["frozen_weights"] == pytest.approx(one["frozen_weights"] / 4 + 2 * layer, rel=1e-6)
+    offload = plan(config(method="lora", deepspeed="zero3_offload"), shape_cfg, world_size=4).per_rank
+    assert offload["optimizer"] == 0 and offload["frozen_weights"] < plans["zero3"]["frozen_weights"]
+    # qlora under ZeRO-3: the packed 4-bit weights are sharded, the quantisation constants are not
+    q1 = plan(config(deepspeed="zero3"), shape_cfg, world_size=1).per_rank["quantized_weights"]
+    q4 = plan(config(deepspeed="zero3"), shape_cfg, world_size=4).per_rank["quantized_weights"]
+    assert q1 / 4 < q4 < q1 / 3
+
+
+def test_a_deepspeed_json_is_read(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    setup = zero_setup(str(path))
+    assert (setup.deepspeed, setup.stage, setup.offload_optimizer, setup.offload_params) == (True, 3, True, False)
+
+
+def test_methods_full_and_freeze():
+    full = plan(config(method="full", deepspeed="zero0"), LLAMA_7B, world_size=1)
+    n = full.params["total"]
+    assert full.per_rank["frozen_weights"] == 0 and full.per_rank["quantized_weights"] == 0
+    assert full.per_rank["adapter"] == 4 * n  # bf16 weights + bf16 grads
+    assert full.per_rank["optimizer"] == 12 * n  # fp32 moments + fp32 master (mixed precision, ZeRO paper's K=12)
+    freeze = plan(config(method="freeze", freeze_trainable_layers=2, deepspeed="zero0"), LLAMA_7B, world_size=1)
+    shape = ModelShape.from_config(LLAMA_7B)
+    per_layer = shape.layer_linear_params() + shape.layer_small_params()
+    assert freeze.params["trainable"] == 2 * per_layer
+    assert freeze.per_rank["frozen_weights"] == 2 * (n - 2 * per_layer)
+    lora = plan(config(method="lora", deepspeed="zero0"), LLAMA_7B, world_size=1)
+    assert lora.per_rank["frozen_weights"] == 2 * n
+
+
+def test_activations_scale_and_checkpointing_saves():
+    base = dict(cutoff_len=1024, deepspeed="zero2")
+    on = plan(config(per_device_batch_size=1, **base), LLAMA_7B, world_size=1).per_rank
+    on4 = plan(config(per_device_batch_size=4, **base), LLAMA_7B, world_size=1).per_rank
+    off = plan(config(per_device_batch_size=1, gradient_checkpointing=False, **base), LLAMA_7B, world_size=1).per_rank
+    assert on4["logits"] == 4 * on["logits"] == 4 * 1024 * 32000 * 4
+    assert 3.5 * on["activations"] < on4["activations"] < 4 * on["activations"]  # linear, plus a fixed dequant buffer
+    assert off["activations"] > 8 * on["activations"]
+    # without checkpointing, a 7B layer keeps ~ (16h + 10h + 8I) bytes/token + LoRA inputs (no dropout: 16-bit)
+    assert off["activations"] / (1024 * 32) == pytest.approx(16 * 4096 + 10 * 4096 + 8 * 11008 + 3 * (6 * 4096 + 11008)
+                                                             + 7 * 2 * 16, rel=0.05)
+
+
+def test_shapes_from_qwen_and_mistral_configs():
+    qwen = ModelShape.from_config({"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+                                   "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                                   "vocab_size": 151936, "tie_word_embeddings": True})
+    assert qwen.linears()["k_proj"] == (896, 128) and qwen.lm_head_params == 0
+    assert qwen.total_params() == pytest.approx(494e6, rel=0.01)  # Qwen2.5-0.5B
+    mistral = ModelShape.from_config({"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                                      "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                      "vocab_size": 32000, "head_dim": None})
+    assert mistral.total_params() == pytest.approx(7.24e9, rel=0.01)  # Mistral-7B
+    from tuneflow.memory_plan import PlanError
+
+    with pytest.raises(PlanError, match="mixture of experts"):
+        ModelShape.from_config({**LLAMA_7B, "num_local_experts": 8})
+
+
+# --- refusing what cannot fit, the largest batch -----------------------------------------------------------------
+
+
+def test_too_big_a_batch_names_what_fits():
+    cfg = config(per_device_batch_size=64, cutoff_len=2048, deepspeed="zero2", gradient_accumulation_steps=2)
+    gpu = parse_size("24GiB")
+    best = largest_batch_that_fits(cfg, LLAMA_7B, gpu, world_size=1)
+    assert best is not None and 1 <= best < 64
+    fits = lambda n: plan(config(per_device_batch_size=n, cutoff_len=2048, deepspeed="zero2"),  # noqa: E731
+                          LLAMA_7B, gpu, world_size=1).fits
+    assert fits(best) and not fits(best + 1)
+    [problem] = plan_problems(cfg, LLAMA_7B, gpu, world_size=1)
+    assert problem.startswith("train.per_device_batch_size: 64 needs ~")
+    assert f"GiB per rank on a 24 GiB GPU; {best} fits" in problem
+    assert f"train.gradient_accumulation_steps: {-(-128 // best)}" in problem
+    # checkpointing off: the message offers it when it would make the batch fit
+    cfg = config(per_device_batch_size=8, cutoff_len=256, gradient_checkpointing=False, deepspeed="zero2")
+    [problem] = plan_problems(cfg, LLAMA_7B, gpu, world_size=1)
+    assert problem.startswith("train.per_device_batch_size: 8 needs") and problem.endswith(
+        "or set train.gradient_checkpointing: true")
+    cfg = config(per_device_batch_size=8, cutoff_len=2048, gradient_checkpointing=False, deepspeed="zero2")
+    [problem] = plan_problems(cfg, LLAMA_7B, gpu, world_size=1)
+    assert problem.startswith("train.gradient_checkpointing: false needs ~") and problem.endswith(
+        "even at train.per_device_batch_size 1 (8 configured); set train.gradient_checkpointing: true")
+    # a cutoff too long even at batch 1
+    cfg = config(per_device_batch_size=1, cutoff_len=262144, deepspeed="zero2")
+    [problem] = plan_problems(cfg, LLAMA_7B, gpu, world_size=1)
+    assert problem.startswith("prep.cutoff_len: 262144 tokens need")
+    assert plan_problems(cfg, LLAMA_7B, None, world_size=1) == []
+
+
+def test_unknown_target_modules_are_reported():
+    cfg = config(lora={"target_modules": ["W_pack"]})
+    [problem] = plan_problems(cfg, LLAMA_7B, None, world_size=1)
+    assert problem.startswith("train.lora.target_modules: W_pack match no module of a llama layer")
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def run_plan(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tuneflow")
+    add_plan_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *argv])
+    return args.fn(args)
+
+
+def write_config(tmp_path: Path, model, **train) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": str(model)}, "dataset": {"name_or_path": "x"},
+                                    "train": {"nproc_per_node": 1, **train}}))
+    return path
+
+
+def test_cli_json_is_one_line_of_bytes(tmp_path, tiny_assets, capsys):
+    path = write_config(tmp_path, tiny_assets["model"])
+    assert run_plan(["--config", str(path), "--gpu-memory", "24GB", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    data = json.loads(out)
+    assert data["gpu_memory"] == 24 * 10**9 and data["fits"] is True and data["per_device_batch_size"] == 4
+    per_rank = data["per_rank"]
+    assert {"quantized_weights", "frozen_weights", "adapter", "optimizer", "activations", "logits", "total"} <= set(
+        per_rank)
+    assert all(isinstance(v, int) for v in per_rank.values())
+    assert per_rank["total"] == sum(v for k, v in per_rank.items() if k != "total")
+    # --set works as in the other commands, and a plan that does not fit exits 1 naming the key
+    code = run_plan(["--config", str(path), "--set", "train.per_device_batch_size=4096", "--set",
+                     "prep.cutoff_len=4096", "--gpu-memory", "2GiB", "--json"])
+    captured = capsys.readouterr()
+    assert code == 1 and json.loads(captured.out)["fits"] is False
+    assert "train.per_device_batch_size: 4096 needs" in captured.err
+
+
+def test_cli_table(tmp_path, tiny_assets, capsys):
+    path = write_config(tmp_path, tiny_assets["model"])
+    assert run_plan(["--config", str(path), "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    for label in ("4-bit NF4 weights", "frozen weights", "LoRA params", "optimizer", "activations", "logits",
+                  "margin", "total", "GPU memory 80.00 GiB: fits"):
+        assert label in out, out
+    with pytest.raises(SystemExit):
+        run_plan(["--config", str(path), "--gpu-memory", "lots"])
+    assert run_plan(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert run_plan(["--config", str(write_config(tmp_path, tmp_path / "no-model"))]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_config_json_comes_from_the_hub_alone(tmp_path, hub_mirror):
+    """Only config.json is downloaded (HF_ENDPOINT is read at import: a new process)."""
+    import os
+
+    path = write_config(tmp_path, hub_mirror.model_id)
+    cache = tmp_path / "hf-cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub_mirror.endpoint, HF_HUB_CACHE=str(cache))
+    done = subprocess.run([sys.executable, "-m", "tuneflow.memory_plan", "--config", str(path), "--json"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["per_rank"]["quantized_weights"] > 0
+    files = sorted(p.name for p in cache.rglob("*") if p.is_file() and "snapshots" in p.parts)
+    assert files == ["config.json"]
+
+
+def test_the_module_imports_fast():
+    code = "import sys, tuneflow.memory_plan; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_docs_explain_every_line():
+    text = (ROOT / "docs/memory.md").read_text()
+    for word in ("quantized_weights", "frozen_weights", "adapter", "optimizer", "activations", "logits", "margin",
+                 "uncalibrated", "2305.14314", "gradient checkpointing", "ZeRO"):
+        assert word in text, word
