@@ -1,6 +1,6 @@
-"""Re-running is safe: two `tuneflow run` of one config at the same time, sharing the Hub cache, the output folder
-(and its prep cache) and the MLflow server, each finish in their own run folder and MLflow run; a third run reuses
-the downloaded snapshot and the prepared dataset, and says so."""
+"""Re-running is safe: two `tuneflow run` of one config at the same time, sharing the Hub cache, the output folder,
+the tuneflow cache (prepared data) and the MLflow server, each finish in their own run folder and MLflow run; a
+third run reuses the downloaded snapshot and the prepared dataset (and its MLflow artifact), and says so."""
 
 import json
 import os
@@ -41,8 +41,9 @@ def test_concurrent_runs_and_cache_reuse(tmp_path, hub_mirror, prefect_api, mlfl
         "export": {"max_shard_size": "300KB", "parity_samples": 2},
         "tracking": {"uri": mlflow_server, "experiment": "concurrency"},
     }))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
     env.update(HF_ENDPOINT=hub_mirror.endpoint, HF_HUB_CACHE=str(tmp_path / "hf-cache"), PREFECT_API_URL=prefect_api,
+               TUNEFLOW_CACHE=str(tmp_path / "tuneflow-cache"),
                HF_HUB_DISABLE_PROGRESS_BARS="1")
 
     first, second = start(config, env, tmp_path), start(config, env, tmp_path)
@@ -55,8 +56,8 @@ def test_concurrent_runs_and_cache_reuse(tmp_path, hub_mirror, prefect_api, mlfl
         assert Path(summary["export_dir"]).parent == run_dir and Path(summary["adapter_dir"]).is_relative_to(run_dir)
         assert json.loads((run_dir / "config.json").read_text())["run_name"] == "same"
     # One prepared entry, reached by both; nothing half-written left behind in the shared caches.
-    prepared = tmp_path / "runs" / ".cache" / "prepared"
-    assert len(list(prepared.iterdir())) == 1, list(prepared.iterdir())  # no .partial folder either
+    prepared = tmp_path / "tuneflow-cache" / "prepared"
+    assert len([p for p in prepared.iterdir() if p.is_dir()]) == 1, list(prepared.iterdir())  # no .partial either
     assert not list(prepared.glob(".*partial")) and not list((tmp_path / "hf-cache").rglob("*.incomplete"))
 
     client = MlflowClient(mlflow_server)
@@ -71,5 +72,6 @@ def test_concurrent_runs_and_cache_reuse(tmp_path, hub_mirror, prefect_api, mlfl
     third, log = finish(start(config, env, tmp_path, "export.enabled=false"))
     assert third["stages"]["prepare"]["cache_hit"] is True
     assert "prepare: reusing the tokenized dataset" in log
+    assert "prepare: the same data is already logged as runs:/" in log  # not uploaded again
     assert f"model {hub_mirror.model_id}@{hub_mirror.model_sha}: all" in log and "nothing to download" in log
     assert len({a["run_dir"], b["run_dir"], third["run_dir"]}) == 3
