@@ -122,6 +122,10 @@ class TrainConfig(Section):
         "bf16", description="Compute precision (bf16 needs Ampere or newer; a CPU supports bf16 and fp32)."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    packing: bool = Field(
+        True, description="Padding-free batches: the rows of a micro-batch are concatenated (position ids restart "
+        "per row, attention never crosses rows) instead of padded to the longest; same loss, no compute on padding."
+    )
     deepspeed: str = Field(
         "zero2",
         description="none | zero0 | zero1 | zero2 | zero3 | zero3_offload, or the path of a DeepSpeed JSON file.",

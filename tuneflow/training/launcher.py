@@ -72,6 +72,16 @@ def dead_ranks(output: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _terminate_with_parent() -> None:
+    """In the torchrun child: get SIGTERM when the launching process dies, even by SIGKILL (a cancelled flow run),
+    so no training keeps a GPU busy for nobody (Linux only; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_line: Callable[[str], None],
            nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None) -> None:
     """Run the worker on ``nproc`` processes (on this node of ``nnodes``); raise WorkerFailed naming failed ranks."""
@@ -83,16 +93,24 @@ def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_lin
     on_line("launching: " + " ".join(cmd))
     proc = subprocess.Popen(
         cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        errors="replace",
+        errors="replace", preexec_fn=_terminate_with_parent,
     )
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            on_line(line)
-            tail = (tail + [line])[-200:]
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                on_line(line)
+                tail = (tail + [line])[-200:]
+        code = proc.wait()
+    except BaseException:  # cancelled or interrupted: torchrun stops its ranks on SIGTERM
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     if code != 0:
         # A rank killed outright writes nothing; its peers then fail on the broken connection: name the killed first.
         ranks = dead_ranks("\n".join(tail)) + rank_errors(errors_dir)

@@ -11,6 +11,7 @@ run named by MLFLOW_RUN_ID, and uploads each complete checkpoint there. A rank t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -21,6 +22,8 @@ from pathlib import Path
 from tuneflow.training.checkpoints import (
     COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
 )
+from tuneflow.training.batching import CountingCollator, collator
+from tuneflow.training.efficiency import flops_per_token, peak_flops, peak_memory_of_every_rank
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
 RANK = int(os.environ.get("RANK", 0))
@@ -34,7 +37,7 @@ def log(msg: str) -> None:
 
 def build_model(cfg, model_dir: str):
     """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from tuneflow.modeling import device, load_base
 
@@ -45,9 +48,8 @@ def build_model(cfg, model_dir: str):
     model = load_base(model_dir, cfg, quantized=True, device_map=device_map)
     model.config.use_cache = False
     t = cfg.train
-    if t.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    # No prepare_model_for_kbit_training: it upcasts every frozen non-4-bit weight (embeddings, lm_head, norms) to
+    # fp32, doubling their memory for nothing the compute dtype cannot do (TRL >= 1.7 skips it too).
     if t.method in ("qlora", "lora"):
         lora = LoraConfig(
             r=t.lora.rank,
@@ -66,31 +68,38 @@ def build_model(cfg, model_dir: str):
 
 
 class MlflowStepLogger:
-    """Rank 0 logs loss, learning rate, grad norm and tokens/s once per logging step to the attached run."""
+    """Rank 0 logs loss, learning rate, grad norm, tokens/s, the padding fraction and (on a GPU) MFU once per
+    logging step to the attached run (tuneflow.training.efficiency says how each is counted)."""
 
-    def __init__(self):
+    def __init__(self, batches: CountingCollator, flops_per_token: float | None, peak_flops: float | None):
         from mlflow import MlflowClient
 
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
         self.client = MlflowClient() if self.run_id and IS_RANK_ZERO else None
         self.last = (time.perf_counter(), 0)
+        self.batches, self.flops_per_token, self.peak_flops = batches, flops_per_token, peak_flops
 
-    def __call__(self, state, logs: dict) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self.client:
+            ts = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def __call__(self, state, logs: dict) -> None:
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if "loss" in logs:
             then, before = self.last
             metrics["tokens_per_s"] = (tokens - before) / max(now - then, 1e-9)
+            metrics["padding_fraction"] = self.batches.padding_fraction
+            if self.flops_per_token and self.peak_flops:
+                metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / self.peak_flops
             self.last = (now, tokens)
         for noisy in ("epoch", "num_input_tokens_seen", "train_tokens_per_second"):
             metrics.pop(noisy, None)
         log(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if self.client:
-            ts = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, state.global_step)
-                                                        for k, v in metrics.items()])
+        self.log_metrics(metrics, state.global_step)
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -113,7 +122,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
 def train(spec: TrainSpec) -> TrainOutcome:
     import torch
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from tuneflow.modeling import load_tokenizer
     from tuneflow.training.deepspeed import deepspeed_config
@@ -127,6 +136,8 @@ def train(spec: TrainSpec) -> TrainOutcome:
     on_gpu = torch.cuda.is_available()
 
     # TrainingArguments first: with ZeRO-3 it must exist before the model is built.
+    ds_config = deepspeed_config(t.deepspeed)
+    zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch_size,
@@ -141,9 +152,10 @@ def train(spec: TrainSpec) -> TrainOutcome:
         max_steps=t.max_steps,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing and t.method != "qlora",  # qlora: done by peft above
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        deepspeed=deepspeed_config(t.deepspeed),
+        gradient_checkpointing=t.gradient_checkpointing,
+        # PEFT under ZeRO-3 fails with non-reentrant checkpointing on GPUs (transformers #47254), as TRL found.
+        gradient_checkpointing_kwargs={"use_reentrant": zero3 and t.method in ("qlora", "lora")},
+        deepspeed=ds_config,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=None,  # pruned by OnSave, only once the newer checkpoint is complete
@@ -164,7 +176,11 @@ def train(spec: TrainSpec) -> TrainOutcome:
     if IS_RANK_ZERO and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
-    step_logger = MlflowStepLogger()
+    batches = CountingCollator(collator(t.packing, tokenizer))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    model_config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+    peak = peak_flops()
+    step_logger = MlflowStepLogger(batches, flops_per_token(cfg, model_config), peak and peak * world)
     uploader = CheckpointUploader(step_logger.run_id, log) if step_logger.client else None
 
     class OnLog(TrainerCallback):
@@ -194,7 +210,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         args=args,
         train_dataset=data["train"].select_columns(["input_ids", "labels"]),
         eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=batches,
         processing_class=tokenizer,
         callbacks=[OnLog(), OnSave()],
     )
@@ -213,6 +229,10 @@ def train(spec: TrainSpec) -> TrainOutcome:
     finally:
         if uploader:
             uploader.close()
+
+    memory = peak_memory_of_every_rank()  # every rank takes part
+    log("peak memory: " + ", ".join(f"{k}={v / 2**30:.2f} GiB" for k, v in memory.items()))
+    step_logger.log_metrics(memory, trainer.state.global_step)
 
     # Write the final weights beside their final name, then rename: no half-written adapter is ever visible.
     final = out / ("adapter" if t.method in ("qlora", "lora") else "model")

@@ -1,0 +1,74 @@
+"""Every fine-tuning method end to end through `tuneflow run`, as qlora runs in test_pipeline_e2e.py: lora (16-bit
+base + adapter), full (every weight) and freeze (only the top layers). Each trains, lowers the held-out loss, and
+exports a model that answers as the trained weights did; freeze leaves the lower layers exactly as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, **train) -> dict:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_name": method,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": str(tiny_assets["model"])},
+        "dataset": {"name_or_path": str(tiny_assets["data"]), "eval_size": 16},
+        "prep": {"cutoff_len": 128},
+        "train": {"method": method, "max_steps": 20, "per_device_batch_size": 8, "gradient_accumulation_steps": 1,
+                  "deepspeed": "none", "nproc_per_node": 1, "save_steps": 10, "retries": 0, **train},
+        "eval": {"max_samples": 16, "max_new_tokens": 12, "batch_size": 16},
+        "export": {"max_shard_size": "2MB", "dtype": "bf16", "parity_samples": 8},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": method},
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
+    env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_api)
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), "run", "--config", str(config)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    summary = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+    assert summary["status"] == "completed" and summary["stages"]["train"]["global_step"] == 20
+    metrics = summary["metrics"]
+    assert metrics["eval_loss"] < metrics["base"]["eval_loss"], metrics
+    assert metrics["export_parity"] == 1.0, metrics
+    return summary
+
+
+def layer_weights(folder: Path, layer: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return {k: v.clone() for k, v in model.state_dict().items() if f"layers.{layer}." in k}
+
+
+def test_lora(tmp_path, tiny_assets, prefect_api):
+    summary = run(tmp_path, tiny_assets, prefect_api, "lora", learning_rate=5e-3,
+                  lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+    assert summary["stages"]["train"]["weights"].endswith("/adapter")
+    assert (Path(summary["adapter_dir"]) / "adapter_model.safetensors").is_file()
+
+
+def test_full(tmp_path, tiny_assets, prefect_api):
+    summary = run(tmp_path, tiny_assets, prefect_api, "full", learning_rate=1e-3)
+    assert summary["stages"]["train"]["weights"].endswith("/model")
+    base, tuned = layer_weights(tiny_assets["model"], 0), layer_weights(Path(summary["export_dir"]), 0)
+    assert all(not base[k].equal(tuned[k]) for k in base if k.endswith("proj.weight"))
+
+
+def test_freeze(tmp_path, tiny_assets, prefect_api):
+    summary = run(tmp_path, tiny_assets, prefect_api, "freeze", learning_rate=1e-3, freeze_trainable_layers=1)
+    export = Path(summary["export_dir"])
+    frozen, base = layer_weights(export, 0), layer_weights(tiny_assets["model"], 0)
+    assert all(frozen[k].equal(base[k]) for k in base), "a frozen layer changed"
+    trained, before = layer_weights(export, 1), layer_weights(tiny_assets["model"], 1)
+    assert any(not trained[k].equal(before[k]) for k in before), "the top layer did not train"
