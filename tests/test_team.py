@@ -299,3 +299,26 @@ def test_two_pipelines_at_once_share_one_gpu_slot(team):
     assert len(trainings) == 2 and all(t.state.is_completed() for t in trainings)
     first, second = sorted(trainings, key=lambda t: t.start_time)
     assert first.end_time <= second.start_time, "two training runs overlapped with GPU_CONCURRENCY=1"
+
+
+def test_cancelling_the_pipeline_cancels_its_training_run(team):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    config = tiny_config(team, "team-cancel", max_steps=400, save_steps=1000)
+    with worker(team, "cpu", "cpu"), worker(team, "gpu", "gpu-1"):
+        run = submit(config)
+        deadline = time.monotonic() + 300
+        while rank_pid(team.folder("gpu-1")) is None:  # training has started on the gpu machine
+            assert time.monotonic() < deadline, worker_log(team, "gpu-1", "gpu")
+            time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
+        run = wait_final(run.id, 120, lambda: worker_log(team, "cpu", "cpu"))
+        [training] = training_runs(run.id)
+        training = wait_final(training.id, 120, lambda: worker_log(team, "gpu-1", "gpu"))
+        while rank_pid(team.folder("gpu-1")) is not None:  # the training processes are gone too
+            assert time.monotonic() < deadline + 60, "training still runs after its flow run was cancelled"
+            time.sleep(0.5)
+    assert run.state.is_cancelled(), run.state
+    assert training.state.is_cancelled(), training.state
