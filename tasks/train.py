@@ -58,6 +58,8 @@ def run_on_pool(deployment: str, request: TrainRequest, timeout_s: float, logger
         except BaseException:  # timeout, or this pipeline cancelled / interrupted: the training run stops too
             client.set_flow_run_state(child.id, Cancelling(message="the pipeline run stopped waiting"), force=True)
             raise
+    if state.is_cancelled():  # by a person, on purpose: not retried
+        raise RuntimeError(f"training run {child.name} was cancelled: {state.message or 'no message'}")
     if not state.is_completed():
         raise TrainingRunFailed(f"training run {child.name} {state.name}: {state.message or 'no message'}")
     path = MlflowClient(request.tracking_uri).download_artifacts(request.mlflow_run_id, RESULT_ARTIFACT)

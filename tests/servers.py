@@ -172,40 +172,53 @@ def olah_server(mirror: str | Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite there); yields the API URL."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    # The UI finds the API through PREFECT_SERVER_API_PORT (default 4200), not through --port.
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true",
-               PREFECT_SERVER_API_PORT=str(port))
-    log = home / "server.log"
+def serve(cmd: list[str], folder: Path, health_url: str, env: dict | None = None, timeout: float = 180) -> Iterator[None]:
+    """Run a server in ``folder`` (its log: folder/server.log) until it answers ``health_url``; stop it afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                 str(port)], cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc, log)
-        yield f"http://127.0.0.1:{port}/api"
+        wait_http(health_url, timeout, proc, log)
+        yield
     finally:
         stop(proc)
 
 
 @contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite there); yields the API URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # The UI finds the API through PREFECT_SERVER_API_PORT (default 4200), not through --port.
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true",
+               PREFECT_SERVER_API_PORT=str(port))
+    cmd = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with serve(cmd, home, f"http://127.0.0.1:{port}/api/health", env, timeout=120):
+        yield f"http://127.0.0.1:{port}/api"
+
+
+@contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
     """`mlflow server` with a SQLite store and artifacts proxied by the server (stored under root/artifacts)."""
-    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 180, proc, log)
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
+    with serve(cmd, root, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+
+
+def training_rank_pid(rank: int, in_cmdline: str = "", in_environ: str = "") -> int | None:
+    """The pid of a running training worker process of global ``rank`` whose command line / environment contain
+    the given text (to tell one run, or one machine, from another)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (b"tuneflow.training.worker" in cmd and in_cmdline.encode() in cmd and f"RANK={rank}".encode() in env
+                and (not in_environ or in_environ.encode() in env)):
+            return int(pid)
+    return None

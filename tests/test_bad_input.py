@@ -176,6 +176,16 @@ def test_every_dataset_and_model_problem_at_once(tmp_path, capsys, tiny_assets):
     assert f"{rows}: row 13: field 'output' is missing" in err and f"{rows}: row 14: field 'output' must be" in err
 
 
+def test_a_config_that_cannot_fit_the_gpu_is_refused_before_any_download(tmp_path, capsys, tiny_assets):
+    """train.gpu_memory names the GPUs training will get: the memory plan is checked against it in pre-flight."""
+    config = merge(base_config(tiny_assets["model"], tiny_assets["data"]),
+                   {"train.gpu_memory": "800MiB", "train.per_device_batch_size": 64, "prep.cutoff_len": 2048})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and "train.per_device_batch_size: 64 needs ~" in err and "GPU; 1 fits" in err, err
+    code, err = validate(tmp_path, merge(config, {"train.gpu_memory": "80GiB"}), capsys)
+    assert code == 0, err
+
+
 def test_answers_entirely_cut_off(tmp_path, tiny_assets):
     """Found while tokenizing (prepare), still before any model is loaded."""
     from tuneflow.config import TuneflowConfig

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tuneflow.training.launcher import WorkerFailed, launch
+from tests.servers import training_rank_pid
 from tuneflow.config import TuneflowConfig
 from tuneflow.data.prepare import build as prepare
 from tuneflow.demo import build
@@ -48,18 +49,6 @@ def _spec(root: Path, name: str, cfg, assets) -> Path:
     return spec
 
 
-def _rank_pid(spec: Path, rank: int) -> int | None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"tuneflow.training.worker" in cmd and str(spec).encode() in cmd and f"RANK={rank}".encode() in env:
-            return int(pid)
-    return None
-
-
 def _last_loss(out: Path) -> float:
     history = json.loads((out / "result.json").read_text())["log_history"]
     return [h["loss"] for h in history if "loss" in h and h["step"] == STEPS][-1]
@@ -78,7 +67,7 @@ def test_killed_rank_resumes_from_last_complete_checkpoint(setup):
         deadline = time.time() + 240
         while time.time() < deadline and not first_ckpt.exists():
             time.sleep(0.02)
-        pid = _rank_pid(spec, 1)
+        pid = training_rank_pid(1, in_cmdline=str(spec))
         if pid:
             os.kill(pid, signal.SIGKILL)
             killed["pid"] = pid
@@ -144,7 +133,7 @@ def test_killed_rank_in_a_pipeline_run_is_retried_and_recorded(tmp_path, hub_mir
         while time.time() < deadline and proc.poll() is None:
             marks = list((tmp_path / "runs").glob(f"*/train/checkpoints/checkpoint-{SAVE_EVERY}/{COMPLETE}"))
             if marks:
-                pid = _rank_pid(marks[0].parents[2] / "spec.json", 1)
+                pid = training_rank_pid(1, in_cmdline=str(marks[0].parents[2] / "spec.json"))
                 if pid:
                     os.kill(pid, signal.SIGKILL)
                     killed["pid"] = pid

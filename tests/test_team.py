@@ -26,6 +26,7 @@ from typing import Iterator
 import pytest
 
 from tests.servers import mlflow_server as start_mlflow
+from tests.servers import training_rank_pid
 
 pytestmark = pytest.mark.slow
 
@@ -239,17 +240,8 @@ def test_training_that_fails_on_the_gpu_worker_fails_the_pipeline_with_its_error
 
 
 def rank_pid(machine_folder: Path) -> int | None:
-    """A training rank started by the worker of that machine (its environment names the machine's cache)."""
-    marker = f"TUNEFLOW_CACHE={machine_folder / 'tuneflow-cache'}".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"tuneflow.training.worker" in cmd and marker in env and b"RANK=0" in env:
-            return int(pid)
-    return None
+    """Rank 0 of a training started by that machine's worker (its environment names the machine's cache)."""
+    return training_rank_pid(0, in_environ=f"TUNEFLOW_CACHE={machine_folder / 'tuneflow-cache'}")
 
 
 def test_training_killed_on_one_gpu_worker_resumes_on_another(team):

@@ -146,6 +146,10 @@ class TrainConfig(Section):
     master_addr: str | None = Field(
         None, description="Address of node 0, which every node can reach; required when train.nnodes > 1."
     )
+    gpu_memory: str | None = Field(
+        None, description="Memory of each GPU that trains, e.g. 24GiB or 80GiB: the pre-flight refuses a config whose "
+        "memory plan (tuneflow plan) does not fit it. Unset: the local GPU's, if there is one."
+    )
     timeout_hours: float = Field(
         48, gt=0, description="Training on a work pool: the longest the pipeline waits for a training run, queued "
         "and running, before it cancels the run and fails."
@@ -159,6 +163,13 @@ class TrainConfig(Section):
     def _positive(cls, v: Union[str, int]) -> Union[str, int]:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be 'auto' or at least 1")
+        return v
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory_size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
         return v
 
     @field_validator("deepspeed")

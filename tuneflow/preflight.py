@@ -83,6 +83,19 @@ def dataset_problems(path: Path, cfg: TuneflowConfig) -> list[str]:
     return []
 
 
+def memory_problems(model_dir: Path, cfg: TuneflowConfig) -> list[str]:
+    """The memory plan against train.gpu_memory (or the local GPU): a config that cannot fit is refused here,
+    before any weights are downloaded or a GPU is booked."""
+    from tuneflow.config import parse_size
+    from tuneflow.memory_plan import plan_problems, visible_gpu_memory
+
+    gpu = parse_size(cfg.train.gpu_memory) if cfg.train.gpu_memory else visible_gpu_memory()
+    config_file = model_dir / "config.json"
+    if gpu is None or not config_file.is_file():
+        return []
+    return plan_problems(cfg, json.loads(config_file.read_text()), gpu)
+
+
 def hardware_problems(cfg: TuneflowConfig) -> list[str]:
     import torch
 
@@ -116,6 +129,7 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
         if model.local is not None:
             problems += weights_problems(model, [p.name for p in model_dir.iterdir()])
         problems += model_folder_problems(model_dir, cfg)
+        problems += memory_problems(model_dir, cfg)
     except Problem as exc:
         problems.append(str(exc))
     try:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -271,6 +272,11 @@ def main() -> None:
         errors.mkdir(parents=True, exist_ok=True)
         (errors / f"rank{RANK}.txt").write_text(f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
         raise
+    # Done and written: leave without running C++ static destructors, where a still-joinable communication thread
+    # (gloo, DeepSpeed's shared-memory op) now and then calls std::terminate and turns a finished run into SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
