@@ -225,7 +225,10 @@ class TuneflowConfig(Section):
         max_length=80,
         description="Name of the run; its folder is output_dir/run_name-time-suffix, unique per run.",
     )
-    output_dir: str = Field("runs", min_length=1, description="Folder that holds the run folders (prepared data and downloaded artifacts go to $TUNEFLOW_CACHE).")
+    output_dir: str = Field(
+        "runs", min_length=1,
+        description="Folder that holds the run folders (prepared data and downloaded artifacts go to $TUNEFLOW_CACHE).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     dataset: DatasetConfig = Field(..., description="The instruction dataset.")
     prep: PrepConfig = Field(default_factory=PrepConfig, description="Tokenization.")

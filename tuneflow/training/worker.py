@@ -20,10 +20,10 @@ import time
 import traceback
 from pathlib import Path
 
+from tuneflow.training.batching import CountingCollator, collator
 from tuneflow.training.checkpoints import (
     COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
 )
-from tuneflow.training.batching import CountingCollator, collator
 from tuneflow.training.efficiency import flops_per_token, peak_flops, peak_memory_of_every_rank
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
