@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test clean deploy
+.PHONY: install demo test clean deploy bench
 OLAH_VENV ?= .venv-olah
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
@@ -47,3 +47,9 @@ deploy: install
 	done
 	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name on-demand
 	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name gpu --concurrency-limit $(GPU_CONCURRENCY) --collision-strategy ENQUEUE
+
+# CPU benchmarks, variants side by side in one run: bench/results-train.json, bench/results-prep.json
+# (docs/benchmarks.md reads them). A few minutes on 2 cores.
+bench: install
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.prep

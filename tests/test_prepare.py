@@ -3,13 +3,16 @@
 import json
 
 import pytest
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 
-from tuneflow.demo import build as build_assets
+from tuneflow.demo import build as build_assets, make_rows
 from tasks.prepare import cache_key
 from tuneflow.config import TuneflowConfig
-from tuneflow.data.formats import DatasetError
+from tuneflow.data import prepare
+from tuneflow.data.formats import DatasetError, load_dataset_rows, split_indices
 from tuneflow.data.prepare import build
+from tuneflow.data.tokenize import TemplateError, prompt_and_reference
+from tuneflow.modeling import load_tokenizer
 from tuneflow.results import DownloadResult, SourceRef
 
 
@@ -89,3 +92,136 @@ def test_cache_key_follows_every_input(model_dir, tmp_path):
     assert cache_key(cfg.model_copy(update={"prep": cfg.prep.model_copy(update={"cutoff_len": 64})}), fetched) != key
     other = fetched.model_copy(update={"dataset": fetched.dataset.model_copy(update={"revision": "d2"})})
     assert cache_key(cfg, other) != key
+
+
+# --- the batched, multi-process path against the plain per-row one ------------------------------------------
+
+
+def reference_encode(tokenizer, messages, cutoff_len):
+    """How a row was encoded before batching: three template renders per answer, one row at a time."""
+    def render(turns, add_generation_prompt):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    text, spans = render(messages, False), []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before, upto = render(messages[:i], True), render(messages[: i + 1], False)
+            if not (text.startswith(upto) and upto.startswith(before)):
+                raise TemplateError("the chat template does not render earlier turns unchanged")
+            spans.append((len(before), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    starts = [start for start, _ in enc["offset_mapping"]]
+    labels = [t if any(s <= start < e for s, e in spans) else -100 for t, start in zip(ids, starts)]
+    return {"input_ids": ids[:cutoff_len], "labels": labels[:cutoff_len], "length": min(len(ids), cutoff_len),
+            "full_length": len(ids)}
+
+
+def reference_build(cfg, model_dir, data_file):
+    """The splits (as row lists) and statistics of the per-row path."""
+    tokenizer = load_tokenizer(model_dir, cfg)
+    conversations, invalid = load_dataset_rows(data_file, cfg)
+    cutoff = cfg.prep.cutoff_len
+    splits, lengths = {}, []
+    split_rows = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
+    for split, indices in zip(("train", "eval"), split_rows):
+        rows = []
+        for i in indices:
+            enc = reference_encode(tokenizer, conversations[i], cutoff)
+            lengths.append(enc["full_length"])
+            if any(label != -100 for label in enc["labels"]):
+                prompt, reference = prompt_and_reference(conversations[i])
+                rows.append({**enc, "prompt": json.dumps(prompt, ensure_ascii=False), "reference": reference})
+        splits[split] = rows
+    ordered = sorted(lengths)
+    stats = {
+        "rows": len(conversations),
+        "train_rows": len(splits["train"]),
+        "eval_rows": len(splits["eval"]),
+        "dropped_cut_off": len(conversations) - len(splits["train"]) - len(splits["eval"]),
+        "dropped_invalid": sum(invalid.values()),
+        "invalid_reasons": dict(invalid),
+        "truncation_rate": sum(n > cutoff for n in lengths) / len(lengths),
+        "tokens_mean": sum(lengths) / len(lengths),
+        "tokens_p50": float(ordered[int(0.5 * len(ordered))]),
+        "tokens_p95": float(ordered[int(0.95 * len(ordered))]),
+        "tokens_max": float(ordered[-1]),
+        "train_label_tokens": sum(sum(t != -100 for t in row["labels"]) for row in splits["train"]),
+    }
+    return splits, stats
+
+
+@pytest.fixture(scope="module")
+def zh_model_dir(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("tiny-zh"), n_rows=30, lang="zh")["model"]
+
+
+def _mixed_rows(lang):
+    """Alpaca rows of varied lengths: some with a system prompt or history (several answers), some cut off
+    (truncated, or their answer entirely past cutoff_len) and one invalid."""
+    rows = make_rows(36, lang=lang, seed=3)
+    for i, row in enumerate(rows):
+        if i % 4 == 1:
+            row["system"] = "简短回答。" if lang == "zh" else "Answer briefly."
+        if i % 3 == 2:
+            row["history"] = [[r["instruction"], r["output"]] for r in rows[i - 2:i]]
+        if i % 7 == 3:
+            row["input"] = " ".join([row["input"] or row["instruction"]] * (6 + i % 5))
+    return rows + [{"instruction": "no answer"}]
+
+
+def _messages_rows():
+    """Conversations in the messages format with one to four answers, a system prompt on every other one."""
+    rows = []
+    for i, base in enumerate(make_rows(30, seed=5)):
+        turns = [] if i % 2 else [{"role": "system", "content": "Be brief."}]
+        for j in range(1 + i % 4):
+            turns += [{"role": "user", "content": f"{base['instruction']} ({j}) {base['input']}"},
+                      {"role": "assistant", "content": base["output"] * (1 + j)}]
+        rows.append({"messages": turns})
+    return rows
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+@pytest.mark.parametrize("kind", ["alpaca", "messages", "alpaca-zh"])
+def test_batched_build_matches_per_row_reference(model_dir, zh_model_dir, tmp_path, kind, num_proc):
+    rows = {"alpaca": _mixed_rows("en"), "messages": _messages_rows(), "alpaca-zh": _mixed_rows("zh")}[kind]
+    model = zh_model_dir if kind == "alpaca-zh" else model_dir
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    cfg = _setup(model, data, cutoff_len=48, on_invalid="drop", max_invalid_fraction=0.5)[0]
+    cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={
+        "format": "messages" if kind == "messages" else "alpaca", "eval_size": 6})})
+
+    stats = build(cfg, model, data, tmp_path / "out", num_proc=num_proc)
+    expected_splits, expected_stats = reference_build(cfg, model, data)
+
+    saved = load_from_disk(str(tmp_path / "out"))
+    for split in ("train", "eval"):
+        assert saved[split].to_list() == expected_splits[split]
+        assert saved[split].features == Dataset.from_list(expected_splits[split]).features
+    assert stats == expected_stats == json.loads((tmp_path / "out" / "stats.json").read_text())
+    # The data exercise what they should: several answers per row, truncation, answers cut off entirely.
+    assert any(sum(m["role"] == "assistant" for m in json.loads(r["prompt"])) >= 2 for r in expected_splits["train"])
+    assert 0 < stats["truncation_rate"] < 1 and stats["dropped_cut_off"] > 0 and stats["train_rows"] > 10
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_batched_build_keeps_the_errors(model_dir, tmp_path, num_proc):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(_rows(10, 0)))
+    cfg = _setup(model_dir, data, cutoff_len=8)[0]
+    with pytest.raises(ValueError, match=r"^no train rows left: every answer lies past prep.cutoff_len=8$"):
+        build(cfg, model_dir, data, tmp_path / "out", num_proc=num_proc)
+
+    # Puts the number of turns first: adding a turn changes the text rendered for the earlier ones.
+    unstable = "{{ messages | length }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
+    cfg = _setup(model_dir, data)[0]
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"chat_template": unstable})})
+    with pytest.raises(TemplateError, match="does not render earlier turns unchanged"):
+        build(cfg, model_dir, data, tmp_path / "out2", num_proc=num_proc)
+
+
+def test_small_datasets_are_tokenized_in_one_process(monkeypatch):
+    monkeypatch.setattr(prepare, "usable_cores", lambda: 8)
+    assert [prepare.default_num_proc(n) for n in (10, 3_999, 4_000, 15_999, 100_000)] == [1, 1, 2, 7, 8]
