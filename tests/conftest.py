@@ -5,6 +5,7 @@
                      ``tiny-org/tiny-llama`` (model) and ``tiny-org/tiny-instruct`` (dataset), plus broken
                      variants of the model (no chat template, pickle weights only, custom code)
 - ``prefect_api``:   a ``prefect server start`` (own PREFECT_HOME, SQLite, the UI); its API URL
+- ``tuneflow_cache``: $TUNEFLOW_CACHE for the whole session (a temporary folder)
 - ``mlflow_server``: a real ``mlflow server`` (SQLite backend, proxied artifacts); its URL
 
 Nothing here reads outside the pytest temp folders and the repository.
@@ -13,6 +14,7 @@ Nothing here reads outside the pytest temp folders and the repository.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,14 @@ import pytest
 from tests.servers import add_repo, olah_server, prefect_server
 from tests.servers import mlflow_server as start_mlflow
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tuneflow_cache(tmp_path_factory) -> Path:
+    """Prepared data and downloaded artifacts go to a folder of this session, never to ~/.cache/tuneflow."""
+    folder = tmp_path_factory.mktemp("tuneflow-cache")
+    os.environ["TUNEFLOW_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
