@@ -5,6 +5,8 @@
 - training: the real worker (`tuneflow.training.worker` under torchrun, 1 process, QLoRA bf16, no DeepSpeed) on
   instruction rows of mixed lengths, packed (padding-free) vs padded; real (non-padding) tokens per second as the
   HF Trainer counts them, the padding share of the padded batches, and each run's peak RSS;
+- the plain TRL script users would write instead (bench/trl_script.py: SFTTrainer + PEFT + bitsandbytes, TRL's
+  defaults, same model, rows, LoRA, quantisation, micro-batch, steps and learning rate), when trl is importable;
 - evaluation's generation: greedy answers batched (eval.batch_size 8) vs one prompt at a time.
 
 The model is a random-init Llama (hidden 512, 4 layers) with a BPE tokenizer trained on the rows (nothing is
@@ -80,6 +82,21 @@ def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, packing: boo
             "peak_rss_gib": float(rss.group(1)) if rss else None, "train_loss": final["train_loss"]}
 
 
+def plain_trl(model_dir: Path, data: Path, steps: int, batch: int) -> dict:
+    """bench/trl_script.py in its own process, when trl can be imported; else a note saying how to include it."""
+    import subprocess
+    import sys
+
+    if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode != 0:
+        return {"skipped": "trl is not importable: pip install --target DIR trl, and put DIR on PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_script.py")), "--model", str(model_dir),
+                           "--data", str(data), "--steps", str(steps), "--batch", str(batch)],
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RuntimeError(f"the plain TRL script failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def generation(model_dir: Path, cfg, prompts: list[list[dict]], max_new_tokens: int) -> dict:
     import torch
 
@@ -122,8 +139,11 @@ def main() -> None:
         stats = build(cfg, model_dir, data, root / "prepared")
         training = {name: train_variant(root, cfg, model_dir, root / "prepared", packing)
                     for name, packing in (("padded", False), ("packed", True))}
-        training["packed_over_padded"] = (training["packed"]["real_tokens_per_s"]
-                                          / training["padded"]["real_tokens_per_s"])
+        training["plain_trl"] = plain_trl(model_dir, data, args.steps, args.batch)
+        for baseline in ("padded", "plain_trl"):
+            if "real_tokens_per_s" in training[baseline]:
+                training[f"packed_over_{baseline}"] = (training["packed"]["real_tokens_per_s"]
+                                                       / training[baseline]["real_tokens_per_s"])
         prompts = [[{"role": "user", "content": r["instruction"]}] for r in rows[:32]]
         gen = generation(model_dir, cfg, prompts, 32)
 
