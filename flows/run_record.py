@@ -60,16 +60,14 @@ def stage_details(result: BaseModel) -> dict:
 class RunRecord:
     def __init__(self, cfg: TuneflowConfig, run_dir: str | None, logger):
         from mlflow import MlflowClient
+        from prefect.runtime import flow_run
 
-        self.logger = logger
         self.folder = Path(run_dir).resolve() if run_dir else new_run_dir(cfg)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         uri = tracking_uri(cfg.tracking.uri)
         self.client = MlflowClient(uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment)
-        from prefect.runtime import flow_run
-
         tags = {"tuneflow.run_dir": str(self.folder), "prefect.flow_run_id": str(flow_run.id)}
         self.parent = self.client.create_run(exp_id, run_name=self.folder.name, tags=tags).info.run_id
         log_params(self.client, self.parent, flatten(cfg))

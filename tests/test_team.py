@@ -111,7 +111,10 @@ def worker(team: Team, pool: str, machine: str, run_once: bool = False) -> Itera
 
 def worker_log(team: Team, machine: str, pool: str, tail: int | None = 8000) -> str:
     path = team.folder(machine) / f"worker-{pool}.log"
-    return path.read_text(errors="replace")[-(tail or 0):] if path.is_file() else "(no log)"
+    if not path.is_file():
+        return "(no log)"
+    text = path.read_text(errors="replace")
+    return text[-tail:] if tail else text
 
 
 def tiny_config(team: Team, run_name: str, **train) -> dict:

@@ -5,7 +5,8 @@
 It finds the base model (Hub cache, by commit) and the prepared data (MLflow artifact) on this machine, restores
 the newest checkpoint uploaded to the stage's MLflow run if this machine has none as new (an attempt that died on
 another machine), launches the worker under torchrun, and logs the trained weights as an artifact. The pipeline
-runs it in-process (`tuneflow run`) or on a GPU worker as the `tuneflow-train` flow. It never imports Prefect.
+runs it in-process (`tuneflow run`) or on a GPU worker as the `tuneflow-train` flow. It needs Prefect only to
+read the Hub token from a Secret block (hub.token_secret).
 """
 
 from __future__ import annotations
