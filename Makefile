@@ -46,6 +46,7 @@ deploy: install
 	  $(BIN)/prefect work-pool create $$pool --type process --base-job-template infra/work-pools/$$pool.json || exit 1; \
 	done
 	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name on-demand
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name scheduled
 	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name gpu --concurrency-limit $(GPU_CONCURRENCY) --collision-strategy ENQUEUE
 
 # CPU benchmarks, variants side by side in one run: bench/results-train.json, bench/results-prep.json

@@ -22,7 +22,7 @@ from tasks.train import train
 from tuneflow.config import TuneflowConfig
 
 
-@flow(name="tuneflow-finetune", log_prints=True)
+@flow(name="tuneflow-finetune")
 def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_dir: str | None = None) -> dict:
     """Fine-tune a model on an instruction dataset; returns the run's summary (also its summary.json).
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.context import RunContext
-from tuneflow.config import TuneflowConfig, flatten
-from tuneflow.results import DownloadResult, EvalResult, ExportResult, PrepareResult, TrainResult
-from tuneflow.tracking import experiment_id, log_metrics, log_params, run_url, tracking_uri
+from tuneflow.config import TuneflowConfig, config_hash, flatten
+from tuneflow.results import DownloadResult, EvalResult, ExportResult, PrepareResult, SourceRef, TrainResult
+from tuneflow.tracking import experiment_id, log_dataset, log_metrics, log_params, run_url, tracking_uri
 
 STAGES = ("download", "prepare", "train", "evaluate", "export")
 SUMMARY_METRICS = ("eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l")
@@ -53,8 +53,24 @@ def stage_details(result: BaseModel) -> dict:
     if isinstance(result, EvalResult):
         return {"predictions": result.predictions.uri}
     if isinstance(result, ExportResult):
-        return {"shards": result.shards, "export": result.export.uri}
+        return {"shards": result.shards, "model_uri": f"models:/{result.model_id}"}
     return {}
+
+
+def tuneflow_version() -> str:
+    from importlib.metadata import version
+
+    return version("tuneflow")
+
+
+def dataset_source(ref: SourceRef, split: str):
+    """Where MLflow says a dataset comes from: the Hub repo at its commit, or the local path."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    if ref.local_path:
+        return resolve_dataset_source(ref.local_path)
+    return HuggingFaceDatasetSource(path=ref.name, revision=ref.revision, split=split)
 
 
 class RunRecord:
@@ -68,11 +84,14 @@ class RunRecord:
         uri = tracking_uri(cfg.tracking.uri)
         self.client = MlflowClient(uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment)
-        tags = {"tuneflow.run_dir": str(self.folder), "prefect.flow_run_id": str(flow_run.id)}
+        tags = {"tuneflow.run_dir": str(self.folder), "prefect.flow_run_id": str(flow_run.id),
+                "tuneflow.config_hash": config_hash(cfg), "tuneflow.version": tuneflow_version()}
         self.parent = self.client.create_run(exp_id, run_name=self.folder.name, tags=tags).info.run_id
         log_params(self.client, self.parent, flatten(cfg))
         self.ctx = RunContext(run_dir=str(self.folder), tracking_uri=uri, experiment_id=exp_id,
                               parent_run_id=self.parent)
+        self.dataset: SourceRef | None = None
+        self.prepared: PrepareResult | None = None
         self.summary: dict = {
             "status": "running",
             "run_dir": str(self.folder),
@@ -89,16 +108,31 @@ class RunRecord:
         self.summary["stages"][name] = {"status": "completed", "mlflow_run_id": result.mlflow_run_id,
                                         "seconds": round(time.perf_counter() - start, 1), **stage_details(result)}
         if isinstance(result, DownloadResult):
+            self.dataset = result.dataset
             self.summary["lineage"] = {"model_revision": result.model.revision,
                                        "dataset_revision": result.dataset.revision}
-        elif isinstance(result, TrainResult) and (self.folder / "train" / result.weights.path).is_dir():
-            self.summary["adapter_dir"] = str(self.folder / "train" / result.weights.path)  # trained here
+        elif isinstance(result, PrepareResult):
+            self.prepared = result
+            self.log_data(self.parent, "train", "training")
+            self.log_data(self.parent, "eval", "evaluation")
+        elif isinstance(result, TrainResult):
+            self.log_data(result.mlflow_run_id, "train", "training")
+            if (self.folder / "train" / result.weights.path).is_dir():
+                self.summary["adapter_dir"] = str(self.folder / "train" / result.weights.path)  # trained here
         elif isinstance(result, EvalResult):
+            self.log_data(result.mlflow_run_id, "eval", "evaluation")
             self.summary["metrics"] = {**result.metrics, "base": result.base_metrics}
         elif isinstance(result, ExportResult):
             self.summary["export_dir"] = str(self.folder / "export")
+            self.summary["model_uri"] = f"models:/{result.model_id}"
             self.summary["metrics"]["export_parity"] = result.parity
         return result
+
+    def log_data(self, run_id: str, split: str, context: str) -> None:
+        """The prepared split as an MLflow dataset input of ``run_id``: named after the dataset, with the digest of
+        the prepared data and the dataset's source (Hub repo at its commit, or local path)."""
+        log_dataset(self.client, run_id, f"{self.dataset.name}#{split}", self.prepared.data.digest,
+                    dataset_source(self.dataset, split), context)
 
     def skip(self, name: str) -> None:
         self.summary["stages"][name]["status"] = "skipped"

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from tuneflow.results import TrainRequest
 
 
-@flow(name="tuneflow-train", log_prints=True)
+@flow(name="tuneflow-train")
 def train_on_worker(request: TrainRequest) -> dict:
     """One training attempt on this worker; returns the TrainResult (also logged to the stage's MLflow run).
 

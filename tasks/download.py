@@ -7,7 +7,6 @@ what a stage on another machine needs to find the same files (`tuneflow.hub.fetc
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -15,27 +14,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
 from tuneflow.config import TuneflowConfig
-from tuneflow.hub import Problem, Source, cached_fraction, model_patterns, snapshot
+from tuneflow.hub import Problem, Source, cached_fraction, local_revision, model_patterns, snapshot
 from tuneflow.preflight import preflight
 from tuneflow.results import DownloadResult, SourceRef
 from tuneflow.tracking import log_params
-
-FULL_HASH_LIMIT = 64 * 2**20
-
-
-def local_revision(path: Path) -> str:
-    """A content hash of a local file or folder (large files by name, size and mtime, to stay fast)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".git" not in p.parts)
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        stat = file.stat()
-        if stat.st_size <= FULL_HASH_LIMIT:
-            digest.update(file.read_bytes())
-        else:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return "sha256:" + digest.hexdigest()
-
 
 def pinned(src: Source, folder: Path) -> SourceRef:
     if src.local is not None:

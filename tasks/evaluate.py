@@ -9,7 +9,6 @@ the exported model answers exactly as the adapter did.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -23,25 +22,13 @@ from tuneflow.results import PREDICTIONS, DownloadResult, EvalResult, PrepareRes
 from tuneflow.tracking import log_metrics
 
 
-def measure(model, tokenizer, rows, prompts, references, cfg: TuneflowConfig) -> tuple[dict, list[str]]:
-    from tuneflow.generation import eval_loss, generate
-    from tuneflow.metrics import score
-
-    metrics = eval_loss(model, tokenizer, rows, cfg.eval.batch_size)
-    start = time.perf_counter()
-    answers = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    runtime = time.perf_counter() - start
-    metrics.update(score(answers, references))
-    metrics.update({"predict_runtime": runtime, "predict_samples_per_second": len(prompts) / runtime})
-    return metrics, answers
-
-
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(
     cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResult, trained: TrainResult, ctx: RunContext
 ) -> EvalResult:
     from datasets import load_from_disk
 
+    from tuneflow.metrics import measure
     from tuneflow.modeling import device, load_base, load_tokenizer, load_trained
 
     logger = get_run_logger()

@@ -2,7 +2,9 @@
 
 The export is written to a temporary folder and renamed (`write_export`), then reloaded and asked the evaluation
 prompts: its greedy answers must match the ones base + adapter gave in evaluate (the export_parity metric). It is
-logged as the `export` artifact of this stage's MLflow run.
+logged as an MLflow model (transformers flavour) of this stage's run, with the held-out metrics linked to it: the
+model is what the registry's versions point to, and `models:/<id>` is how any machine loads it
+(`tuneflow.artifacts.materialize_model`). The model card is logged beside it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
-from tuneflow.artifacts import materialize, publish
+from tuneflow.artifacts import materialize
 from tuneflow.config import TuneflowConfig
 from tuneflow.hub import fetch
 from tuneflow.results import PREDICTIONS, DownloadResult, EvalResult, ExportResult, TrainResult
-from tuneflow.tracking import log_metrics
+from tuneflow.tracking import log_metrics, log_model
 
 
 def model_card(cfg: TuneflowConfig, downloaded: DownloadResult, evaluated: EvalResult) -> str:
@@ -88,9 +90,9 @@ def export(
 
         predictions = materialize(evaluated.predictions, ctx.tracking_uri) / PREDICTIONS
         records = [json.loads(line) for line in open(predictions, encoding="utf-8")][: cfg.export.parity_samples]
-        reloaded = load_pretrained(final, cfg, dtype, {"": "cpu"})
-        answers = generate(reloaded, load_tokenizer(final, cfg), [r["prompt"] for r in records],
-                           cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        reloaded, tokenizer = load_pretrained(final, cfg, dtype, {"": "cpu"}), load_tokenizer(final, cfg)
+        answers = generate(reloaded, tokenizer, [r["prompt"] for r in records], cfg.eval.max_new_tokens,
+                           cfg.eval.batch_size)
         same = [a == r["tuned"] for a, r in zip(answers, records)]
         parity = sum(same) / len(same)
         for a, r in zip(answers, records):
@@ -98,5 +100,8 @@ def export(
                 logger.warning("export: answer differs from base + adapter\n  adapter: %r\n  export:  %r", r["tuned"], a)
         logger.info("export: %d/%d answers identical to base + adapter", sum(same), len(same))
         log_metrics(client, run_id, {"export_parity": parity, "shards": len(shards)})
-        ref = publish(client, run_id, final, "export")
-        return ExportResult(export=ref, shards=shards, parity=parity, mlflow_run_id=run_id)
+        client.log_artifact(run_id, str(final / "README.md"), "model_card")
+        model_id = log_model(ctx.tracking_uri, run_id, reloaded, tokenizer, cfg.export.dtype,
+                             {**evaluated.metrics, "export_parity": parity})
+        logger.info("export: logged as MLflow model models:/%s", model_id)
+        return ExportResult(model_id=model_id, shards=shards, parity=parity, mlflow_run_id=run_id)

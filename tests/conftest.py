@@ -50,6 +50,7 @@ class HubMirror:
     dataset_id: str
     dataset_sha: str
     broken: dict[str, str] = field(default_factory=dict)  # what is wrong -> model repo id
+    mirror: Path | None = None  # the repos' folder: tests that need a new commit add one (tests.servers.add_repo)
 
 
 def broken_model(model: Path, out: Path, fault: str) -> Path:
@@ -85,7 +86,8 @@ def hub_mirror(tiny_assets, tmp_path_factory) -> HubMirror:
         broken[fault] = f"tiny-org/{fault}"
         add_repo(mirror, "model", broken[fault], broken_model(tiny_assets["model"], variants / fault, fault))
     with olah_server(mirror) as endpoint:
-        yield HubMirror(endpoint, "tiny-org/tiny-llama", model_sha, "tiny-org/tiny-instruct", dataset_sha, broken)
+        yield HubMirror(endpoint, "tiny-org/tiny-llama", model_sha, "tiny-org/tiny-instruct", dataset_sha, broken,
+                        mirror)
 
 
 @pytest.fixture(scope="session")

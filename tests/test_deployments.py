@@ -18,6 +18,8 @@ def test_the_pipeline_runs_on_cpu_and_training_on_gpu():
     assert DEPLOYMENTS["on-demand"]["parameters"]["train_deployment"] == "tuneflow-train/gpu"
     assert DEPLOYMENTS["gpu"]["work_pool"]["name"] == "gpu"
     assert DEPLOYMENTS["gpu"]["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # queue, never fail
+    assert DEPLOYMENTS["scheduled"]["work_pool"]["name"] == "cpu"
+    assert DEPLOYMENTS["scheduled"]["parameters"]["train_deployment"] == "tuneflow-train/gpu"
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
@@ -29,7 +31,7 @@ def test_entrypoints_are_modules_of_the_installed_package(name):
     entrypoint = DEPLOYMENTS[name]["entrypoint"]
     assert ":" not in entrypoint and not entrypoint.endswith(".py"), entrypoint
     flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
-    assert flow.name == {"on-demand": "tuneflow-finetune", "gpu": "tuneflow-train"}[name]
+    assert flow.name == {"on-demand": "tuneflow-finetune", "gpu": "tuneflow-train", "scheduled": "tuneflow-retrain"}[name]
 
 
 @pytest.mark.parametrize("name", [n for n, d in DEPLOYMENTS.items() if "config" in d.get("parameters", {})])

@@ -3,7 +3,10 @@
     tuneflow run --config configs/demo.yaml [--set train.learning_rate=1e-4 ...]
     tuneflow validate --config configs/my.yaml [--config-only]
     tuneflow plan --config configs/my.yaml [--gpu-memory 24GiB] [--json]
+    tuneflow retrain --config configs/demo.yaml --set registry.model_name=demo [--refreeze-eval-set]
+    tuneflow emit-dataset-updated --dataset org/name [--revision <sha>]
     tuneflow generate --model runs/<run>/export --prompt "Add 2 and 3." [--stream]
+    tuneflow generate --model models:/<registered name>@champion --prompt "..."
     tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
 """
 
@@ -76,20 +79,84 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    cfg = _config(args)
+    if not cfg.registry.model_name:
+        print("tuneflow: registry.model_name: a retrain registers its model under a name; set it in the config or "
+              "with --set registry.model_name=NAME", file=sys.stderr)
+        return 2
+    from tuneflow.registry import Registry, RegistryProblem
+
+    try:
+        Registry(cfg)  # a store without a registry: one line here, before Prefect starts
+    except RegistryProblem as exc:
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        return 2
+    from flows.retrain import retrain
+
+    try:
+        decision = retrain(cfg, refreeze_eval_set=args.refreeze_eval_set)
+    except RegistryProblem as exc:
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"tuneflow: retrain failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(decision), flush=True)
+    return 0
+
+
+def cmd_emit_dataset_updated(args) -> int:
+    """Tell a Prefect server that a dataset has a new revision; tuneflow-retrain/scheduled runs on it."""
+    import asyncio
+
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("tuneflow: set PREFECT_API_URL to the Prefect server the retrain deployment is on, e.g. "
+              "http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    event = Event(event="tuneflow.dataset.updated",
+                  resource={"prefect.resource.id": f"tuneflow.dataset.{args.dataset}",
+                            "prefect.resource.name": args.dataset},
+                  payload={"dataset": args.dataset, "revision": args.revision})
+
+    async def emit() -> None:
+        async with get_events_client(reconnection_attempts=2) as client:
+            await client.emit(event)
+
+    try:
+        asyncio.run(emit())
+    except Exception as exc:
+        print(f"tuneflow: the Prefect server at {PREFECT_API_URL.value()} did not take the event: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"event": event.event, "id": str(event.id), **event.payload}))
+    return 0
+
+
 def cmd_generate(args) -> int:
     from tuneflow.config import TuneflowConfig
     from tuneflow.generation import generate, stream
 
     from tuneflow.modeling import DTYPES, device, load_pretrained, load_tokenizer, load_trained
 
+    model_dir = args.model
+    if model_dir.startswith("models:/"):  # a model logged by the export stage, e.g. models:/my-model@champion
+        from tuneflow.artifacts import materialize_model
+        from tuneflow.tracking import tracking_uri
+
+        model_dir = str(materialize_model(model_dir, tracking_uri(None)))
     cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "train": {"method": "lora",
-                                         "precision": args.dtype}, "model": {"name_or_path": args.model}})
-    tokenizer = load_tokenizer(args.model, cfg)
+                                         "precision": args.dtype}, "model": {"name_or_path": model_dir}})
+    tokenizer = load_tokenizer(model_dir, cfg)
     device_map = {"": device()}
     if args.adapter:
-        model = load_trained(args.model, args.adapter, cfg, device_map)
+        model = load_trained(model_dir, args.adapter, cfg, device_map)
     else:
-        model = load_pretrained(args.model, cfg, DTYPES[args.dtype], device_map)
+        model = load_pretrained(model_dir, cfg, DTYPES[args.dtype], device_map)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
@@ -106,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tuneflow", description="QLoRA fine-tuning pipeline (Prefect + MLflow)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("run", cmd_run, "run the whole pipeline"),
-                           ("validate", cmd_validate, "check a config, its model and its dataset")):
+                           ("validate", cmd_validate, "check a config, its model and its dataset"),
+                           ("retrain", cmd_retrain, "retrain if anything changed, register, promote the winner; "
+                            "prints the decision as JSON on the last line")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", required=True, help="YAML config file (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -116,8 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["validate"].add_argument(
         "--config-only", action="store_true",
         help="check the config alone; by default the model and dataset are checked too (nothing large is downloaded)")
+    sub.choices["retrain"].add_argument(
+        "--refreeze-eval-set", action="store_true",
+        help="replace the registered model's frozen evaluation set with rows from this run's held-out split")
+    e = sub.add_parser("emit-dataset-updated", help="emit the Prefect event tuneflow.dataset.updated "
+                       "(runs tuneflow-retrain/scheduled); needs PREFECT_API_URL")
+    e.add_argument("--dataset", required=True, help="the dataset's Hub repo id (or path), as in dataset.name_or_path")
+    e.add_argument("--revision", help="its new commit SHA (recorded in the event's payload)")
+    e.set_defaults(fn=cmd_emit_dataset_updated)
     g = sub.add_parser("generate", help="answer a prompt with an exported model or base + adapter")
-    g.add_argument("--model", required=True, help="exported model folder, or the base model folder")
+    g.add_argument("--model", required=True, help="exported model folder, the base model folder, or an MLflow model "
+                   "such as models:/<registered name>@champion (MLFLOW_TRACKING_URI says where)")
     g.add_argument("--adapter", help="LoRA adapter folder to put over --model")
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", help="system message")

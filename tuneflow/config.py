@@ -216,6 +216,38 @@ class TrackingConfig(Section):
     experiment: str = Field("tuneflow", min_length=1, description="MLflow experiment name.")
 
 
+METRIC_DIRECTIONS = {  # held-out metrics evaluate reports, and whether a greater value is better
+    "eval_loss": False, "perplexity": False, "bleu-4": True, "rouge-1": True, "rouge-2": True, "rouge-l": True,
+}
+
+
+class RegistryConfig(Section):
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120,
+        description="MLflow registered model that `tuneflow retrain` registers each new export as a version of, and "
+        "whose `champion` alias it moves when a challenger wins. Required by retrain; unused by run.",
+    )
+    metric: Literal["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l"] = Field(
+        "eval_loss", description="Held-out metric that decides between champion and challenger, scored for both on "
+        "the same frozen evaluation set.",
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a greater registry.metric is better; unset: false for eval_loss and perplexity, "
+        "true for BLEU and ROUGE.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="How much the challenger must beat the champion by on registry.metric to be promoted.",
+    )
+    eval_samples: int = Field(
+        64, ge=1, description="Rows of the frozen evaluation set, drawn once from the held-out rows the first retrain "
+        "of the name scored (at most eval.max_samples).",
+    )
+
+    @property
+    def maximize(self) -> bool:
+        return METRIC_DIRECTIONS[self.metric] if self.greater_is_better is None else self.greater_is_better
+
+
 class TuneflowConfig(Section):
     """A whole fine-tuning run: download -> prepare -> train -> evaluate -> export."""
 
@@ -237,6 +269,10 @@ class TuneflowConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Merged, standalone model.")
     hub: HubConfig = Field(default_factory=HubConfig, description="Hugging Face Hub access.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="MLflow Model Registry: where `tuneflow retrain` registers and "
+        "promotes.",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> "TuneflowConfig":
@@ -376,6 +412,25 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
+
+
+# What does not change the trained model: names, folders, where things are logged, how failures and checkpoints
+# are handled, where processes meet. Every other key (new ones included) is part of the config hash.
+NOT_IN_CONFIG_HASH = (
+    "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
+    "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
+    "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
+    "train.gpu_memory", "train.master_addr", "train.master_port", "train.node_rank",
+)
+
+
+def config_hash(cfg: TuneflowConfig) -> str:
+    """sha256 over the settings that change the trained model (the revisions are pinned separately, by commit)."""
+    import hashlib
+
+    kept = {k: v for k, v in flatten(cfg).items()
+            if not any(k == x or k.startswith(x + ".") for x in NOT_IN_CONFIG_HASH)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def reference_markdown() -> str:

@@ -7,6 +7,7 @@ resumed, never used. A stage on another machine finds a model or dataset again b
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tok
 WEIGHTS = ["*.safetensors"]
 DATASET_PATTERNS = [f"{prefix}*{suffix}" for prefix in ("", "**/") for suffix in DATA_SUFFIXES]
 RETRY_DELAYS = (2, 5, 15, 30)
+FULL_HASH_LIMIT = 64 * 2**20
 
 
 class Problem(Exception):
@@ -179,6 +181,20 @@ def hub_token(cfg: TuneflowConfig) -> str | None:
     except ValueError:
         raise Problem(f"hub.token_secret: there is no Prefect Secret block named {cfg.hub.token_secret!r}; create "
                       "it in the Prefect UI (Blocks > Secret) or with Secret(value=...).save(name)") from None
+
+
+def local_revision(path: Path) -> str:
+    """A content hash of a local file or folder (large files by name, size and mtime, to stay fast)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and ".git" not in p.parts)
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        stat = file.stat()
+        if stat.st_size <= FULL_HASH_LIMIT:
+            digest.update(file.read_bytes())
+        else:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def fetch(ref: SourceRef, cfg: TuneflowConfig, logger: logging.Logger, weights: bool = True) -> Path:

@@ -54,3 +54,19 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {"bleu-4": bleu4(predictions, references), **rouge(predictions, references)}
+
+
+def measure(model, tokenizer, rows, prompts, references, cfg) -> tuple[dict, list[str]]:
+    """Held-out loss and perplexity over ``rows``, then greedy answers to ``prompts`` scored against ``references``
+    (with the generation settings of ``cfg.eval``); returns (metrics, answers)."""
+    import time
+
+    from tuneflow.generation import eval_loss, generate
+
+    metrics = eval_loss(model, tokenizer, rows, cfg.eval.batch_size)
+    start = time.perf_counter()
+    answers = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    runtime = time.perf_counter() - start
+    metrics.update(score(answers, references))
+    metrics.update({"predict_runtime": runtime, "predict_samples_per_second": len(prompts) / runtime})
+    return metrics, answers

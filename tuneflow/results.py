@@ -77,7 +77,7 @@ class EvalResult(StageResult):
 
 
 class ExportResult(StageResult):
-    export: ArtifactRef
+    model_id: str = Field(description="The MLflow logged model of the export: models:/<model_id>.")
     shards: list[str]
     parity: float
 

@@ -22,14 +22,65 @@ def tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")  # the MLflow UI opens the model-training view, not GenAI
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created meanwhile by a concurrent flow
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            exp = client.get_experiment(client.create_experiment(name))
+        except Exception:  # created meanwhile by a concurrent flow
+            exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND[0] not in exp.tags:  # a kind chosen by hand in the UI is kept
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def artifact_source(uri: str):
+    """A DatasetSource for data stored as an MLflow artifact (``runs:/<run>/<path>``), which MLflow has none of."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class MlflowArtifactSource(DatasetSource):
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "mlflow_artifact"
+
+        def load(self, dst_path=None):
+            from mlflow.artifacts import download_artifacts
+
+            return download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return isinstance(raw_source, str) and raw_source.startswith("runs:/")
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            return cls(raw_source)
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["uri"])
+
+    return MlflowArtifactSource(uri)
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source, context: str) -> None:
+    """Record a dataset as an input of the run (the runs view's Dataset column): its name, digest and source
+    (a Hub repo at a commit, or a local path); ``context`` is training or evaluation."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entity = MetaDataset(source=source, name=name, digest=digest.removeprefix("sha256:")[:36])._to_mlflow_entity()
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> None:
@@ -62,3 +113,21 @@ def run_url(uri: str, exp_id: str, run_id: str) -> str:
     """Where the run shows in the MLflow UI (for a local store: once `mlflow ui` serves it on port 5000)."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def log_model(uri: str, run_id: str, model, tokenizer, dtype: str, metrics: dict[str, float]) -> str:
+    """Log an exported model as an MLflow model (transformers flavour, chat task) of ``run_id``, with ``metrics``
+    linked to it (the model page and the runs view's Models column show them); return its model id."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):  # ends FINISHED here; the stage sets its final status after
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer}, name="model", task="llm/v1/chat",
+            pip_requirements=[f"{p}=={version(p)}" for p in ("transformers", "torch", "accelerate")],
+            tags={"tuneflow.dtype": dtype},
+        )
+        mlflow.log_metrics(metrics, model_id=info.model_id)
+    return info.model_id

@@ -1,0 +1,257 @@
+"""`tuneflow retrain` as a user runs it (the CLI, no Prefect server) against a real `mlflow server` with a model
+registry and the olah Hub mirror: promote the first version, skip when nothing changed, retrain after a new dataset
+commit, keep the champion when the challenger is worse, and refuse bad input before anything trains. Then the
+scheduled deployment and its event trigger on a real `prefect server start`.
+
+The tests of this module run in order: each starts from the registry the previous one left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.servers import add_repo
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TUNEFLOW = Path(sys.executable).parent / "tuneflow"
+NAME = "tiny-assistant"
+DATASET = "tiny-org/retrain-data"
+
+
+@pytest.fixture(scope="module")
+def world(hub_mirror, tiny_assets, mlflow_server, tmp_path_factory):
+    """A dataset repo of its own on the mirror (the tests add commits to it), and a folder for configs and caches."""
+    folder = tmp_path_factory.mktemp("retrain")
+    sha = add_repo(hub_mirror.mirror, "dataset", DATASET, tiny_assets["data"])
+    return {"hub": hub_mirror, "mlflow": mlflow_server, "folder": folder, "dataset_sha": sha,
+            "data": tiny_assets["data"]}
+
+
+def config(world, **train) -> Path:
+    cfg = {
+        "run_name": "retrain",
+        "output_dir": str(world["folder"] / "runs"),
+        "model": {"name_or_path": world["hub"].model_id},
+        "dataset": {"name_or_path": DATASET, "eval_size": 8},
+        "prep": {"cutoff_len": 128},
+        "train": {"method": "qlora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "learning_rate": 5e-3,
+                  "max_steps": 20, "save_steps": 10, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
+                  "deepspeed": "none", "nproc_per_node": 1, "retries": 0, **train},
+        "eval": {"max_samples": 8, "max_new_tokens": 12, "batch_size": 8},
+        "export": {"max_shard_size": "300KB", "parity_samples": 4},
+        "tracking": {"experiment": "retrain"},
+        "registry": {"model_name": NAME, "eval_samples": 8},
+    }
+    path = world["folder"] / f"config-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def tuneflow(world, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_"))}
+    env.update(HF_ENDPOINT=world["hub"].endpoint, HF_HUB_CACHE=str(world["folder"] / "hf-cache"),
+               HF_HUB_DISABLE_PROGRESS_BARS="1", MLFLOW_TRACKING_URI=world["mlflow"],
+               PREFECT_HOME=str(world["folder"] / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return subprocess.run([str(TUNEFLOW), *args], env=env, cwd=world["folder"], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def retrain(world, *args: str) -> dict:
+    done = tuneflow(world, "retrain", *args)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # the decision is stdout's last line
+
+
+def client(world):
+    from mlflow import MlflowClient
+
+    return MlflowClient(world["mlflow"], registry_uri=world["mlflow"])
+
+
+def aliases(world) -> dict[str, int]:
+    return {alias: int(v) for alias, v in client(world).get_registered_model(NAME).aliases.items()}
+
+
+def versions(world) -> list:
+    return sorted(client(world).search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
+
+
+def train_runs(world) -> int:
+    c = client(world)
+    exp = c.get_experiment_by_name("retrain")
+    return len(c.search_runs([exp.experiment_id], "tags.mlflow.runName = 'train'")) if exp else 0
+
+
+def test_first_retrain_trains_registers_and_promotes(world):
+    decision = retrain(world, "--config", str(config(world)))
+    assert decision["decision"] == "promoted", decision
+    assert decision["model_name"] == NAME and decision["version"] == 1 and decision["champion"] == 1
+    assert decision["metric"] == "eval_loss"
+    assert decision["scores"]["challenger"] <= decision["scores"]["base"], decision
+    assert "champion" not in decision["scores"] and "no champion" in decision["reason"]
+    assert aliases(world) == {"champion": 1, "challenger": 1}
+
+    [v1] = versions(world)
+    assert v1.tags["tuneflow.model_sha"] == world["hub"].model_sha
+    assert v1.tags["tuneflow.dataset_sha"] == world["dataset_sha"]
+    assert len(v1.tags["tuneflow.config_hash"]) == 16 and v1.tags["tuneflow.version"]
+    assert v1.tags["tuneflow.decision"] == "promoted" and "tuneflow.metric.eval_loss" in v1.tags
+    assert v1.tags["prefect.flow_run_id"]
+    assert v1.source.startswith("models:/m-")  # the version is the export's logged MLflow model
+
+
+def test_runs_show_their_data_and_model_in_mlflow(world):
+    """The runs view's Dataset and Models columns, the model-training view, flat comparable params."""
+    c = client(world)
+    exp = c.get_experiment_by_name("retrain")
+    assert exp.tags["mlflow.experimentKind"] == "finetuning"
+    runs = {r.info.run_name: r for r in c.search_runs([exp.experiment_id], max_results=50)}
+    parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
+    contexts = {(d.dataset.name, t.value) for d in parent.inputs.dataset_inputs for t in d.tags}
+    assert contexts == {(f"{DATASET}#train", "training"), (f"{DATASET}#eval", "evaluation")}, contexts
+    source = json.loads(parent.inputs.dataset_inputs[0].dataset.source)
+    assert source["path"] == DATASET and source["revision"] == world["dataset_sha"]
+    assert parent.data.tags["tuneflow.config_hash"] and parent.data.tags["tuneflow.decision"] == "promoted"
+    assert parent.data.params["train.learning_rate"] == "0.005"  # flat dotted keys: Compare shows a table
+    for stage, context in (("train", "training"), ("evaluate", "evaluation")):
+        run = runs[stage]
+        assert [t.value for d in run.inputs.dataset_inputs for t in d.tags] == [context], stage
+    decide = runs["decide"]
+    assert [d.dataset.name for d in decide.inputs.dataset_inputs] == [f"{NAME}#frozen-eval"]
+    logged = c.search_logged_models([exp.experiment_id])
+    assert [m.source_run_id for m in logged] == [runs["export"].info.run_id]
+    assert "eval_loss" in {m.key for m in logged[0].metrics}  # the model page shows its held-out metrics
+
+
+def test_champion_loads_and_generates_from_the_registry(world):
+    done = tuneflow(world, "generate", "--model", f"models:/{NAME}@champion", "--prompt", "Add 2 and 3.",
+                    "--max-new-tokens", "8", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip(), "the champion answered nothing"
+
+
+def test_nothing_changed_is_skipped_without_training(world):
+    before = train_runs(world)
+    started = time.monotonic()
+    decision = retrain(world, "--config", str(config(world)))
+    assert decision["decision"] == "skipped" and decision["version"] == 1 and decision["champion"] == 1, decision
+    assert time.monotonic() - started < 60
+    assert train_runs(world) == before and len(versions(world)) == 1
+
+
+def test_a_new_dataset_commit_retrains_and_the_aliases_follow_the_decision(world):
+    rows = json.loads(Path(world["data"]).read_text())
+    new_data = world["folder"] / "new" / Path(world["data"]).name
+    new_data.parent.mkdir()
+    new_data.write_text(json.dumps(rows + rows[:40]))
+    sha = add_repo(world["hub"].mirror, "dataset", DATASET, new_data, message="more rows")
+    decision = retrain(world, "--config", str(config(world)))
+    assert decision["decision"] in ("promoted", "kept") and decision["version"] == 2, decision
+    assert set(decision["scores"]) == {"challenger", "champion", "base"}
+    v2 = versions(world)[-1]
+    assert v2.tags["tuneflow.dataset_sha"] == sha and v2.tags["tuneflow.decision"] == decision["decision"]
+    if decision["decision"] == "promoted":
+        assert aliases(world) == {"champion": 2, "challenger": 2, "previous-champion": 1}
+    else:
+        assert aliases(world) == {"champion": 1, "challenger": 2}
+    assert decision["champion"] == aliases(world)["champion"]
+
+
+def test_a_worse_challenger_is_kept_and_the_champion_stays(world):
+    champion = aliases(world)["champion"]
+    decision = retrain(world, "--config", str(config(world, max_steps=2, learning_rate=1e-6)))
+    assert decision["decision"] == "kept", decision
+    assert decision["champion"] == champion and decision["version"] == len(versions(world))
+    assert aliases(world)["champion"] == champion and aliases(world)["challenger"] == decision["version"]
+    tags = client(world).get_model_version(NAME, str(champion)).tags
+    assert tags["tuneflow.last_challenge"].startswith(f"v{decision['version']} kept")
+
+
+def test_bad_input_is_refused_before_anything_trains(world, tmp_path):
+    before = train_runs(world)
+    unnamed = tuneflow(world, "retrain", "--config", str(config(world)), "--set", "registry.model_name=")
+    assert unnamed.returncode == 2 and "registry.model_name" in unnamed.stderr, unnamed.stderr[-2000:]
+    unnamed = tuneflow(world, "retrain", "--config", str(config(world)), "--set", "registry.model_name=null")
+    assert unnamed.returncode == 2 and "registry.model_name" in unnamed.stderr, unnamed.stderr[-2000:]
+    metric = tuneflow(world, "retrain", "--config", str(config(world)), "--set", "registry.metric=accuracy")
+    assert metric.returncode == 2 and "registry.metric" in metric.stderr and "eval_loss" in metric.stderr
+
+    # A changed config would train, but the champion's frozen evaluation set is gone: stop first, say what to do.
+    c = client(world)
+    tag = c.get_registered_model(NAME).tags["tuneflow.eval_set"]
+    ref = json.loads(tag)
+    c.set_registered_model_tag(NAME, "tuneflow.eval_set", json.dumps({**ref, "path": "deleted",
+                                                                      "digest": "sha256:" + "0" * 64}))
+    try:
+        gone = tuneflow(world, "retrain", "--config", str(config(world, max_steps=3)))
+    finally:
+        c.set_registered_model_tag(NAME, "tuneflow.eval_set", tag)
+    assert gone.returncode == 2, gone.stderr[-3000:]
+    assert "frozen evaluation set" in gone.stderr and "--refreeze-eval-set" in gone.stderr, gone.stderr[-3000:]
+    assert train_runs(world) == before
+
+
+def test_a_tracking_store_without_a_registry_is_refused(world, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_"))}
+    path = config(world)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["tracking"]["uri"] = (tmp_path / "mlruns").as_uri()  # a file store: no registry for new features
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([str(TUNEFLOW), "retrain", "--config", str(path)], env={
+        **env, "HF_ENDPOINT": world["hub"].endpoint, "PREFECT_HOME": str(tmp_path / "prefect")},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "tracking.uri" in done.stderr and "cannot serve a model registry" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_the_scheduled_deployment_waits_paused_and_runs_on_the_dataset_event(prefect_api, tmp_path):
+    """`make deploy` on a real Prefect server: the retrain schedule ships inactive, at most one run at a time, and
+    `tuneflow emit-dataset-updated` creates a retrain flow run through the deployment's trigger."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "HF_"))}
+    env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "prefect-home"), HOME=str(tmp_path))
+    done = subprocess.run(["make", "-C", str(REPO), "deploy"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("tuneflow-retrain/scheduled")
+        runs = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        assert [s.active for s in deployment.schedules] == [False]
+        assert deployment.global_concurrency_limit.limit == 1
+        assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+        assert client.read_flow_runs(deployment_filter=runs) == []  # paused: the schedule made no runs
+
+        emitted = subprocess.run([str(TUNEFLOW), "emit-dataset-updated", "--dataset", DATASET, "--revision", "f" * 40],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert emitted.returncode == 0, emitted.stderr[-3000:]
+        assert json.loads(emitted.stdout.strip().splitlines()[-1])["revision"] == "f" * 40
+        deadline = time.monotonic() + 30
+        while not (created := client.read_flow_runs(deployment_filter=runs)) and time.monotonic() < deadline:
+            time.sleep(1)
+        try:
+            assert len(created) == 1, "the event created no retrain run within 30 s"
+            assert created[0].parameters["config"]["registry"]["model_name"] == "qwen2.5-7b-sft"
+        finally:
+            for run in created:  # no worker serves it here; leave nothing for other tests' workers
+                client.delete_flow_run(run.id)
+
+
+def test_emit_without_a_server_says_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path))
+    done = subprocess.run([str(TUNEFLOW), "emit-dataset-updated", "--dataset", DATASET], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "PREFECT_API_URL" in done.stderr, done.stderr
