@@ -1,0 +1,488 @@
+"""Offline validation of everything under infra/: Docker Compose, Dockerfiles, Kubernetes manifests, the TrainJob.
+
+Docker and a cluster are not available where the suite runs, so these files are checked against the specs their
+tools use: the Compose spec (the schema `docker compose` validates with), the Kubernetes API schemas in strict
+mode (kubernetes-validate), the TrainJob CRD's own OpenAPI schema (vendored in infra/k8s/crds/), and the GPU work
+pool's base job template rendered by prefect-kubernetes' own job-configuration code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import shlex
+import uuid
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from tuneflow.config import load_config
+from tuneflow.k8s import main as k8s_main, node_rendezvous, render_trainjob
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+COMPOSE = INFRA / "compose.yaml"
+ENV_EXAMPLE = INFRA / ".env.example"
+K8S = INFRA / "k8s"
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+K8S_VERSION = "1.37.0"
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING", re.IGNORECASE)
+
+
+# --- Docker Compose -------------------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>(?:[^{}]|\{[^{}]*\})*))?\}"
+                  r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+class MissingVariable(ValueError):
+    pass
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable interpolation (${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, $$)."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("name") or m.group("bare")
+        op, arg = m.group("op"), m.group("arg")
+        present, val = name in env, env.get(name, "")
+        if op in (":-", "-"):
+            use_default = (not val) if op == ":-" else not present
+            return interpolate(arg, env) if use_default else val
+        if op in (":?", "?"):
+            if (not val) if op == ":?" else not present:
+                raise MissingVariable(f"{name}: {arg}")
+            return val
+        return val
+
+    return _VAR.sub(sub, value)
+
+
+def compose_variables(value) -> dict[str, str | None]:
+    """Every ${VAR...} Compose interpolates in a parsed file, with its operator (None for a plain reference)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        found = {}
+        for item in value:
+            found.update({k: v for k, v in compose_variables(item).items() if k not in found})
+        return found
+    found: dict[str, str | None] = {}
+    for m in _VAR.finditer(value if isinstance(value, str) else ""):
+        if m.group("name"):
+            found.setdefault(m.group("name"), m.group("op"))
+            if m.group("arg"):
+                found.update({k: v for k, v in compose_variables(m.group("arg")).items() if k not in found})
+    return found
+
+
+def env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def compose_raw() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose_schema() -> dict:
+    # check-jsonschema bundles the Compose spec's schema (compose-spec/compose-spec, schema/compose-spec.json).
+    source = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+    return json.loads(source.read_text())
+
+
+def compose_validator() -> jsonschema.protocols.Validator:
+    schema = compose_schema()
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def resolved_compose(env: dict[str, str] | None = None) -> dict:
+    return interpolate(compose_raw(), env_example() if env is None else env)
+
+
+def test_compose_file_matches_the_compose_spec_before_and_after_interpolation():
+    validator = compose_validator()
+    for doc in (compose_raw(), resolved_compose()):
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, errors
+    # The schema is strict enough to catch a misspelt key and a wrong type.
+    broken = resolved_compose()
+    broken["services"]["prefect"]["healthchek"] = broken["services"]["prefect"].pop("healthcheck")
+    broken["services"]["mlflow"]["depends_on"]["postgres"]["condition"] = "service_ready"
+    messages = [e.message for e in validator.iter_errors(broken)]
+    assert any("healthchek" in m for m in messages) and any("service_ready" in m for m in messages), messages
+
+
+def test_compose_services_dependencies_and_healthchecks():
+    services = resolved_compose()["services"]
+    assert {"postgres", "minio", "minio-init", "prefect", "mlflow", "prefect-deploy", "cpu-worker",
+            "gpu-worker"} <= set(services)
+    one_shot = {name for name, s in services.items() if s.get("restart") == "no"}
+    assert one_shot == {"minio-init", "prefect-deploy"}
+    for name, service in services.items():
+        for dep, cond in service.get("depends_on", {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            wanted = "service_completed_successfully" if dep in one_shot else "service_healthy"
+            assert cond["condition"] == wanted, f"{name} -> {dep}: {cond}"
+            assert dep in one_shot or "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
+        if name not in one_shot:
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+    # Prefect and MLflow keep their state in Postgres; MLflow's artifacts go to the MinIO bucket, proxied.
+    assert services["prefect"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://prefect@postgres:5432/")
+    cmd = services["mlflow"]["command"]
+    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("postgresql://mlflow@postgres:5432/")
+    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://mlflow/artifacts"
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # The workers: one per pool, on the authenticated servers, the GPU one with the GPUs reserved.
+    for pool in ("cpu", "gpu"):
+        worker = services[f"{pool}-worker"]
+        assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", pool]
+        assert worker["environment"]["PREFECT_API_URL"] == "http://prefect:4200/api"
+        assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert any(v.endswith(":/cache") for v in worker["volumes"])
+        assert worker["environment"]["HF_HUB_CACHE"].startswith("/cache/")
+    devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in services["cpu-worker"]
+
+
+def test_compose_publishes_only_prefect_and_mlflow_on_the_configured_interface():
+    raw = compose_raw()["services"]
+    published = {name for name, s in raw.items() if s.get("ports")}
+    assert published == {"prefect", "mlflow"}, "Postgres, MinIO and the workers must not be published"
+    for name, port in (("prefect", 4200), ("mlflow", 5000)):
+        (mapping,) = raw[name]["ports"]
+        assert mapping.startswith("${PUBLISH_HOST:-127.0.0.1}:"), mapping
+        assert interpolate(mapping, {}) == f"127.0.0.1:{port}:{port}"
+    assert interpolate(raw["prefect"]["ports"][0], {"PUBLISH_HOST": "10.0.0.5"}).startswith("10.0.0.5:")
+
+
+def test_compose_authentication_is_on_for_servers_and_clients():
+    services = resolved_compose()["services"]
+    prefect, mlflow = services["prefect"]["environment"], services["mlflow"]["environment"]
+    example = env_example()
+    assert prefect["PREFECT_SERVER_API_AUTH_STRING"] == example["PREFECT_AUTH_STRING"]
+    assert mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"] == example["MLFLOW_ADMIN_PASSWORD"]
+    assert mlflow["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    ini_mount = [v for v in services["mlflow"]["volumes"] if v.endswith(":/etc/mlflow/basic_auth.ini:ro")]
+    assert ini_mount and (INFRA / ini_mount[0].split(":")[0]).is_file()
+    for name in ("cpu-worker", "gpu-worker", "prefect-deploy"):
+        env = services[name]["environment"]
+        assert env["PREFECT_API_AUTH_STRING"] == example["PREFECT_AUTH_STRING"], name
+    for name in ("cpu-worker", "gpu-worker"):
+        env = services[name]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == example["MLFLOW_ADMIN_USERNAME"]
+        assert env["MLFLOW_TRACKING_PASSWORD"] == example["MLFLOW_ADMIN_PASSWORD"]
+    # The S3 credentials stay on the MLflow server: no client gets them.
+    holders = {n for n, s in services.items() for k in s.get("environment", {}) if k.startswith("AWS_")}
+    assert holders == {"mlflow"}
+
+
+def test_every_compose_variable_is_documented_and_every_secret_is_required():
+    variables = compose_variables(compose_raw())
+    example = env_example()
+    undocumented = sorted(set(variables) - set(example))
+    assert not undocumented, f"not in infra/.env.example: {undocumented}"
+    unused = sorted(set(example) - set(variables))
+    assert not unused, f"in infra/.env.example but not used by infra/compose.yaml: {unused}"
+    for name, op in variables.items():
+        if SECRET_NAME.search(name) and name != "HF_TOKEN":  # HF_TOKEN is optional: public models need none
+            assert op == ":?", f"${{{name}}} is a secret: use ${{{name}:?message}} so that a missing one fails"
+    # A missing secret stops Compose with its message; with every secret set, it resolves.
+    for name in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_S3_SECRET_KEY"):
+        env = {k: v for k, v in example.items() if k != name}
+        with pytest.raises(MissingVariable, match=name):
+            resolved_compose(env)
+    resolved_compose()
+
+
+def test_no_secret_literal_in_compose_or_the_files_it_mounts():
+    example = env_example()
+    for name, value in example.items():
+        if SECRET_NAME.search(name):
+            assert value in ("", "change-me") or value.endswith(":change-me"), f"{name} in .env.example: {value!r}"
+    services = compose_raw()["services"]
+    for name, service in services.items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key):
+                assert isinstance(value, str) and re.fullmatch(r"\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}", value), \
+                    f"{name}.environment.{key} must come from the environment, not {value!r}"
+        command = json.dumps(service.get("command", "")) + json.dumps(service.get("entrypoint", ""))
+        assert not re.search(r"://[^/@\s\"]+:[^/@\s\"]+@", command), f"{name}: a password in a URL"
+    # The mounted and copied files carry no credentials either.
+    for path in [*(INFRA / "docker").iterdir(), COMPOSE]:
+        text = path.read_text()
+        assert not re.search(r"(?im)^\s*(admin_password|password)\s*=\s*\S", text), path
+        assert not re.search(r"://[^/@\s]+:[^/@\s$]+@", text), f"{path}: a password in a URL"
+
+
+# --- Dockerfiles ----------------------------------------------------------------------------------------------
+
+def dockerfile(name: str) -> DockerfileParser:
+    parser = DockerfileParser(str(INFRA / "docker" / name))
+    return parser
+
+
+def runs(parser: DockerfileParser) -> list[str]:
+    return [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
+
+
+@pytest.mark.parametrize("name, base", [("cpu.Dockerfile", "python:3.11-slim-bookworm"),
+                                        ("gpu.Dockerfile", "nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04")])
+def test_worker_images_install_the_project_after_torch_and_run_as_non_root(name, base):
+    parser = dockerfile(name)
+    assert parser.baseimage == base
+    assert ("cuda" in base) == ("cu" in parser.args["TORCH_INDEX_URL"].rsplit("/", 1)[-1])
+    steps = runs(parser)
+    torch = next(i for i, s in enumerate(steps) if 'pip install "torch==${TORCH_VERSION}"' in s)
+    deepspeed = next(i for i, s in enumerate(steps) if "deepspeed" in s)
+    project = next(i for i, s in enumerate(steps) if re.search(r"pip install --no-build-isolation \.(\s|$)", s))
+    assert torch < deepspeed < project, "torch first, then DeepSpeed against it, then the project (make install)"
+    assert "--no-build-isolation" in steps[deepspeed]
+    assert parser.args["TORCH_VERSION"] == re.search(r'TORCH_VERSION \?= (\S+)', (ROOT / "Makefile").read_text())[1]
+    # Everything the package and the deployments need is copied in, and exists in the checkout.
+    copied = [i["value"].split()[0] for i in parser.structure if i["instruction"] == "COPY"]
+    copied += [w for i in parser.structure if i["instruction"] == "COPY" for w in i["value"].split()[1:-1]]
+    for src in copied:
+        assert (ROOT / src).exists(), src
+    assert {"pyproject.toml", "tuneflow", "flows", "tasks", "deployments", "infra"} <= set(copied)
+    users = [i["value"].strip() for i in parser.structure if i["instruction"] == "USER"]
+    assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root user"
+    assert parser.structure[-1]["instruction"] == "CMD" and "worker" in parser.structure[-1]["value"]
+    ignore = (INFRA / "docker" / f"{name}.dockerignore").read_text().split()
+    assert ignore[ignore.index("**") if "**" in ignore else 0] == "**" and "!tuneflow/**" in ignore
+
+
+def test_mlflow_image_has_the_auth_app_the_database_driver_and_s3():
+    parser = dockerfile("mlflow.Dockerfile")
+    install = " ".join(runs(parser))
+    assert "mlflow[auth]==${MLFLOW_VERSION}" in install and "psycopg2" in install and "boto3" in install
+    users = [i["value"].strip() for i in parser.structure if i["instruction"] == "USER"]
+    assert users and users[-1] != "root"
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------------------
+
+def strict_crd_schema(node):
+    """The CRD schema with unknown fields refused, as `kubectl apply --validate=strict` refuses them."""
+    node = copy.deepcopy(node)
+
+    def walk(n):
+        if isinstance(n, dict):
+            if n.get("type") == "object" and "properties" in n and "additionalProperties" not in n \
+                    and not n.get("x-kubernetes-preserve-unknown-fields"):
+                n["additionalProperties"] = False
+            for v in n.values():
+                walk(v)
+        elif isinstance(n, list):
+            for v in n:
+                walk(v)
+    walk(node)
+    return node
+
+
+@pytest.fixture(scope="module")
+def trainjob_validator():
+    crd = yaml.safe_load((K8S / "crds" / "trainer.kubeflow.org_trainjobs.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == "TrainJob" and crd["spec"]["group"] == "trainer.kubeflow.org"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    assert version["served"] and version["storage"]
+    return jsonschema.Draft7Validator(strict_crd_schema(version["schema"]["openAPIV3Schema"]))
+
+
+def assert_valid_trainjob(validator, doc):
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    assert not errors, errors
+    assert doc["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and doc["kind"] == "TrainJob"
+
+
+def test_worker_manifests_pass_strict_kubernetes_validation():
+    docs = [d for d in yaml.safe_load_all((K8S / "prefect-worker.yaml").read_text()) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["Deployment", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount", "ServiceAccount"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:6] == ["prefect", "worker", "start", "--type", "kubernetes", "--pool"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tuneflow-credentials", "key": "PREFECT_API_AUTH_STRING"}
+    assert all("value" not in e for n, e in env.items() if SECRET_NAME.search(n))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    service_accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    bound = {(b["roleRef"]["name"], s["name"]) for b in docs if b["kind"] == "RoleBinding" for s in b["subjects"]}
+    assert pod["serviceAccountName"] in service_accounts and ("prefect-worker", "prefect-worker") in bound
+    assert ("tuneflow-trainjobs", "tuneflow-flow-run") in bound
+    # Strict mode catches a misspelt field.
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_trainjob_rendered_from_each_preset_matches_the_crd(preset, trainjob_validator):
+    config = load_config(str(preset))
+    gpus = 4 if config.train.nproc_per_node == "auto" else None
+    job = render_trainjob(config, "registry.example.com/tuneflow-gpu:1", nnodes=3, gpus_per_node=gpus,
+                          request_json='{"placeholder": true}')
+    assert_valid_trainjob(trainjob_validator, job)
+    trainer = job["spec"]["trainer"]
+    nproc = gpus or config.train.nproc_per_node
+    assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == nproc
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": nproc}
+    assert trainer["command"] == ["python", "-m", "tuneflow.k8s", "node"]
+    env = {e["name"]: e for e in trainer["env"]}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["key"] == name
+    assert env["TUNEFLOW_TRAIN_REQUEST"]["value"] == '{"placeholder": true}'
+    # The PET_* rendezvous variables belong to the runtime: Kubeflow refuses a TrainJob that sets them.
+    assert not any(name.startswith("PET_") for name in env)
+    # numNodes comes from train.nnodes when not given.
+    one = render_trainjob(config.model_copy(update={"train": config.train.model_copy(update={"nnodes": 1})}),
+                          "img", gpus_per_node=gpus)
+    assert one["spec"]["trainer"]["numNodes"] == 1
+    assert_valid_trainjob(trainjob_validator, one)
+
+
+def test_trainjob_scheduling_goes_into_the_runtime_patch(trainjob_validator):
+    config = load_config(str(ROOT / "configs" / "demo.yaml"))
+    tolerations = [{"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"}]
+    job = render_trainjob(config, "img", node_selector={"gpu": "h100"}, tolerations=tolerations,
+                          service_account="tuneflow-flow-run")
+    assert_valid_trainjob(trainjob_validator, job)
+    (patch,) = job["spec"]["runtimePatches"]
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"  # the torch-distributed runtime's replicated job
+    pod = replicated["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"] == tolerations
+    assert pod["serviceAccountName"] == "tuneflow-flow-run" and pod["securityContext"]["runAsNonRoot"] is True
+    # A field the CRD does not have is refused, as the API server would prune or reject it.
+    broken = copy.deepcopy(job)
+    broken["spec"]["trainer"]["numNode"] = broken["spec"]["trainer"].pop("numNodes")
+    assert any("numNode" in e.message for e in trainjob_validator.iter_errors(broken))
+
+
+def test_trainjob_refuses_a_shape_it_cannot_schedule():
+    config = load_config(str(ROOT / "configs" / "qwen2.5-7b-qlora-zero2.yaml"))  # nproc_per_node: auto
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        render_trainjob(config, "img")
+    demo = load_config(str(ROOT / "configs" / "demo.yaml"))  # nproc_per_node: 2
+    with pytest.raises(ValueError, match="differs from train.nproc_per_node=2"):
+        render_trainjob(demo, "img", gpus_per_node=4)
+    with pytest.raises(ValueError, match="DNS label"):
+        render_trainjob(demo, "img", name="Not_A_Label")
+
+
+def test_trainjob_example_is_in_sync_with_the_renderer(trainjob_validator, capsys):
+    text = (K8S / "trainjob.example.yaml").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    joined = re.sub(r"\\\n#\s+", "", header)
+    args = shlex.split(re.search(r"-m tuneflow\.k8s (render .*?) > infra/k8s/trainjob\.example\.yaml", joined)[1])
+    assert k8s_main([*args, "--header", header]) == 0
+    assert capsys.readouterr().out == text, "regenerate with the command in infra/k8s/trainjob.example.yaml's header"
+    example = yaml.safe_load(text)
+    assert_valid_trainjob(trainjob_validator, example)
+    assert example["spec"]["trainer"]["numNodes"] == 2 and example["spec"]["trainer"]["numProcPerNode"] == 8
+
+
+def test_node_rendezvous_comes_from_the_runtime_environment():
+    env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}
+    assert node_rendezvous(env) == {"nnodes": 2, "node_rank": 1, "master_addr": "job-node-0-0.job",
+                                    "master_port": 29400}
+    with pytest.raises(RuntimeError, match="PET_MASTER_ADDR"):
+        node_rendezvous({k: v for k, v in env.items() if k != "PET_MASTER_ADDR"})
+
+
+# --- The Prefect Kubernetes work pool ------------------------------------------------------------------------
+
+def render_work_pool_job(values: dict) -> dict:
+    """The Job manifest prefect-kubernetes' worker would create for a flow run with these job variables."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((K8S / "gpu-work-pool.json").read_text())
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, values))
+    flow_run = FlowRun(id=uuid.uuid4(), name="tuneflow-train-sample", flow_id=uuid.uuid4())
+    config.prepare_for_flow_run(flow_run)
+    return config.job_manifest
+
+
+def validate_job_strictly(job: dict) -> None:
+    """Strict validation of a rendered Job. prefect-kubernetes requires `parallelism` and `completions` in the pod
+    spec (its `_get_base_job_manifest`), where Kubernetes has no such fields and the API server drops them: they are
+    the only fields allowed there beyond the API's."""
+    job = copy.deepcopy(job)
+    pod = job["spec"]["template"]["spec"]
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def test_gpu_work_pool_template_renders_gpus_node_selector_and_tolerations(prefect_api):
+    # prefect_api: the worker's template code resolves block and variable references through the Prefect API.
+    template = json.loads((K8S / "gpu-work-pool.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(template["variables"])
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                   {"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}]
+    job = render_work_pool_job({"image": "registry.example.com/tuneflow-gpu:1", "gpu_count": 4,
+                                "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+                                "tolerations": tolerations, "env": {"HF_ENDPOINT": "http://hub.internal"}})
+    validate_job_strictly(job)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["tolerations"] == tolerations
+    assert container["image"] == "registry.example.com/tuneflow-gpu:1"
+    assert job["metadata"]["namespace"] == "tuneflow" and pod["serviceAccountName"] == "tuneflow-flow-run"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_ENDPOINT"]["value"] == "http://hub.internal"
+    assert env["PREFECT__FLOW_RUN_ID"]["value"]  # Prefect's own variables join the template's
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "tuneflow-credentials", "key": name,
+                                                          **({"optional": True} if name == "HF_TOKEN" else {})}
+    # The defaults: one GPU on a node labelled with a GPU, tolerating the usual GPU taint.
+    default = render_work_pool_job({})
+    validate_job_strictly(default)
+    broken = copy.deepcopy(default)
+    broken["spec"]["template"]["spec"]["tolerations"][0]["efect"] = "NoSchedule"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_job_strictly(broken)
+    pod = default["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_gpu_work_pool_template_keeps_prefect_kubernetes_defaults():
+    """The template started from prefect-kubernetes' default; every default variable is still there."""
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    ours = json.loads((K8S / "gpu-work-pool.json").read_text())
+    default = KubernetesWorker.get_default_base_job_template()
+    assert set(default["variables"]["properties"]) <= set(ours["variables"]["properties"])
+    assert set(default["job_configuration"]) == set(ours["job_configuration"])
