@@ -201,13 +201,14 @@ class Stack:
         except psutil.NoSuchProcess:
             family = [proc]
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # one signal each: Prefect's CLI escalates on a second one
         except ProcessLookupError:
             pass
         for p in family:
             try:
-                p.terminate()
-            except psutil.NoSuchProcess:
+                if os.getpgid(p.pid) != proc.pid:  # outside the group: not signalled yet
+                    p.terminate()
+            except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
         _, alive = psutil.wait_procs(family, timeout=timeout)
         for p in alive:
