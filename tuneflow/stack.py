@@ -17,6 +17,7 @@ TUNEFLOW_CACHE, PREFECT_WORKER_QUERY_SECONDS, ...) plus the stack's URLs and cre
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
@@ -355,12 +356,9 @@ class Stack:
     def deploy(self, client: dict[str, str]) -> None:
         """`make deploy` (pools cpu and gpu, both deployments) unless both deployments are there already."""
         env = {**self.base_env(), **client}
-        probe = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "inspect", "tuneflow-train/gpu"], env=env, capture_output=True)
-        probe2 = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "inspect", "tuneflow-finetune/on-demand"], env=env,
-            capture_output=True)
-        if probe.returncode == 0 and probe2.returncode == 0:
+        if all(subprocess.run([str(BIN / "prefect"), "deployment", "inspect", name], env=env,
+                              capture_output=True).returncode == 0
+               for name in ("tuneflow-finetune/on-demand", "tuneflow-train/gpu")):
             say("deployments already registered (after changing them: source the env file, then make deploy)")
             return
         say(f"registering the deployments: make deploy (log: {self.log('deploy')})")
@@ -384,8 +382,7 @@ class Stack:
         """Until the worker shows as online in its pool (or exits, e.g. refused by a server)."""
         import httpx
 
-        headers = {"Authorization": "Basic " + __import__("base64").b64encode(
-            client["PREFECT_API_AUTH_STRING"].encode()).decode()}
+        headers = {"Authorization": "Basic " + base64.b64encode(client["PREFECT_API_AUTH_STRING"].encode()).decode()}
         url = f"{client['PREFECT_API_URL']}/work_pools/{pool}/workers/filter"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
