@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test clean deploy bench
+.PHONY: install demo test clean deploy bench stack stack-stop
 OLAH_VENV ?= .venv-olah
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
@@ -54,3 +54,12 @@ deploy: install
 bench: install
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.prep
+
+# The local team stack without Docker (docs/stack.md): PostgreSQL, Prefect and MLflow servers on it with
+# authentication, the deployments and one worker per pool, under STACK_DIR. Credentials: source $(STACK_DIR)/env
+STACK_DIR ?= .stack
+stack: install
+	STACK_DIR=$(STACK_DIR) $(BIN)/python -m tuneflow.stack start
+
+stack-stop:
+	STACK_DIR=$(STACK_DIR) $(BIN)/python -m tuneflow.stack stop

@@ -20,6 +20,8 @@ from tasks.export import export
 from tasks.prepare import prepare
 from tasks.train import train
 from tuneflow.config import TuneflowConfig
+from tuneflow.servers import check_mlflow
+from tuneflow.tracking import tracking_uri
 
 
 @flow(name="tuneflow-finetune")
@@ -36,6 +38,7 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators
     for ignored in cfg.ignored_settings():
         logger.warning(ignored)
+    check_mlflow(tracking_uri(cfg.tracking.uri))  # refused credentials: one line naming the server, before any work
     record = RunRecord(cfg, run_dir, logger)
     ctx = record.ctx
     with record.failing_on_error():

@@ -8,6 +8,7 @@
     tuneflow generate --model runs/<run>/export --prompt "Add 2 and 3." [--stream]
     tuneflow generate --model models:/<registered name>@champion --prompt "..."
     tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
+    tuneflow worker --pool cpu          # checks the Prefect and MLflow credentials, then `prefect worker start`
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from tuneflow.config import ConfigError, load_config
 from tuneflow.memory_plan import add_plan_command
+from tuneflow.servers import add_worker_command
 
 
 def _config(args) -> object:
@@ -57,6 +59,13 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _config(args)  # every config problem is reported here, before Prefect or any model starts
+    from tuneflow.servers import ServerRefused, check_servers
+
+    try:
+        check_servers(cfg.tracking.uri)  # a server that refuses our credentials: one line, before any work
+    except ServerRefused as exc:
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        return 2
     from flows.finetune import finetune
 
     try:
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.set_defaults(fn=cmd_generate)
     add_plan_command(sub)
+    add_worker_command(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 
