@@ -122,9 +122,12 @@ def retrain(config: TuneflowConfig, train_deployment: str | None = None, refreez
     from prefect.artifacts import create_markdown_artifact
 
     from tuneflow.registry import Registry
+    from tuneflow.servers import check_mlflow
+    from tuneflow.tracking import tracking_uri
 
     logger = get_run_logger()
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators
+    check_mlflow(tracking_uri(cfg.tracking.uri))  # refused credentials: one line naming the server
     registry = Registry(cfg)  # no name, no registry: stop here, before anything is downloaded
     fp = fingerprint_task(cfg)
     same = registry.trained_from(fp)

@@ -95,10 +95,12 @@ def cmd_retrain(args) -> int:
               "with --set registry.model_name=NAME", file=sys.stderr)
         return 2
     from tuneflow.registry import Registry, RegistryProblem
+    from tuneflow.servers import ServerRefused, check_servers
 
     try:
-        Registry(cfg)  # a store without a registry: one line here, before Prefect starts
-    except RegistryProblem as exc:
+        check_servers(cfg.tracking.uri)  # refused credentials, or a store without a registry: one line, before
+        Registry(cfg)                    # Prefect starts
+    except (ServerRefused, RegistryProblem) as exc:
         print(f"tuneflow: {exc}", file=sys.stderr)
         return 2
     from flows.retrain import retrain
