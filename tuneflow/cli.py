@@ -90,24 +90,15 @@ def cmd_run(args) -> int:
 
 def cmd_retrain(args) -> int:
     cfg = _config(args)
-    if not cfg.registry.model_name:
-        print("tuneflow: registry.model_name: a retrain registers its model under a name; set it in the config or "
-              "with --set registry.model_name=NAME", file=sys.stderr)
-        return 2
+    from flows.retrain import retrain
     from tuneflow.registry import Registry, RegistryProblem
     from tuneflow.servers import ServerRefused, check_servers
 
     try:
-        check_servers(cfg.tracking.uri)  # refused credentials, or a store without a registry: one line, before
-        Registry(cfg)                    # Prefect starts
-    except (ServerRefused, RegistryProblem) as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
-    from flows.retrain import retrain
-
-    try:
+        check_servers(cfg.tracking.uri)  # refused credentials, no registry.model_name, a store without a registry:
+        Registry(cfg)                    # one line each, before Prefect starts
         decision = retrain(cfg, refreeze_eval_set=args.refreeze_eval_set)
-    except RegistryProblem as exc:
+    except (ServerRefused, RegistryProblem) as exc:
         print(f"tuneflow: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
