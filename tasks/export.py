@@ -2,7 +2,8 @@
 
 The export is written to a temporary folder and renamed (`write_export`), then reloaded and asked the evaluation
 prompts: its greedy answers must match the ones base + adapter gave in evaluate (the export_parity metric). It is
-logged as an MLflow model (transformers flavour) of this stage's run, with the held-out metrics linked to it: the
+logged as an MLflow model (transformers flavour) of the pipeline's parent run and an output of this stage's run, with
+the held-out metrics linked to it: the
 model is what the registry's versions point to, and `models:/<id>` is how any machine loads it
 (`tuneflow.artifacts.materialize_model`). The model card is logged beside it.
 """
@@ -101,7 +102,7 @@ def export(
         logger.info("export: %d/%d answers identical to base + adapter", sum(same), len(same))
         log_metrics(client, run_id, {"export_parity": parity, "shards": len(shards)})
         client.log_artifact(run_id, str(final / "README.md"), "model_card")
-        model_id = log_model(ctx.tracking_uri, run_id, reloaded, tokenizer, cfg.export.dtype,
+        model_id = log_model(ctx.tracking_uri, ctx.parent_run_id, run_id, reloaded, tokenizer, cfg.export.dtype,
                              {**evaluated.metrics, "export_parity": parity})
         logger.info("export: logged as MLflow model models:/%s", model_id)
         return ExportResult(model_id=model_id, shards=shards, parity=parity, mlflow_run_id=run_id)

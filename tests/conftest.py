@@ -7,6 +7,7 @@
 - ``prefect_api``:   a ``prefect server start`` (own PREFECT_HOME, SQLite, the UI); its API URL
 - ``tuneflow_cache``: $TUNEFLOW_CACHE for the whole session (a temporary folder)
 - ``mlflow_server``: a real ``mlflow server`` (SQLite backend, proxied artifacts); its URL
+- ``chromium``:      Debian's Chromium for the UI tests (driven with Playwright)
 
 Nothing here reads outside the pytest temp folders and the repository.
 """
@@ -108,3 +109,23 @@ def mlflow_server(tmp_path_factory) -> str:
     """The tracking URI of an ``mlflow server`` with a SQLite store and artifacts proxied by the server."""
     with start_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
+
+
+INSTALL = ("install them with `make test` (it installs both), or by hand: "
+           "`.venv/bin/pip install playwright` (the Python package only; `playwright install` is not needed) "
+           "and `apt-get install -y chromium` (Debian's Chromium at /usr/bin/chromium)")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser: $TUNEFLOW_CHROMIUM, else `chromium` on PATH (Debian's /usr/bin/chromium). Missing it, or the
+    playwright package, fails the test (never skips it), before any server starts."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.fail(f"the Python package `playwright` is missing: {INSTALL}", pytrace=False)
+    path = os.environ.get("TUNEFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(f"Chromium is missing (looked for {path}; set TUNEFLOW_CHROMIUM to use another): {INSTALL}",
+                    pytrace=False)
+    return path

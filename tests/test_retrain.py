@@ -57,17 +57,18 @@ def config(world, **train) -> Path:
     return path
 
 
-def tuneflow(world, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def tuneflow(world, *args: str, timeout: float = 900, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_"))}
     env.update(HF_ENDPOINT=world["hub"].endpoint, HF_HUB_CACHE=str(world["folder"] / "hf-cache"),
                HF_HUB_DISABLE_PROGRESS_BARS="1", MLFLOW_TRACKING_URI=world["mlflow"],
-               PREFECT_HOME=str(world["folder"] / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_HOME=str(world["folder"] / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               **extra_env)
     return subprocess.run([str(TUNEFLOW), *args], env=env, cwd=world["folder"], capture_output=True, text=True,
                           timeout=timeout)
 
 
-def retrain(world, *args: str) -> dict:
-    done = tuneflow(world, "retrain", *args)
+def retrain(world, *args: str, **extra_env: str) -> dict:
+    done = tuneflow(world, "retrain", *args, **extra_env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])  # the decision is stdout's last line
 
@@ -129,7 +130,8 @@ def test_runs_show_their_data_and_model_in_mlflow(world):
     decide = runs["decide"]
     assert [d.dataset.name for d in decide.inputs.dataset_inputs] == [f"{NAME}#frozen-eval"]
     logged = c.search_logged_models([exp.experiment_id])
-    assert [m.source_run_id for m in logged] == [runs["export"].info.run_id]
+    assert [m.source_run_id for m in logged] == [parent.info.run_id]  # the runs view's Models column
+    assert [m.model_id for m in runs["export"].outputs.model_outputs] == [logged[0].model_id]
     assert "eval_loss" in {m.key for m in logged[0].metrics}  # the model page shows its held-out metrics
 
 
@@ -140,13 +142,20 @@ def test_champion_loads_and_generates_from_the_registry(world):
     assert done.stdout.strip(), "the champion answered nothing"
 
 
-def test_nothing_changed_is_skipped_without_training(world):
+def test_nothing_changed_is_skipped_without_training(world, prefect_api):
+    """Against a Prefect server this time: the decision is also the flow run's markdown artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     before = train_runs(world)
     started = time.monotonic()
-    decision = retrain(world, "--config", str(config(world)))
+    decision = retrain(world, "--config", str(config(world)), PREFECT_API_URL=prefect_api)
     assert decision["decision"] == "skipped" and decision["version"] == 1 and decision["champion"] == 1, decision
     assert time.monotonic() - started < 60
     assert train_runs(world) == before and len(versions(world)) == 1
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tuneflow-decision"])))
+    assert artifact.type == "markdown" and f"{NAME}: skipped" in artifact.data and "nothing changed" in artifact.data
 
 
 def test_a_new_dataset_commit_retrains_and_the_aliases_follow_the_decision(world):
@@ -255,3 +264,26 @@ def test_emit_without_a_server_says_what_to_set(tmp_path):
     done = subprocess.run([str(TUNEFLOW), "emit-dataset-updated", "--dataset", DATASET], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "PREFECT_API_URL" in done.stderr, done.stderr
+
+
+def test_the_mlflow_ui_shows_each_run_with_its_data_and_model(world, chromium, tmp_path):
+    """What a user sees at the link tuneflow gives: MLflow's model-training view, and on the pipeline run's row its
+    datasets (Dataset column) and the registered model (Models column)."""
+    from playwright.sync_api import sync_playwright
+
+    from tuneflow.tracking import run_url
+
+    exp = client(world).get_experiment_by_name("retrain")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 2400, "height": 1400})
+        page.goto(run_url(world["mlflow"], exp.experiment_id))
+        page.get_by_text("Model registry").first.wait_for(timeout=60_000)  # the model-training navigation
+        row = page.locator("[role=row]", has_text=f"{DATASET}#train").first
+        row.wait_for(timeout=60_000)
+        page.get_by_text(NAME).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "mlflow-runs.png"))
+        text = page.inner_text("body")
+        browser.close()
+    assert "Traces" in text and "Sessions" not in text, "not the model-training view"  # GenAI nav lists Sessions
+    assert f"{DATASET}#eval" in text and "Evaluation" in text

@@ -218,8 +218,8 @@ def test_pipeline_on_cpu_pool_trains_on_gpu_pool(team):
     from tuneflow.artifacts import materialize_model
 
     logged = mlflow.search_logged_models(experiment_ids=[children["export"].info.experiment_id],
-                                         filter_string=f"source_run_id = '{children['export'].info.run_id}'")
-    assert len(logged) == 1, logged  # the export is the run's MLflow model (the runs view's Models column)
+                                         filter_string=f"source_run_id = '{parent.info.run_id}'")
+    assert len(logged) == 1, logged  # the export is the pipeline run's MLflow model (the runs view's Models column)
     export = materialize_model(f"models:/{logged[0].model_id}", team.mlflow)
     predictions = Path(mlflow.download_artifacts(children["evaluate"].info.run_id, "predictions/predictions.jsonl",
                                                  str(client_dir / "dl")))

@@ -33,26 +33,6 @@ DEPLOYMENT = "tuneflow-finetune/on-demand"
 SCREENSHOT = REPO / "test-output" / "prefect-run-form.png"
 TIMEOUT_MS = 60_000  # a 2-core CI machine renders the Vue app slowly
 VIEWPORT = {"width": 1400, "height": 1000}
-INSTALL = ("install them with `make test` (it installs both), or by hand: "
-           "`.venv/bin/pip install playwright` (the Python package only; `playwright install` is not needed) "
-           "and `apt-get install -y chromium` (Debian's Chromium at /usr/bin/chromium)")
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """The browser: $TUNEFLOW_CHROMIUM, else `chromium` on PATH (Debian's /usr/bin/chromium). Missing it, or the
-    playwright package, fails the test (never skips it), before any server starts."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.fail(f"the Python package `playwright` is missing: {INSTALL}", pytrace=False)
-    path = os.environ.get("TUNEFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"Chromium is missing (looked for {path}; set TUNEFLOW_CHROMIUM to use another): {INSTALL}",
-                    pytrace=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def on_demand(chromium, prefect_api, tmp_path_factory):
     """`make deploy` against the session's Prefect server; the on-demand deployment as the API returns it."""

@@ -81,9 +81,13 @@ def cmd_run(args) -> int:
             print(f"  {key:9s} {base.get(key, float('nan')):9.4f} -> {metrics[key]:.4f}")
     if "export_parity" in metrics:
         print(f"  export parity {metrics['export_parity']:.2f}  ({data.get('export_dir')})")
-    uri = data["mlflow"]["tracking_uri"]
-    ui = f"open {uri}" if uri.startswith("http") else f".venv/bin/mlflow ui --backend-store-uri {uri}"
-    print(f"MLflow: {ui}  (run {data['mlflow']['parent_run_id']})")
+    from tuneflow.tracking import run_url
+
+    mlflow = data["mlflow"]
+    link = run_url(mlflow["tracking_uri"], mlflow["experiment_id"], mlflow["parent_run_id"])
+    serve = "" if link.startswith(mlflow["tracking_uri"]) else \
+        f".venv/bin/mlflow ui --backend-store-uri {mlflow['tracking_uri']}, then "
+    print(f"MLflow: {serve}open {link}")
     print(Path(data["run_dir"]) / "summary.json")
     return 0
 

@@ -109,25 +109,9 @@ def child_run(client: MlflowClient, exp_id: str, parent_run_id: str, name: str) 
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def run_url(uri: str, exp_id: str, run_id: str) -> str:
-    """Where the run shows in the MLflow UI (for a local store: once `mlflow ui` serves it on port 5000)."""
+def run_url(uri: str, exp_id: str, run_id: str | None = None) -> str:
+    """Where the run (or the experiment's runs) shows in the MLflow UI, in its model-training view (for a local
+    store: once `mlflow ui` serves it on port 5000)."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
-
-
-def log_model(uri: str, run_id: str, model, tokenizer, dtype: str, metrics: dict[str, float]) -> str:
-    """Log an exported model as an MLflow model (transformers flavour, chat task) of ``run_id``, with ``metrics``
-    linked to it (the model page and the runs view's Models column show them); return its model id."""
-    from importlib.metadata import version
-
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):  # ends FINISHED here; the stage sets its final status after
-        info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer}, name="model", task="llm/v1/chat",
-            pip_requirements=[f"{p}=={version(p)}" for p in ("transformers", "torch", "accelerate")],
-            tags={"tuneflow.dtype": dtype},
-        )
-        mlflow.log_metrics(metrics, model_id=info.model_id)
-    return info.model_id
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base}/#/experiments/{exp_id}/{page}?workflowType=machine_learning"
