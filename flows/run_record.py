@@ -48,6 +48,7 @@ def stage_details(result: BaseModel) -> dict:
         return {"cache_hit": result.cache_hit, "stats": result.stats, "data": result.data.uri}
     if isinstance(result, TrainResult):
         return {"global_step": result.global_step, "train_loss": result.train_loss, "nproc": result.nproc,
+                "nnodes": result.nnodes, "world_size": result.world_size,
                 "resumed_from_step": result.resumed_from_step, "attempts": result.attempts,
                 "weights": result.weights.uri}
     if isinstance(result, EvalResult):

@@ -3,9 +3,11 @@
     make deploy                                  # registers it on the `gpu` work pool (deployments/prefect.yaml)
     prefect worker start --pool gpu              # on each GPU machine
 
-The pipeline (`tuneflow-finetune`) starts one flow run of it per training attempt and waits for it. The run needs
-nothing from the pipeline's machine: the model comes from the Hub (by commit), the prepared data and any checkpoint
-to resume from come from the stage's MLflow run, and the trained weights go back there.
+The pipeline (`tuneflow-finetune`) starts one flow run of it per training attempt and waits for it; with
+train.nnodes > 1, one flow run per node, each with its node rank and the attempt's rendezvous id: node 0 publishes
+its address through the Prefect API and the others join it (`tuneflow.training.rendezvous`). The run needs nothing
+from the pipeline's machine: the model comes from the Hub (by commit), the prepared data and any checkpoint to
+resume from come from the stage's MLflow run, and node 0 puts the trained weights back there.
 """
 
 from __future__ import annotations
@@ -19,13 +21,30 @@ from tuneflow.results import TrainRequest
 
 @flow(name="tuneflow-train")
 def train_on_worker(request: TrainRequest) -> dict:
-    """One training attempt on this worker; returns the TrainResult (also logged to the stage's MLflow run).
+    """One training attempt (or one node's part of it) on this worker; node 0 returns the TrainResult (also logged
+    to the stage's MLflow run), the other nodes their node rank.
 
     Args:
-        request: Written by the pipeline's train stage: the config, the pinned model, the prepared data artifact
-            and the MLflow run to train into.
+        request: Written by the pipeline's train stage: the config, the pinned model, the prepared data artifact,
+            the MLflow run to train into and, on several nodes, this node's rank and the rendezvous id.
     """
+    from tuneflow.training import rendezvous
     from tuneflow.training.run import train_once
 
+    logger = get_run_logger()
     folder = Path(request.config.output_dir) / request.run_folder / "train"
-    return train_once(request, folder.resolve(), get_run_logger()).model_dump(mode="json")
+    t = request.config.train
+    join = None
+    if t.nnodes > 1:
+        if not request.rendezvous_id:
+            raise ValueError("train.nnodes > 1 but the request has no rendezvous id: the pipeline's train stage "
+                             "starts the nodes of a multi-node attempt")
+        # Each attempt in a folder of its own: every node then resumes from the same checkpoint, the one in MLflow.
+        folder = folder / request.rendezvous_id
+
+        def join(nproc: int) -> rendezvous.Rendezvous:
+            return rendezvous.join(t.nnodes, request.node_rank, request.rendezvous_id, nproc, t.master_port,
+                                   t.join_timeout, logger)
+
+    result = train_once(request, folder.resolve(), logger, join)
+    return result.model_dump(mode="json") if result else {"node_rank": request.node_rank}

@@ -73,9 +73,9 @@ CONFIG_CASES = {
     "qlora in fp32": ({"train.precision": "fp32"}, "train.precision: qlora computes in bf16 or fp16"),
     "qlora with zero3_offload": ({"train.deepspeed": "zero3_offload"},
                                  "train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora"),
-    "multi-node without master address": ({"train.nnodes": 2, "train.master_port": 29500},
-                                          "train.master_addr: a multi-node run (train.nnodes=2) needs the address "
-                                          "of node 0; set train.master_addr"),
+    "node 0's address typed by hand": ({"train.nnodes": 2, "train.master_addr": "10.0.0.1"},
+                                       "train.master_addr: unknown key"),  # discovered by the nodes themselves
+    "join timeout 0": ({"train.join_timeout": 0}, "train.join_timeout: Input should be greater than 0 (got 0)"),
     "custom code on a branch": ({"model.trust_remote_code": True},
                                 "model.revision: trust_remote_code runs code from the repo; pin model.revision"),
     "run name with a path": ({"run_name": "../elsewhere"}, "run_name: String should match pattern"),

@@ -49,8 +49,9 @@ class Team:
         return self.machines / machine
 
 
-@pytest.fixture(scope="module")
-def team(prefect_api, hub_mirror, tmp_path_factory) -> Iterator[Team]:
+@contextlib.contextmanager
+def start_team(prefect_api, hub_mirror, tmp_path_factory, gpu_concurrency: int = 1) -> Iterator[Team]:
+    """An MLflow server, the machines' folders, and `make deploy GPU_CONCURRENCY=<gpu_concurrency>`."""
     machines = Path(tempfile.mkdtemp(prefix="tuneflow-machines-"))
     for name in MACHINES:
         (machines / name / "tmp").mkdir(parents=True)
@@ -58,12 +59,18 @@ def team(prefect_api, hub_mirror, tmp_path_factory) -> Iterator[Team]:
         with start_mlflow(tmp_path_factory.mktemp("team-mlflow")) as mlflow_uri:
             team = Team(prefect_api, mlflow_uri, hub_mirror, machines, [tmp_path_factory.getbasetemp()])
             env = machine_env(team, "deployer")
-            done = subprocess.run(["make", "-C", str(REPO), "deploy", "GPU_CONCURRENCY=1"], env=env,
+            done = subprocess.run(["make", "-C", str(REPO), "deploy", f"GPU_CONCURRENCY={gpu_concurrency}"], env=env,
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             yield team
     finally:
         shutil.rmtree(machines, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def team(prefect_api, hub_mirror, tmp_path_factory) -> Iterator[Team]:
+    with start_team(prefect_api, hub_mirror, tmp_path_factory) as team:
+        yield team
 
 
 def machine_env(team: Team, machine: str) -> dict:

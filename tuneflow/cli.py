@@ -59,7 +59,13 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _config(args)  # every config problem is reported here, before Prefect or any model starts
+    from tasks.train import placement_problem
     from tuneflow.servers import ServerRefused, check_servers
+
+    problem = placement_problem(cfg, None)  # `tuneflow run` trains on this machine only
+    if problem:
+        print(f"tuneflow: {problem}", file=sys.stderr)
+        return 2
 
     try:
         check_servers(cfg.tracking.uri)  # a server that refuses our credentials: one line, before any work

@@ -141,10 +141,16 @@ class TrainConfig(Section):
         1, ge=0, le=10, description="Relaunches after a failed training attempt, each resuming from the last checkpoint."
     )
     seed: int = Field(42, ge=0, description="Seed for every rank, the data order and the eval split.")
-    nnodes: int = Field(1, ge=1, description="Machines taking part; run `tuneflow run` on each, with its node_rank.")
-    node_rank: int = Field(0, ge=0, description="This machine's index among train.nnodes (0 hosts the rendezvous).")
-    master_addr: str | None = Field(
-        None, description="Address of node 0, which every node can reach; required when train.nnodes > 1."
+    nnodes: int = Field(
+        1, ge=1, description="GPU machines that train together. Above 1 the pipeline needs a training deployment "
+        "(tuneflow-train/gpu, README 'Run it on a team's Prefect server'): the train stage starts one flow run per "
+        "node, and node 0's address reaches the others through the Prefect API. On Kubernetes: a TrainJob "
+        "(docs/infrastructure.md)."
+    )
+    join_timeout: float = Field(
+        600, gt=0, description="Multi-node: seconds every node waits for the others to join (node 0's address, "
+        "torchrun's rendezvous), counted once its own model and data are ready; a node that has not joined by then "
+        "fails the attempt, naming it."
     )
     gpu_memory: str | None = Field(
         None, description="Memory of each GPU that trains, e.g. 24GiB or 80GiB: the pre-flight refuses a config whose "
@@ -155,7 +161,8 @@ class TrainConfig(Section):
         "and running, before it cancels the run and fails."
     )
     master_port: int = Field(
-        0, ge=0, le=65535, description="torchrun rendezvous port; 0 picks a free one (single node only)."
+        0, ge=0, le=65535, description="torchrun's rendezvous port on node 0; 0 picks a free one. Set it when only "
+        "one port is open between the GPU machines."
     )
 
     @field_validator("nproc_per_node")
@@ -288,14 +295,6 @@ class TuneflowConfig(Section):
             problems.append(
                 "model.revision: trust_remote_code runs code from the repo; pin model.revision to a full commit SHA"
             )
-        if t.nnodes > 1:
-            if not t.master_addr:
-                problems.append(f"train.master_addr: a multi-node run (train.nnodes={t.nnodes}) needs the address "
-                                "of node 0; set train.master_addr")
-            if not t.master_port:
-                problems.append("train.master_port: every node must use the same rendezvous port; set it (e.g. 29500)")
-        if t.node_rank >= t.nnodes:
-            problems.append(f"train.node_rank: {t.node_rank} is not below train.nnodes={t.nnodes}")
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
         if problems:
@@ -420,7 +419,7 @@ NOT_IN_CONFIG_HASH = (
     "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
     "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
     "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
-    "train.gpu_memory", "train.master_addr", "train.master_port", "train.node_rank",
+    "train.gpu_memory", "train.master_port", "train.join_timeout",
 )
 
 

@@ -197,14 +197,16 @@ def _node() -> int:
         print(f"tuneflow.k8s node: {REQUEST_ENV} is not set: the train stage puts the training request there "
               "(a TrainJob rendered without request_json shows the job's shape only)", file=sys.stderr)
         return 2
-    request = TrainRequest.model_validate_json(raw)
-    train = request.config.train.model_copy(update=node_rendezvous(dict(os.environ)))
-    request = request.model_copy(update={"config": request.config.model_copy(update={"train": train})})
+    from tuneflow.training.rendezvous import Rendezvous
+
+    place = Rendezvous(**node_rendezvous(dict(os.environ)), rdzv_id=request.rendezvous_id,
+                       join_timeout=request.config.train.join_timeout)
+    request = request.model_copy(update={"node_rank": place.node_rank})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logger = logging.getLogger("tuneflow.k8s")
-    logger.info("node %d of %d, rendezvous at %s:%d", train.node_rank, train.nnodes, train.master_addr,
-                train.master_port)
-    train_once(request, Path("/cache/train") / request.run_folder, logger)
+    logger.info("node %d of %d, rendezvous at %s:%d", place.node_rank, place.nnodes, place.master_addr,
+                place.master_port)
+    train_once(request, Path("/cache/train") / request.run_folder, logger, join=lambda nproc: place)
     return 0
 
 

@@ -66,7 +66,9 @@ class TrainResult(StageResult):
     global_step: int
     train_loss: float
     resumed_from_step: int | None
-    nproc: int
+    nproc: int = Field(description="Training processes on each node.")
+    nnodes: int = Field(1, description="Machines that trained together.")
+    world_size: int = Field(description="Training processes in all: nnodes x nproc.")
     attempts: int = 1
 
 
@@ -93,3 +95,7 @@ class TrainRequest(BaseModel):
     tracking_uri: str = Field(description="MLflow tracking URI the training logs to.")
     mlflow_run_id: str = Field(description="The pipeline's train run: metrics, checkpoints and the weights go there.")
     run_folder: str = Field(description="Name of the pipeline's run folder, reused for the local training folder.")
+    node_rank: int = Field(0, ge=0, description="This node's rank among train.nnodes (node 0 hosts the rendezvous, "
+                           "logs to MLflow and publishes the weights).")
+    rendezvous_id: str | None = Field(None, description="Set by the train stage when train.nnodes > 1: the id the "
+                                      "nodes of one attempt meet under (tuneflow.training.rendezvous).")

@@ -35,7 +35,17 @@ def resolve_nproc(nproc: int | str) -> int:
 
 
 def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, node_rank: int = 0,
-                     master_addr: str | None = None) -> list[str]:
+                     master_addr: str | None = None, rdzv_id: str | None = None,
+                     join_timeout: float | None = None) -> list[str]:
+    """torchrun with its static rendezvous at master_addr:master_port (node 0 hosts it); on several nodes, the
+    attempt's rendezvous id and how long the rendezvous waits for every node (join_timeout seconds)."""
+    if nnodes > 1 and not (master_addr and master_port):
+        raise ValueError("a multi-node launch needs node 0's address and port")
+    rendezvous = []
+    if rdzv_id:
+        rendezvous += ["--rdzv_id", rdzv_id]
+    if join_timeout:
+        rendezvous += ["--rdzv_conf", f"timeout={int(join_timeout)}"]
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(nnodes),
@@ -43,6 +53,7 @@ def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, 
         "--nproc_per_node", str(nproc),
         "--master_addr", master_addr or "127.0.0.1",
         "--master_port", str(master_port or free_port()),
+        *rendezvous,
         "-m", "tuneflow.training.worker",
         "--spec", str(spec),
     ]
@@ -83,13 +94,14 @@ def _terminate_with_parent() -> None:
 
 
 def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_line: Callable[[str], None],
-           nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None) -> None:
+           nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None, rdzv_id: str | None = None,
+           join_timeout: float | None = None) -> None:
     """Run the worker on ``nproc`` processes (on this node of ``nnodes``); raise WorkerFailed naming failed ranks."""
     errors_dir = Path(spec).parent / "errors"
     if errors_dir.exists():
         for stale in errors_dir.glob("rank*.txt"):
             stale.unlink()
-    cmd = torchrun_command(spec, nproc, master_port, nnodes, node_rank, master_addr)
+    cmd = torchrun_command(spec, nproc, master_port, nnodes, node_rank, master_addr, rdzv_id, join_timeout)
     on_line("launching: " + " ".join(cmd))
     proc = subprocess.Popen(
         cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

@@ -7,11 +7,15 @@ the newest checkpoint uploaded to the stage's MLflow run if this machine has non
 another machine), launches the worker under torchrun, and logs the trained weights as an artifact. The pipeline
 runs it in-process (`tuneflow run`) or on a GPU worker as the `tuneflow-train` flow. It needs Prefect only to
 read the Hub token from a Secret block (hub.token_secret).
+
+On several nodes, ``join(nproc)`` gives this node its place (`tuneflow.training.rendezvous`) once its model and
+data are ready; only node 0 (global rank 0) logs to MLflow, writes result.json and publishes the weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from tuneflow.artifacts import materialize, publish
 from tuneflow.hub import fetch
@@ -19,13 +23,16 @@ from tuneflow.results import TrainRequest, TrainResult
 from tuneflow.tracking import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
 from tuneflow.training.launcher import launch, resolve_nproc
+from tuneflow.training.rendezvous import Rendezvous
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
 RESULT_ARTIFACT = "train_result.json"
 
 
-def train_once(request: TrainRequest, folder: Path, logger) -> TrainResult:
-    """Train (or resume) in ``folder``; raise WorkerFailed naming the failed ranks."""
+def train_once(request: TrainRequest, folder: Path, logger,
+               join: Callable[[int], Rendezvous] | None = None) -> TrainResult | None:
+    """Train (or resume) in ``folder``; raise WorkerFailed naming the failed ranks. Returns the result on node 0,
+    None on the other nodes of a multi-node attempt (``join``: this node's place, given its process count)."""
     from mlflow import MlflowClient
 
     cfg, run_id = request.config, request.mlflow_run_id
@@ -37,14 +44,21 @@ def train_once(request: TrainRequest, folder: Path, logger) -> TrainResult:
     if restored is not None:
         logger.info("restored checkpoint-%d from MLflow run %s", restored, run_id)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
-    if "nproc" not in client.get_run(run_id).data.params:  # a retry logs nothing twice
-        log_params(client, run_id, {"nproc": nproc, "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
+    place = join(nproc) if join else Rendezvous(master_port=cfg.train.master_port)
+    world_size = place.nnodes * nproc
+    if place.node_rank == 0 and "nproc" not in client.get_run(run_id).data.params:  # a retry logs nothing twice
+        log_params(client, run_id, {"nproc": nproc, "nnodes": place.nnodes, "world_size": world_size,
+                                    "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
     spec = folder / "spec.json"
     spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir),
                               output_dir=str(folder)).model_dump_json(indent=1))
     env = {"MLFLOW_TRACKING_URI": request.tracking_uri, "MLFLOW_RUN_ID": run_id, "TOKENIZERS_PARALLELISM": "false"}
-    launch(spec, nproc, cfg.train.master_port, env, on_line=logger.info, nnodes=cfg.train.nnodes,
-           node_rank=cfg.train.node_rank, master_addr=cfg.train.master_addr)
+    launch(spec, nproc, place.master_port, env, on_line=logger.info, nnodes=place.nnodes, node_rank=place.node_rank,
+           master_addr=place.master_addr, rdzv_id=place.rdzv_id,
+           join_timeout=place.join_timeout if place.multi_node else None)
+    if place.node_rank > 0:  # only node 0 (global rank 0) writes result.json and the weights
+        logger.info("node %d: training finished", place.node_rank)
+        return None
 
     outcome = TrainOutcome.model_validate_json((folder / "result.json").read_text())
     weights = Path(outcome.weights_dir)
@@ -54,6 +68,7 @@ def train_once(request: TrainRequest, folder: Path, logger) -> TrainResult:
     if outcome.resumed_from_step is not None:
         client.set_tag(run_id, "resumed_from_step", str(outcome.resumed_from_step))
     result = TrainResult(weights=ref, global_step=outcome.global_step, train_loss=outcome.train_loss,
-                         resumed_from_step=outcome.resumed_from_step, nproc=nproc, mlflow_run_id=run_id)
+                         resumed_from_step=outcome.resumed_from_step, nproc=nproc, nnodes=place.nnodes,
+                         world_size=world_size, mlflow_run_id=run_id)
     client.log_dict(run_id, result.model_dump(mode="json"), RESULT_ARTIFACT)
     return result

@@ -1,0 +1,123 @@
+"""Multi-node training from one pipeline run, on loopback: 2 nodes x 1 process (gloo on the CPU).
+
+The team of tests/test_team.py (a Prefect server, an MLflow server, `make deploy`, process workers each on its own
+"machine" that sees no other's folders), with the training deployment allowed two runs at once and two `gpu`
+workers: the train stage starts one flow run per node, node 0 publishes its address through the Prefect API and
+node 1 joins it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Iterator
+
+import pytest
+
+from tests.servers import training_rank_pid
+from tests.test_team import (Team, mlflow_runs, start_team, submit, summary_of, tiny_config, training_runs,
+                             wait_final, worker, worker_log)
+
+
+@pytest.fixture(scope="module")
+def team(prefect_api, hub_mirror, tmp_path_factory) -> Iterator[Team]:
+    with start_team(prefect_api, hub_mirror, tmp_path_factory, gpu_concurrency=2) as team:
+        yield team
+
+
+def logs(team: Team) -> str:
+    return "\n".join(f"--- {m} ---\n{worker_log(team, m, pool)}"
+                     for m, pool in (("cpu", "cpu"), ("gpu-1", "gpu"), ("gpu-2", "gpu")))
+
+
+@pytest.mark.slow
+def test_two_nodes_train_one_adapter_from_one_pipeline_run(team):
+    from mlflow import MlflowClient
+    from prefect.variables import Variable
+
+    config = tiny_config(team, "two-nodes", nnodes=2, join_timeout=120)
+    with worker(team, "cpu", "cpu"), worker(team, "gpu", "gpu-1"), worker(team, "gpu", "gpu-2"):
+        run = wait_final(submit(config).id, 900, lambda: logs(team))
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{logs(team)}"
+
+    nodes = training_runs(run.id)
+    requests = [n.parameters["request"] for n in nodes]
+    assert sorted(r["node_rank"] for r in requests) == [0, 1]
+    assert len({r["rendezvous_id"] for r in requests}) == 1 and requests[0]["rendezvous_id"]
+    assert all(n.state.is_completed() and n.work_pool_name == "gpu" for n in nodes)
+    assert {n.labels["prefect.worker.name"] for n in nodes} == {"gpu-1", "gpu-2"}  # one node on each machine
+    assert Variable.get(f"tuneflow-rdzv-{requests[0]['rendezvous_id']}") is None  # the rendezvous is cleaned up
+
+    parent, children = mlflow_runs(team, run.id)
+    train = summary_of(team, parent, team.folder("client") / "two-nodes")["stages"]["train"]
+    assert (train["nnodes"], train["world_size"], train["nproc"], train["global_step"]) == (2, 2, 1, 12), train
+    train_run = children["train"]
+    assert (train_run.data.params["nnodes"], train_run.data.params["world_size"]) == ("2", "2")
+    mlflow = MlflowClient(team.mlflow)
+    top = {a.path for a in mlflow.list_artifacts(train_run.info.run_id)}
+    assert "adapter" in top and "model" not in top, top  # one adapter, published by node 0
+    adapter = {os.path.basename(a.path) for a in mlflow.list_artifacts(train_run.info.run_id, "adapter")}
+    assert "adapter_model.safetensors" in adapter, adapter
+    steps = [m.step for m in mlflow.get_metric_history(train_run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 13)), steps  # rank 0 only: once per step, not once per node
+    # Both machines trained: node 1 ran torchrun as global rank 1 of 2 and logged nothing to MLflow itself.
+    node1 = next(n for n in nodes if n.parameters["request"]["node_rank"] == 1)
+    node1_log = worker_log(team, node1.labels["prefect.worker.name"], "gpu", tail=None)
+    assert "joining the rendezvous at 127.0.0.1:" in node1_log and "node 1: training finished" in node1_log
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_fails_the_stage_naming_it(team):
+    from mlflow import MlflowClient
+
+    config = tiny_config(team, "two-nodes-killed", nnodes=2, join_timeout=60, max_steps=400, save_steps=1000)
+    mlflow = MlflowClient(team.mlflow)
+    with worker(team, "cpu", "cpu"), worker(team, "gpu", "gpu-1"), worker(team, "gpu", "gpu-2"):
+        run = submit(config)
+        deadline = time.monotonic() + 600
+        while len(training_runs(run.id)) < 2:
+            assert time.monotonic() < deadline, logs(team)
+            time.sleep(1)
+        train_run_id = training_runs(run.id)[0].parameters["request"]["mlflow_run_id"]
+        pid = None
+        while pid is None:  # both nodes train: steps reach MLflow; then kill node 1's training process
+            assert time.monotonic() < deadline, logs(team)
+            if mlflow.get_metric_history(train_run_id, "loss"):
+                pid = training_rank_pid(1, in_environ=f"MLFLOW_RUN_ID={train_run_id}")
+            time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        # Bounded: the failure grace (20 s) and polling, far below train.join_timeout + the test's limit.
+        run = wait_final(run.id, 180, lambda: logs(team))
+        nodes = training_runs(run.id)
+        nodes = [wait_final(n.id, 120, lambda: logs(team)) for n in nodes]
+        while training_rank_pid(0, in_environ=f"MLFLOW_RUN_ID={train_run_id}") is not None:
+            assert time.monotonic() < deadline, "node 0 still trains after the stage failed"
+            time.sleep(0.5)
+
+    assert run.state.is_failed(), f"{run.state.name}: {run.state.message}"
+    node1 = next(n for n in nodes if n.parameters["request"]["node_rank"] == 1)
+    worker1 = node1.labels["prefect.worker.name"]
+    message = run.state.message
+    assert f"node 1 (flow run {node1.name} on worker {worker1})" in message, message
+    assert "rank 1: exit code -9 (SIGKILL)" in message, message
+    assert node1.state.is_failed() and not any(n.state.is_completed() for n in nodes)
+    parent, children = mlflow_runs(team, run.id)
+    summary = summary_of(team, parent, team.folder("client") / "killed")
+    assert summary["failed_stage"] == "train" and "node 1" in summary["stages"]["train"]["error"]
+    assert children["train"].info.status == "FAILED"
+
+
+def test_tuneflow_run_refuses_several_nodes_without_a_deployment(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tuneflow = Path(sys.executable).parent / "tuneflow"
+    done = subprocess.run([str(tuneflow), "run", "--config", "configs/demo.yaml", "--set", "train.nnodes=2",
+                           "--set", f"output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "train.nnodes=2" in done.stderr and "tuneflow-train/gpu" in done.stderr, done.stderr
+    assert "docs/infrastructure.md" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
