@@ -18,7 +18,7 @@ from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
-from tasks.train import train
+from tasks.train import placement_problem, train
 from tuneflow.config import TuneflowConfig
 from tuneflow.servers import check_mlflow
 from tuneflow.tracking import tracking_uri
@@ -38,6 +38,9 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators
     for ignored in cfg.ignored_settings():
         logger.warning(ignored)
+    problem = placement_problem(cfg, train_deployment)  # several nodes without the training deployment
+    if problem:
+        raise ValueError(problem)
     check_mlflow(tracking_uri(cfg.tracking.uri))  # refused credentials: one line naming the server, before any work
     record = RunRecord(cfg, run_dir, logger)
     ctx = record.ctx

@@ -178,9 +178,6 @@ def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResu
     from tuneflow.training.run import train_once
 
     logger = get_run_logger()
-    problem = placement_problem(cfg, deployment)
-    if problem:
-        raise ValueError(problem)
     with ctx.stage("train") as (client, run_id):
         request = TrainRequest(config=cfg, model=downloaded.model, data=prepared.data, tracking_uri=ctx.tracking_uri,
                                mlflow_run_id=run_id, run_folder=Path(ctx.run_dir).name)

@@ -115,3 +115,31 @@ def run_url(uri: str, exp_id: str, run_id: str | None = None) -> str:
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     page = f"runs/{run_id}" if run_id else "runs"
     return f"{base}/#/experiments/{exp_id}/{page}?workflowType=machine_learning"
+
+
+def log_model(uri: str, parent_run_id: str, stage_run_id: str, model, tokenizer, dtype: str,
+              metrics: dict[str, float]) -> str:
+    """Log an exported model as an MLflow model (transformers flavour, chat task) of the pipeline's parent run (so
+    the runs view's Models column shows it, and the model page carries the run's params), also as an output of the
+    stage run, with ``metrics`` linked to it; return its model id."""
+    from importlib.metadata import version
+
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    # Created here, in the run's experiment: left to log_model it would land in the process's current experiment.
+    created = client.create_logged_model(parent.info.experiment_id, name="model", source_run_id=parent_run_id,
+                                         params=parent.data.params, tags={"tuneflow.dtype": dtype})
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer}, name="model", task="llm/v1/chat", run_id=parent_run_id,
+        model_id=created.model_id,
+        pip_requirements=[f"{p}=={version(p)}" for p in ("transformers", "torch", "accelerate")],
+    )
+    client.log_outputs(stage_run_id, [LoggedModelOutput(info.model_id, step=0)])
+    ts = int(time.time() * 1000)
+    client.log_batch(stage_run_id, metrics=[Metric(k, float(v), ts, 0, model_id=info.model_id)
+                                            for k, v in metrics.items()])
+    return info.model_id
