@@ -11,10 +11,12 @@ read the Hub token from a Secret block (hub.token_secret).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tuneflow.artifacts import materialize, publish
 from tuneflow.hub import fetch
+from tuneflow.memory_plan import resolve_auto_batches
 from tuneflow.results import TrainRequest, TrainResult
 from tuneflow.tracking import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
@@ -37,8 +39,16 @@ def train_once(request: TrainRequest, folder: Path, logger) -> TrainResult:
     if restored is not None:
         logger.info("restored checkpoint-%d from MLflow run %s", restored, run_id)
     nproc = resolve_nproc(cfg.train.nproc_per_node)
+    # 'auto' batch sizes are chosen here, once, so that every rank reads the same value from the spec.
+    cfg, chosen = resolve_auto_batches(cfg, json.loads((Path(model_dir) / "config.json").read_text()),
+                                       world_size=nproc * cfg.train.nnodes)
+    for line in chosen:
+        logger.info(line)
     if "nproc" not in client.get_run(run_id).data.params:  # a retry logs nothing twice
-        log_params(client, run_id, {"nproc": nproc, "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
+        resolved = {f"resolved.train.{k}": getattr(cfg.train, k) for k in ("per_device_batch_size", "tokens_per_batch")
+                    if getattr(request.config.train, k) == "auto"}
+        log_params(client, run_id, {"nproc": nproc, "deepspeed": cfg.train.deepspeed, "method": cfg.train.method,
+                                    **resolved})
     spec = folder / "spec.json"
     spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir),
                               output_dir=str(folder)).model_dump_json(indent=1))
