@@ -686,7 +686,8 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
         rows.append("GPU memory unknown (no GPU visible, train.gpu_memory unset): pass --gpu-memory, e.g. --gpu-memory 24GiB")
     else:
         verdict = "fits" if p.fits else "does NOT fit"
-        extra = f"; the largest per_device_batch_size that fits is {largest}" if largest else ""
+        key = "tokens_per_batch" if s.tokens_per_batch is not None else "per_device_batch_size"
+        extra = f"; the largest {key} that fits is {largest}" if largest else ""
         rows.append(f"GPU memory {p.gpu_memory / GiB:.2f} GiB: {verdict}{extra}")
     rows += [f"note: {n}" for n in p.notes]
     return "\n".join(rows)
@@ -738,7 +739,8 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(p.to_json()), flush=True)
     else:
-        largest = largest_batch_that_fits(cfg, model_config, gpu_memory, world_size=world) if gpu_memory else None
+        find = largest_tokens_that_fit if cfg.train.tokens_per_batch is not None else largest_batch_that_fits
+        largest = find(cfg, model_config, gpu_memory, world_size=world) if gpu_memory else None
         print(render(p, cfg.model.name_or_path, largest), flush=True)
     for line in chosen:
         print(f"tuneflow: {line}", file=sys.stderr)
