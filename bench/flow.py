@@ -11,11 +11,13 @@ without Prefect or MLflow:
 - prepare:  tokenising the dataset (`tuneflow.data.prepare.build`);
 - train:    the Trainer's own loop (`train_runtime` in the train stage's MLflow run; torchrun start, model load and
             the adapter's save and upload count as overhead);
-- evaluate: generation and the held-out loss as the evaluate stage times them (its MLflow `*_runtime` metrics);
+- evaluate: loading the base and the trained model, the held-out loss and the answers of each (the stage's
+            own `measure`);
 - export:   merging the adapter, writing the shards, reloading and answering the parity prompts.
 
 overhead = wall - work, per stage; and the whole run's wall minus the stages' walls (process start, the ephemeral
-Prefect server, the parent MLflow run). Results go to bench/results-flow.json.
+Prefect server, the parent MLflow run). Work is timed warm (each call made twice, the second counted), so the
+overhead includes the stage's share of cold start-up. Results go to bench/results-flow.json.
 """
 
 from __future__ import annotations
@@ -37,10 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results-flow.json")
 
 
-def timed(fn, *args, **kwargs) -> float:
+def timed(fn, *args) -> float:
+    """Seconds of ``fn(*args)``, warm: the first call (imports, kernel set-up) is not counted."""
+    fn(*args)
     start = time.perf_counter()
-    fn(*args, **kwargs)
+    fn(*args)
     return time.perf_counter() - start
+
+
+WORK = {"download": "pre-flight checks + pinning (local paths: nothing to download)",
+        "prepare": "tokenising the dataset", "train": "the Trainer's loop (train_runtime)",
+        "evaluate": "loading base + trained model, held-out loss and answers of each",
+        "export": "merge, write shards, reload, answer the parity prompts"}
 
 
 def main() -> None:
@@ -82,9 +92,27 @@ def main() -> None:
         cfg = load_config(str(config))
         print("bench.flow: timing each stage's work without Prefect or MLflow ...", flush=True)
         work = {"download": timed(preflight, cfg, logging.getLogger("bench"))}
-        work["prepare"] = timed(prepare, cfg, assets["model"], assets["data"], root / "prepared")
+        prepared = iter(range(2))
+        work["prepare"] = timed(lambda: prepare(cfg, assets["model"], assets["data"], root / f"prepared{next(prepared)}"))
         work["train"] = metrics["train"]["train_runtime"]
-        work["evaluate"] = sum(v for k, v in metrics["evaluate"].items() if k.endswith("_runtime"))
+
+        def evaluate() -> None:
+            from datasets import load_from_disk
+
+            from tasks.evaluate import measure
+            from tuneflow.modeling import load_base, load_trained
+
+            split = load_from_disk(str(root / "prepared0"))["eval"]
+            rows = split.select(range(min(cfg.eval.max_samples, len(split))))
+            examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+            prompts, references = [json.loads(p) for p in rows["prompt"]], list(rows["reference"])
+            tokenizer = load_tokenizer(assets["model"], cfg)
+            base = load_base(assets["model"], cfg, quantized=True, device_map={"": "cpu"})
+            measure(base, tokenizer, examples, prompts, references, cfg)
+            tuned = load_trained(assets["model"], summary["adapter_dir"], cfg, device_map={"": "cpu"}, base=base)
+            measure(tuned, tokenizer, examples, prompts, references, cfg)
+
+        work["evaluate"] = timed(evaluate)
 
         def export() -> None:
             dtype = DTYPES[cfg.export.dtype]
@@ -100,6 +128,7 @@ def main() -> None:
         work["export"] = timed(export)
 
     per_stage = {name: {"wall_s": stages[name]["seconds"], "work_s": round(work[name], 2),
+                        "work": WORK[name],
                         "overhead_s": round(stages[name]["seconds"] - work[name], 2)} for name in work}
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

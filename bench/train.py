@@ -68,6 +68,7 @@ def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, name: str, *
 
     out = root / name
     out.mkdir()
+    print(f"bench.train: {name} ({', '.join(f'{k}={v}' for k, v in train.items())}) ...", flush=True)
     variant = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
     spec = out / "spec.json"
     spec.write_text(TrainSpec(config=variant, model_dir=str(model_dir), data_dir=str(data_dir),
