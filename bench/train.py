@@ -3,10 +3,12 @@
     make bench                      # or: .venv/bin/python -m bench.train [--steps 30]
 
 - training: the real worker (`tuneflow.training.worker` under torchrun, 1 process, QLoRA bf16, no DeepSpeed) on
-  instruction rows of mixed lengths, packed (padding-free) vs padded; real (non-padding) tokens per second as the
-  HF Trainer counts them, the padding share of the padded batches, and each run's peak RSS;
+  instruction rows of mixed lengths: padded, packed (padding-free, the default), packed with micro-batches sized by
+  a token budget (train.tokens_per_batch = the rows' mean length x the row count), and packed with the full-logits
+  loss instead of the chunked one (train.loss_chunk_tokens: 0); real (non-padding) tokens per second as the HF
+  Trainer counts them, the padding share of the padded batches, and each run's peak RSS;
 - the plain TRL script users would write instead (bench/trl_script.py: SFTTrainer + PEFT + bitsandbytes, TRL's
-  defaults, same model, rows, LoRA, quantisation, micro-batch, steps and learning rate), when trl is importable;
+  defaults, same model, rows, LoRA, quantisation, micro-batch, steps and learning rate; `make bench` installs trl);
 - evaluation's generation: greedy answers batched (eval.batch_size 8) vs one prompt at a time.
 
 The model is a random-init Llama (hidden 512, 4 layers) with a BPE tokenizer trained on the rows (nothing is
@@ -60,13 +62,14 @@ def build_assets(root: Path, rows: list[dict]) -> tuple[Path, Path]:
     return model_dir, data
 
 
-def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, packing: bool) -> dict:
+def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, name: str, **train) -> dict:
     from tuneflow.training.launcher import launch
     from tuneflow.training.spec import TrainOutcome, TrainSpec
 
-    out = root / ("packed" if packing else "padded")
+    out = root / name
     out.mkdir()
-    variant = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": packing})})
+    print(f"bench.train: {name} ({', '.join(f'{k}={v}' for k, v in train.items())}) ...", flush=True)
+    variant = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
     spec = out / "spec.json"
     spec.write_text(TrainSpec(config=variant, model_dir=str(model_dir), data_dir=str(data_dir),
                               output_dir=str(out)).model_dump_json())
@@ -77,7 +80,10 @@ def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, packing: boo
     text = "\n".join(lines)
     padding = [float(x) for x in re.findall(r"padding_fraction=([0-9.e-]+)", text)]
     rss = re.search(r"peak_rss_rank0=([0-9.]+) GiB", text)
-    return {"real_tokens_per_s": tokens / final["train_runtime"], "train_runtime_s": final["train_runtime"],
+    return {"settings": {k: getattr(variant.train, k) for k in ("packing", "per_device_batch_size", "tokens_per_batch",
+                                                                "loss_chunk_tokens")},
+            "real_tokens_per_s": tokens / final["train_runtime"], "train_runtime_s": final["train_runtime"],
+            "real_tokens": tokens, "steps": final.get("step"),
             "padding_fraction": padding[-1] if padding else None,
             "peak_rss_gib": float(rss.group(1)) if rss else None, "train_loss": final["train_loss"]}
 
@@ -88,7 +94,7 @@ def plain_trl(model_dir: Path, data: Path, steps: int, batch: int) -> dict:
     import sys
 
     if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode != 0:
-        return {"skipped": "trl is not importable: pip install --target DIR trl, and put DIR on PYTHONPATH"}
+        return {"skipped": "trl is not importable: `make bench` installs it (pip install 'trl>=1.7,<2')"}
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_script.py")), "--model", str(model_dir),
                            "--data", str(data), "--steps", str(steps), "--batch", str(batch)],
                           capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -137,13 +143,19 @@ def main() -> None:
                       "gradient_accumulation_steps": 1, "save_steps": 10**6, "learning_rate": 2e-4},
         })
         stats = build(cfg, model_dir, data, root / "prepared")
-        training = {name: train_variant(root, cfg, model_dir, root / "prepared", packing)
-                    for name, packing in (("padded", False), ("packed", True))}
+        # the token budget holds, on average, as many tokens as `batch` rows do
+        budget = int(round(stats["tokens_mean"] * args.batch))
+        variants = {"padded": {"packing": False}, "packed": {"packing": True},
+                    "packed_token_budget": {"packing": True, "tokens_per_batch": budget},
+                    "packed_full_logits_loss": {"packing": True, "loss_chunk_tokens": 0}}
+        training = {name: train_variant(root, cfg, model_dir, root / "prepared", name, **train)
+                    for name, train in variants.items()}
         training["plain_trl"] = plain_trl(model_dir, data, args.steps, args.batch)
-        for baseline in ("padded", "plain_trl"):
-            if "real_tokens_per_s" in training[baseline]:
-                training[f"packed_over_{baseline}"] = (training["packed"]["real_tokens_per_s"]
-                                                       / training[baseline]["real_tokens_per_s"])
+        for variant in ("packed", "packed_token_budget"):
+            for baseline in ("padded", "plain_trl"):
+                if "real_tokens_per_s" in training[baseline]:
+                    training[f"{variant}_over_{baseline}"] = (training[variant]["real_tokens_per_s"]
+                                                              / training[baseline]["real_tokens_per_s"])
         prompts = [[{"role": "user", "content": r["instruction"]}] for r in rows[:32]]
         gen = generation(model_dir, cfg, prompts, 32)
 
@@ -153,7 +165,9 @@ def main() -> None:
         "settings": {"rows": args.rows, "steps": args.steps, "rows_per_micro_batch": args.batch,
                      "model": "llama hidden 512, 4 layers, 8 heads (4 kv), vocab ~4k, random init",
                      "tokens_mean": stats["tokens_mean"], "tokens_p95": stats["tokens_p95"],
-                     "tokens_max": stats["tokens_max"], "method": "qlora bf16, no DeepSpeed, 1 process"},
+                     "tokens_max": stats["tokens_max"], "method": "qlora bf16, no DeepSpeed, 1 process",
+                     "token_budget": budget, "lora": "rank 16, alpha 32, dropout 0.05, all-linear",
+                     "learning_rate": 2e-4, "cutoff_len": 1024},
         "training": training,
         "generation": gen,
     }

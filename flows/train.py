@@ -12,6 +12,7 @@ resume from come from the stage's MLflow run, and node 0 puts the trained weight
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -41,10 +42,8 @@ def train_on_worker(request: TrainRequest) -> dict:
                              "starts the nodes of a multi-node attempt")
         # Each attempt in a folder of its own: every node then resumes from the same checkpoint, the one in MLflow.
         folder = folder / request.rendezvous_id
-
-        def join(nproc: int) -> rendezvous.Rendezvous:
-            return rendezvous.join(t.nnodes, request.node_rank, request.rendezvous_id, nproc, t.master_port,
-                                   t.join_timeout, logger)
+        join = partial(rendezvous.join, t.nnodes, request.node_rank, request.rendezvous_id,
+                       master_port=t.master_port, join_timeout=t.join_timeout, logger=logger)
 
     result = train_once(request, folder.resolve(), logger, join)
     return result.model_dump(mode="json") if result else {"node_rank": request.node_rank}

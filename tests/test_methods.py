@@ -51,8 +51,16 @@ def layer_weights(folder: Path, layer: int) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items() if f"layers.{layer}." in k}
 
 
+def train_params(tmp_path: Path, summary: dict) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return client.get_run(summary["stages"]["train"]["mlflow_run_id"]).data.params
+
+
 def test_lora(tmp_path, tiny_assets, prefect_api):
-    summary = run(tmp_path, tiny_assets, prefect_api, "lora", learning_rate=5e-3,
+    # micro-batches sized by a token budget rather than a row count
+    summary = run(tmp_path, tiny_assets, prefect_api, "lora", learning_rate=5e-3, tokens_per_batch=300,
                   lora={"rank": 8, "alpha": 16, "dropout": 0.0})
     assert summary["stages"]["train"]["weights"].endswith("/adapter")
     assert (Path(summary["adapter_dir"]) / "adapter_model.safetensors").is_file()
@@ -66,7 +74,10 @@ def test_full(tmp_path, tiny_assets, prefect_api):
 
 
 def test_freeze(tmp_path, tiny_assets, prefect_api):
-    summary = run(tmp_path, tiny_assets, prefect_api, "freeze", learning_rate=1e-3, freeze_trainable_layers=1)
+    # per_device_batch_size: auto on a CPU without train.gpu_memory: 4 rows, recorded in the train stage's MLflow run
+    summary = run(tmp_path, tiny_assets, prefect_api, "freeze", learning_rate=1e-3, freeze_trainable_layers=1,
+                  per_device_batch_size="auto")
+    assert train_params(tmp_path, summary)["resolved.train.per_device_batch_size"] == "4"
     export = Path(summary["export_dir"])
     frozen, base = layer_weights(export, 0), layer_weights(tiny_assets["model"], 0)
     assert all(frozen[k].equal(base[k]) for k in base), "a frozen layer changed"

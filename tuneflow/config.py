@@ -116,12 +116,27 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; > 0 overrides epochs.")
-    per_device_batch_size: int = Field(4, ge=1, description="Examples per process per micro-batch.")
-    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    per_device_batch_size: Union[Literal["auto"], int] = Field(
+        4, description="Rows per process per micro-batch (the eval-loss batch when tokens_per_batch is set); 'auto' = "
+        "the largest the memory plan fits in train.gpu_memory (or the local GPU), 4 when neither is known."
+    )
+    tokens_per_batch: Union[Literal["auto"], int, None] = Field(
+        None, description="With packing: micro-batches of whole rows holding up to this many real tokens, instead of "
+        "per_device_batch_size rows (a row longer than the budget trains alone); 'auto' = the largest the memory plan "
+        "fits; unset = row count."
+    )
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Micro-batches per optimizer step; the loss is averaged over the labelled tokens of all of "
+        "them, so micro-batches of different sizes weigh by their tokens."
+    )
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Compute precision (bf16 needs Ampere or newer; a CPU supports bf16 and fp32)."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    loss_chunk_tokens: int = Field(
+        256, ge=0, le=1_048_576, description="Chunked loss: the vocabulary projection and cross-entropy run on this "
+        "many labelled tokens at a time, so the full logits are never held (same loss); 0 = the plain full-logits loss."
+    )
     packing: bool = Field(
         True, description="Padding-free batches: the rows of a micro-batch are concatenated (position ids restart "
         "per row, attention never crosses rows) instead of padded to the longest; same loss, no compute on padding."
@@ -170,6 +185,23 @@ class TrainConfig(Section):
     def _positive(cls, v: Union[str, int]) -> Union[str, int]:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be 'auto' or at least 1")
+        return v
+
+    @field_validator("per_device_batch_size", "tokens_per_batch")
+    @classmethod
+    def _batch_size(cls, v: Union[str, int, None], info) -> Union[str, int, None]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or at least 1")
+        if info.field_name == "tokens_per_batch" and isinstance(v, int) and v < 8:
+            raise ValueError("must be 'auto' or at least 8 tokens")
+        return v
+
+    @field_validator("packing")
+    @classmethod
+    def _token_budget_needs_packing(cls, v: bool, info) -> bool:
+        if not v and info.data.get("tokens_per_batch") is not None:
+            raise ValueError("must be true when train.tokens_per_batch is set (a token budget sizes packed "
+                             "micro-batches); or unset train.tokens_per_batch to pad per_device_batch_size rows")
         return v
 
     @field_validator("gpu_memory")

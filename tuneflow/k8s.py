@@ -18,7 +18,6 @@ This module imports pydantic and the config only, like `tuneflow.config`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -199,6 +198,7 @@ def _node() -> int:
         return 2
     from tuneflow.training.rendezvous import Rendezvous
 
+    request = TrainRequest.model_validate_json(raw)
     place = Rendezvous(**node_rendezvous(dict(os.environ)), rdzv_id=request.rendezvous_id,
                        join_timeout=request.config.train.join_timeout)
     request = request.model_copy(update={"node_rank": place.node_rank})

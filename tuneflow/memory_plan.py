@@ -10,7 +10,8 @@ plan runs before any weights are downloaded. The breakdown per rank:
 - adapter:           trainable parameters + their gradients (the LoRA matrices; for full/freeze the trained weights);
 - optimizer:         AdamW's two moments, plus an fp32 master copy where DeepSpeed trains 16-bit parameters;
 - activations:       what the forward pass keeps for backward (an estimate, see docs/memory.md);
-- logits:            micro-batch x cutoff_len x vocabulary in fp32;
+- logits:            the loss: one chunk of labelled tokens x vocabulary (the chunked loss, the default), or the
+                     micro-batch's tokens x vocabulary in fp32 (train.loss_chunk_tokens: 0);
 - margin:            CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation.
 
 Every formula, and what it rests on, is in docs/memory.md. The static lines (weights) are checked in the tests against
@@ -237,16 +238,31 @@ class Settings:
     lora_targets: object
     lora_dropout: float
     freeze_layers: int
+    packing: bool = True
+    tokens_per_batch: int | None = None  # the token budget (train.tokens_per_batch); None: `batch` rows
+    loss_chunk: int = 256  # train.loss_chunk_tokens; 0: the full-logits loss
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the largest micro-batch: the budget (or one row of cutoff_len, which trains alone when longer),
+        else batch rows of cutoff_len (the worst case: every row as long as the cutoff)."""
+        if self.tokens_per_batch is not None:
+            return max(self.tokens_per_batch, self.seq)
+        return self.batch * self.seq
 
     @classmethod
     def from_config(cls, cfg: TuneflowConfig, world_size: int | None = None) -> "Settings":
         t = cfg.train
-        batch = t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1  # a future 'auto': from 1
+        batch = t.per_device_batch_size if isinstance(t.per_device_batch_size, int) else 1  # 'auto': searched from 1
+        budget = t.tokens_per_batch if isinstance(t.tokens_per_batch, int) else None
+        if t.tokens_per_batch == "auto":
+            budget = cfg.prep.cutoff_len  # searched upwards from one full row
         return cls(method=t.method, precision=t.precision, batch=batch, seq=cfg.prep.cutoff_len,
                    checkpointing=t.gradient_checkpointing, zero=zero_setup(t.deepspeed),
                    world=world_size if world_size is not None else resolve_world_size(cfg),
                    lora_rank=t.lora.rank, lora_targets=t.lora.target_modules, lora_dropout=t.lora.dropout,
-                   freeze_layers=t.freeze_trainable_layers)
+                   freeze_layers=t.freeze_trainable_layers, packing=t.packing, tokens_per_batch=budget,
+                   loss_chunk=t.loss_chunk_tokens)
 
 
 def resolve_world_size(cfg: TuneflowConfig) -> int:
@@ -290,7 +306,8 @@ class MemoryPlan:
 
     def to_json(self) -> dict:
         return {"per_rank": dict(self.per_rank), "gpu_memory": self.gpu_memory, "fits": self.fits,
-                "per_device_batch_size": self.per_device_batch_size}
+                "per_device_batch_size": self.per_device_batch_size,
+                "tokens_per_batch": self.settings.tokens_per_batch}
 
 
 def _bytes(precision: str) -> int:
@@ -315,18 +332,31 @@ def activation_bytes(shape: ModelShape, s: Settings, adapters_fp32: bool, residu
             else:
                 extra = b * fan_in if adapters_fp32 else 0  # autocast's 16-bit copy of the fp32-cast input
             per_token_layer += extra + b * s.lora_rank  # + lora_A's output, which lora_B keeps
-    tokens = s.batch * s.seq
+    tokens = s.tokens
     if s.checkpointing:
         # Each decoder layer keeps only its input; backward recomputes one layer at a time.
         layers = tokens * (shape.layers * residual_bytes * h + per_token_layer)
     else:
         layers = tokens * shape.layers * per_token_layer
     final_norm = tokens * norm
-    mask = s.batch * s.seq * s.seq  # the 4-D boolean attention mask transformers builds for SDPA when padding
+    # The 4-D boolean mask transformers builds for SDPA: per row when padded (B x S x S); when packed, one
+    # block-diagonal mask over the whole packed sequence (tokens x tokens). flash-attention builds none.
+    mask = tokens * tokens if s.packing else s.batch * s.seq * s.seq
     dequant = 0
     if s.method == "qlora":  # bitsandbytes dequantises one weight at a time to the compute dtype for its matmul
         dequant = max(a * o for a, o in shape.linears().values()) * b
     return layers + final_norm + mask + dequant
+
+
+def loss_bytes(shape: ModelShape, s: Settings) -> int:
+    """The loss's peak beyond the activations (see docs/memory.md). Chunked (tuneflow.training.loss): the labelled
+    positions' hidden states (kept as the chunks' inputs, at most every token) plus one chunk's logits alive at
+    once: the 16-bit projection, its fp32 copy, the log-softmax and, in backward, its fp32 gradient. Full: the
+    micro-batch's logits in fp32."""
+    if s.loss_chunk > 0:
+        return s.tokens * shape.hidden * _bytes(s.precision) + min(s.loss_chunk, s.tokens) * shape.vocab * (
+            _bytes(s.precision) + 12)
+    return s.tokens * shape.vocab * 4
 
 
 def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> MemoryPlan:
@@ -336,10 +366,9 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
     notes = list(shape.notes) + ([z.note] if z.note else [])
     sixteen = s.precision != "fp32"
 
-    # What each weight is stored as during training.
-    #  qlora: prepare_model_for_kbit_training (tuneflow.training.worker) upcasts every non-4-bit weight to fp32;
-    #         DeepSpeed (bf16/fp16 enabled) casts every floating parameter back to the 16-bit precision.
-    frozen_b = 4 if (s.method == "qlora" and not z.deepspeed) else b
+    # What each weight is stored as during training: frozen weights stay in the training precision as loaded (the
+    # worker does not call prepare_model_for_kbit_training, which would upcast every non-4-bit weight to fp32).
+    frozen_b = b
     #  LoRA: peft creates the adapters in fp32 (autocast_adapter_dtype); DeepSpeed casts them to 16 bits.
     #  full/freeze: the weights stay in the dtype they were loaded in (the training precision).
     if s.method in ("qlora", "lora"):
@@ -412,8 +441,8 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
         grads *= 2  # DDP's gradient buckets hold a second copy
     adapter = params_on_gpu(trainable * train_b, trainable_unit * train_b) + grads
     optimizer = 0 if z.offload_optimizer else -(-trainable * optim_b // optim_div)
-    activations = activation_bytes(shape, s, adapters_fp32, residual_bytes=frozen_b if s.method == "qlora" else b)
-    logits = s.batch * s.seq * shape.vocab * 4
+    activations = activation_bytes(shape, s, adapters_fp32, residual_bytes=b)
+    logits = loss_bytes(shape, s)
     subtotal = quantized + frozen_bytes + adapter + optimizer + activations + logits
     margin = MARGIN_FIXED + int(MARGIN_FRACTION * subtotal)
     per_rank = {"quantized_weights": quantized, "frozen_weights": frozen_bytes, "adapter": adapter,
@@ -450,9 +479,65 @@ def _largest(shape: ModelShape, s: Settings, gpu_memory: int, limit: int = 1 << 
 def largest_batch_that_fits(cfg: TuneflowConfig, model_config: dict, gpu_memory: int, *,
                             world_size: int | None = None, limit: int = 4096) -> int | None:
     """The largest ``train.per_device_batch_size`` whose plan fits ``gpu_memory`` (for ``per_device_batch_size:
-    auto``); None when even 1 does not fit."""
+    auto``); None when even 1 does not fit. Planned as row-count micro-batches (no token budget)."""
     shape, s = ModelShape.from_config(model_config), Settings.from_config(cfg, world_size)
-    return _largest(shape, s, gpu_memory, limit, batch=s.batch)
+    return _largest(shape, replace(s, tokens_per_batch=None), gpu_memory, limit, batch=s.batch)
+
+
+def largest_tokens_that_fit(cfg: TuneflowConfig, model_config: dict, gpu_memory: int, *,
+                            world_size: int | None = None, limit: int = 1 << 22) -> int | None:
+    """The largest ``train.tokens_per_batch`` whose plan fits ``gpu_memory`` (for ``tokens_per_batch: auto``), a
+    multiple of 64 once above 64; None when even one row of ``prep.cutoff_len`` does not fit."""
+    shape, s = ModelShape.from_config(model_config), Settings.from_config(cfg, world_size)
+    best = _largest(shape, replace(s, tokens_per_batch=s.seq), gpu_memory, limit, tokens_per_batch=s.seq)
+    if best is None:
+        return None
+    return max(best // 64 * 64, s.seq)  # best >= cutoff_len: below it a lone full row sets the size
+
+
+AUTO_FALLBACK_ROWS = 4  # per_device_batch_size: auto where no GPU memory is known (TrainConfig's default)
+
+
+def resolve_auto_batches(cfg: TuneflowConfig, model_config: dict, gpu_memory: int | None = None, *,
+                         world_size: int | None = None) -> tuple[TuneflowConfig, list[str]]:
+    """``cfg`` with ``train.per_device_batch_size: auto`` and ``train.tokens_per_batch: auto`` replaced by the
+    largest values whose memory plan fits the GPU (``gpu_memory``, else ``train.gpu_memory``, else this machine's
+    GPU), and one line per choice saying what was picked and why. Without any GPU memory to size by (a CPU-only
+    machine, no ``train.gpu_memory``): 4 rows, and a budget of 4 rows of ``prep.cutoff_len`` tokens."""
+    t = cfg.train
+    if t.per_device_batch_size != "auto" and t.tokens_per_batch != "auto":
+        return cfg, []
+    if gpu_memory is not None:
+        where = f"a {_gpu(gpu_memory)} GPU"
+    elif t.gpu_memory:
+        gpu_memory, where = parse_size(t.gpu_memory), f"train.gpu_memory {t.gpu_memory}"
+    else:
+        gpu_memory = visible_gpu_memory()
+        where = f"this machine's {_gpu(gpu_memory)} GPU" if gpu_memory else ""
+    why_not = "" if gpu_memory else ("no GPU memory to size it by (no GPU visible and train.gpu_memory unset; set "
+                                     "train.gpu_memory, e.g. 24GiB, to pick the largest that fits)")
+    if gpu_memory:
+        try:
+            ModelShape.from_config(model_config)
+        except PlanError as exc:
+            why_not = f"the memory plan cannot size it ({exc})"
+    fallback = {"per_device_batch_size": AUTO_FALLBACK_ROWS, "tokens_per_batch": AUTO_FALLBACK_ROWS * cfg.prep.cutoff_len}
+    updates, notes = {}, []
+    for key, find in (("per_device_batch_size", largest_batch_that_fits), ("tokens_per_batch", largest_tokens_that_fit)):
+        if getattr(t, key) != "auto":
+            continue
+        value = None if why_not else find(cfg, model_config, gpu_memory, world_size=world_size)
+        if why_not:
+            value, reason = fallback[key], why_not
+        elif value is None:
+            value, reason = (1 if key == "per_device_batch_size" else cfg.prep.cutoff_len), (
+                f"nothing fits {where} per the memory plan (tuneflow plan says what to change)")
+        else:
+            reason = f"the largest that fits {where} per the memory plan"
+        updates[key] = value
+        notes.append(f"train.{key}: auto -> {value}: {reason}")
+    train = t.model_copy(update=updates)
+    return cfg.model_copy(update={"train": train}), notes
 
 
 def _gib(n: int) -> str:
@@ -486,8 +571,15 @@ def plan_problems(cfg: TuneflowConfig, model_config: dict, gpu_memory: int | Non
     need, gpu = _gib(p.per_rank["total"]), _gpu(gpu_memory)
     ckpt = None if s.checkpointing else estimate(shape, replace(s, checkpointing=True), gpu_memory)
     or_ckpt = ", or set train.gradient_checkpointing: true" if ckpt is not None and ckpt.fits else ""
+    if s.tokens_per_batch is not None:
+        best = _largest(shape, s, gpu_memory, s.tokens_per_batch, tokens_per_batch=s.tokens_per_batch)
+        if best is not None and best >= s.seq and best < s.tokens_per_batch:
+            problems.append(f"train.tokens_per_batch: {s.tokens_per_batch} needs ~{need} per rank on a {gpu} GPU; "
+                            f"{max(best // 64 * 64, s.seq)} fits{or_ckpt}")
+            return problems
+        s = replace(s, batch=1, tokens_per_batch=None)  # not even one full row: the advice below, from one row
     best = _largest(shape, s, gpu_memory, s.batch, batch=s.batch)
-    if best is not None:
+    if best is not None and best < s.batch:
         per_step = s.batch * cfg.train.gradient_accumulation_steps
         keep = (f" (with train.gradient_accumulation_steps: {-(-per_step // best)} to keep ~{per_step} examples "
                 "per step)")
@@ -495,8 +587,10 @@ def plan_problems(cfg: TuneflowConfig, model_config: dict, gpu_memory: int | Non
                         f"{best} fits{keep}{or_ckpt}")
         return problems
     if ckpt is not None and ckpt.fits:
+        configured = f"train.tokens_per_batch {cfg.train.tokens_per_batch}" if cfg.train.tokens_per_batch else (
+            f"{s.batch}")
         problems.append(f"train.gradient_checkpointing: false needs ~{need} per rank on a {gpu} GPU even at "
-                        f"train.per_device_batch_size 1 ({s.batch} configured); set train.gradient_checkpointing: "
+                        f"train.per_device_batch_size 1 ({configured} configured); set train.gradient_checkpointing: "
                         "true")
         return problems
     at_one = replace(s, batch=1)
@@ -562,7 +656,7 @@ LINES = (
     ("adapter", "trainable parameters + gradients"),
     ("optimizer", "optimizer states"),
     ("activations", "activations (estimate, uncalibrated)"),
-    ("logits", "logits (fp32, full vocabulary)"),
+    ("logits", "loss: logits"),
     ("margin", f"margin ({MARGIN_FIXED / GiB:.2f} GiB + {MARGIN_FRACTION:.0%})"),
 )
 
@@ -577,17 +671,23 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
     labels["frozen_weights"] += f" ({frozen_what})"
     labels["adapter"] += f" ({p.params['trainable'] / 1e6:,.1f}M {'LoRA ' if s.method in ('qlora', 'lora') else ''}params)"
     labels["optimizer"] += f" ({optim})"
+    labels["logits"] += (f" of {min(s.loss_chunk, s.tokens)} tokens at a time + labelled hidden states"
+                         if s.loss_chunk else " of every token, fp32")
+    micro = (f"up to {s.tokens} tokens (train.tokens_per_batch {s.tokens_per_batch}, rows of <= {s.seq})"
+             if s.tokens_per_batch is not None else f"{s.batch} x {s.seq} tokens" + (" packed" if s.packing else ""))
+    loss = f"loss chunked by {s.loss_chunk} tokens" if s.loss_chunk else "full-logits loss"
     head = (f"memory plan per rank: {model} ({shape.model_type}, {p.params['total'] / 1e9:.2f}B params), {s.method}, "
             f"{s.precision}, {s.zero.label} over {s.world} rank{'s' if s.world > 1 else ''}\n"
-            f"  micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing {'on' if s.checkpointing else 'off'}")
+            f"  micro-batch {micro}, gradient checkpointing {'on' if s.checkpointing else 'off'}, {loss}")
     width = max(len(v) for v in labels.values()) + 2
     rows = [head] + [f"  {labels[k]:<{width}}{p.per_rank[k] / GiB:9.2f} GiB" for k, _ in LINES]
     rows.append(f"  {'total':<{width}}{p.per_rank['total'] / GiB:9.2f} GiB")
     if p.gpu_memory is None:
-        rows.append("GPU memory unknown (no GPU visible): pass --gpu-memory, e.g. --gpu-memory 24GiB")
+        rows.append("GPU memory unknown (no GPU visible, train.gpu_memory unset): pass --gpu-memory, e.g. --gpu-memory 24GiB")
     else:
         verdict = "fits" if p.fits else "does NOT fit"
-        extra = f"; the largest per_device_batch_size that fits is {largest}" if largest else ""
+        key = "tokens_per_batch" if s.tokens_per_batch is not None else "per_device_batch_size"
+        extra = f"; the largest {key} that fits is {largest}" if largest else ""
         rows.append(f"GPU memory {p.gpu_memory / GiB:.2f} GiB: {verdict}{extra}")
     rows += [f"note: {n}" for n in p.notes]
     return "\n".join(rows)
@@ -610,7 +710,8 @@ def add_plan_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.per_device_batch_size=8 (repeatable)")
     p.add_argument("--gpu-memory", type=_size, metavar="SIZE",
-                   help="memory of one GPU, e.g. 24GiB or 80GB (default: the visible GPU's, via torch.cuda)")
+                   help="memory of one GPU, e.g. 24GiB or 80GB (default: train.gpu_memory, else the visible GPU's, "
+                        "via torch.cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON line (bytes) instead of the table")
     p.set_defaults(fn=cmd_plan)
     return p
@@ -628,15 +729,21 @@ def cmd_plan(args) -> int:
     except PlanError as exc:
         print(f"tuneflow: {exc}", file=sys.stderr)
         return 2
-    gpu_memory = args.gpu_memory if args.gpu_memory is not None else visible_gpu_memory()
+    gpu_memory = args.gpu_memory
+    if gpu_memory is None:
+        gpu_memory = parse_size(cfg.train.gpu_memory) if cfg.train.gpu_memory else visible_gpu_memory()
     world = resolve_world_size(cfg)
+    cfg, chosen = resolve_auto_batches(cfg, model_config, gpu_memory, world_size=world)
     p = estimate(shape, Settings.from_config(cfg, world), gpu_memory)
     problems = plan_problems(cfg, model_config, gpu_memory, world_size=world)
     if args.json:
         print(json.dumps(p.to_json()), flush=True)
     else:
-        largest = largest_batch_that_fits(cfg, model_config, gpu_memory, world_size=world) if gpu_memory else None
+        find = largest_tokens_that_fit if cfg.train.tokens_per_batch is not None else largest_batch_that_fits
+        largest = find(cfg, model_config, gpu_memory, world_size=world) if gpu_memory else None
         print(render(p, cfg.model.name_or_path, largest), flush=True)
+    for line in chosen:
+        print(f"tuneflow: {line}", file=sys.stderr)
     for problem in problems:
         print(f"tuneflow: {problem}", file=sys.stderr)
     return 1 if p.fits is False or problems else 0

@@ -14,11 +14,13 @@ data are ready; only node 0 (global rank 0) logs to MLflow, writes result.json a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
 from tuneflow.artifacts import materialize, publish
 from tuneflow.hub import fetch
+from tuneflow.memory_plan import resolve_auto_batches
 from tuneflow.results import TrainRequest, TrainResult
 from tuneflow.tracking import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
@@ -46,9 +48,16 @@ def train_once(request: TrainRequest, folder: Path, logger,
     nproc = resolve_nproc(cfg.train.nproc_per_node)
     place = join(nproc) if join else Rendezvous(master_port=cfg.train.master_port)
     world_size = place.nnodes * nproc
+    # 'auto' batch sizes are chosen here, once, so that every rank reads the same value from the spec.
+    cfg, chosen = resolve_auto_batches(cfg, json.loads((Path(model_dir) / "config.json").read_text()),
+                                       world_size=world_size)
+    for line in chosen:
+        logger.info(line)
     if place.node_rank == 0 and "nproc" not in client.get_run(run_id).data.params:  # a retry logs nothing twice
+        resolved = {f"resolved.train.{k}": getattr(cfg.train, k) for k in ("per_device_batch_size", "tokens_per_batch")
+                    if getattr(request.config.train, k) == "auto"}
         log_params(client, run_id, {"nproc": nproc, "nnodes": place.nnodes, "world_size": world_size,
-                                    "deepspeed": cfg.train.deepspeed, "method": cfg.train.method})
+                                    "deepspeed": cfg.train.deepspeed, "method": cfg.train.method, **resolved})
     spec = folder / "spec.json"
     spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir),
                               output_dir=str(folder)).model_dump_json(indent=1))

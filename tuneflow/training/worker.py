@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tuneflow.training.batching import CountingCollator, collator
+from tuneflow.training.batching import CountingCollator, TokenBudgetBatches, collator
 from tuneflow.training.checkpoints import (
     COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
 )
@@ -123,12 +123,20 @@ def plot_loss(history: list[dict], path: Path) -> None:
 def train(spec: TrainSpec) -> TrainOutcome:
     import torch
     from datasets import load_from_disk
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
+    from tuneflow.memory_plan import resolve_auto_batches
     from tuneflow.modeling import load_tokenizer
     from tuneflow.training.deepspeed import deepspeed_config
+    from tuneflow.training.trainer import TuneflowTrainer
 
-    cfg = spec.config
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    model_config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+    # 'auto' batch sizes are resolved by the train stage before launch (the same value on every rank); a spec written
+    # by hand may still hold one, resolved here the same way.
+    cfg, notes = resolve_auto_batches(spec.config, model_config, world_size=world)
+    for note in notes:
+        log(note)
     t = cfg.train
     out = Path(spec.output_dir)
     set_seed(t.seed)
@@ -141,7 +149,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_train_batch_size=t.per_device_batch_size,  # unused for training when tokens_per_batch is set
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -162,6 +170,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         save_total_limit=None,  # pruned by OnSave, only once the newer checkpoint is complete
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps or None,
+        prediction_loss_only=True,  # the held-out loss is all the worker evaluates; no logits are gathered
         seed=t.seed,
         data_seed=t.seed,
         report_to="none",
@@ -178,8 +187,14 @@ def train(spec: TrainSpec) -> TrainOutcome:
         model.print_trainable_parameters()
 
     batches = CountingCollator(collator(t.packing, tokenizer))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    model_config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+    train_rows = data["train"].select_columns(["input_ids", "labels"])
+    token_batches = None
+    if t.tokens_per_batch is not None:
+        token_batches = TokenBudgetBatches(data["train"]["length"], t.tokens_per_batch, t.seed, world)
+        sizes = [len(b) for b in token_batches.groups()]
+        log(f"token budget {t.tokens_per_batch}: {len(train_rows)} rows in {len(sizes)} micro-batches of "
+            f"{min(sizes)}-{max(sizes)} rows ({len(train_rows) / len(sizes):.1f} on average), "
+            f"{len(sizes) // world} per rank per epoch")
     peak = peak_flops()
     step_logger = MlflowStepLogger(batches, flops_per_token(cfg, model_config), peak and peak * world)
     uploader = CheckpointUploader(step_logger.run_id, log) if step_logger.client else None
@@ -206,16 +221,20 @@ def train(spec: TrainSpec) -> TrainOutcome:
                 if uploader:
                     uploader.submit(folder)
 
-    trainer = Trainer(
+    trainer = TuneflowTrainer(
         model=model,
         args=args,
-        train_dataset=data["train"].select_columns(["input_ids", "labels"]),
+        token_batches=token_batches,
+        loss_chunk_tokens=t.loss_chunk_tokens,
+        reentrant=args.gradient_checkpointing_kwargs["use_reentrant"],
+        train_dataset=train_rows,
         eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
         data_collator=batches,
         processing_class=tokenizer,
         callbacks=[OnLog(), OnSave()],
     )
     trainer.remove_callback(PrinterCallback)  # OnLog prints one line per step instead
+    log(f"loss: {'chunked, ' + str(t.loss_chunk_tokens) + ' labelled tokens at a time' if trainer.chunked_loss else 'full logits'}")
     resume = last_complete_checkpoint(out / "checkpoints")
     resumed_from = checkpoint_step(resume) if resume else None
     if IS_RANK_ZERO:
