@@ -32,7 +32,7 @@ $(OLAH_VENV)/.installed:
 # The Prefect UI form test drives Debian's chromium (Playwright's own browser download is not used).
 test: install $(OLAH_VENV)/.installed
 	command -v chromium >/dev/null || test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
-	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra
+	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra --durations=15
 
 clean:
 	rm -rf runs demo mlflow.db mlruns mlartifacts .pytest_cache

@@ -354,11 +354,11 @@ class Stack:
         self.wait_ready("mlflow-server", f"http://127.0.0.1:{port}/health", proc)
 
     def deploy(self, client: dict[str, str]) -> None:
-        """`make deploy` (pools cpu and gpu, both deployments) unless both deployments are there already."""
+        """`make deploy` (pools cpu and gpu, the deployments) unless they are all there already."""
         env = {**self.base_env(), **client}
         if all(subprocess.run([str(BIN / "prefect"), "deployment", "inspect", name], env=env,
                               capture_output=True).returncode == 0
-               for name in ("tuneflow-finetune/on-demand", "tuneflow-train/gpu")):
+               for name in ("tuneflow-finetune/on-demand", "tuneflow-retrain/scheduled", "tuneflow-train/gpu")):
             say("deployments already registered (after changing them: source the env file, then make deploy)")
             return
         say(f"registering the deployments: make deploy (log: {self.log('deploy')})")
