@@ -97,7 +97,8 @@ def worker(team: Team, pool: str, machine: str, run_once: bool = False) -> Itera
     # Hide, check that hiding worked (the session folder now reads empty), then become the worker.
     script = ('probe="$1"; shift; for d in "$@"; do mount -t tmpfs none "$d" || exit 97; done; '
               '[ -z "$(ls -A "$probe")" ] || exit 98; '
-              f'exec {PREFECT} worker start --pool {pool} --name {machine}{" --run-once" if run_once else ""}')
+              f'exec {PREFECT} worker start --pool {pool} --name {machine}{" --run-once" if run_once else ""}'
+              f'{" --limit 1" if pool == "gpu" else ""}')  # a GPU machine trains one run at a time (README)
     log = open(folder / f"worker-{pool}.log", "ab")
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script, "sh", probe, *map(str, hidden)], cwd=folder,
                             env=machine_env(team, machine), stdout=log, stderr=subprocess.STDOUT,
