@@ -9,32 +9,14 @@ Trainer passes it. The model's forward never projects more than one chunk of pos
 import pytest
 import torch
 
-from tuneflow.training.batching import IGNORE_INDEX, collator
+from tests.fp32 import rows, tiny_model
+from tuneflow.training.batching import collator
 from tuneflow.training.loss import chunked_causal_lm_loss, supports_chunked_loss
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    from tuneflow.config import TuneflowConfig
-    from tuneflow.demo import build
-    from tuneflow.modeling import load_tokenizer
-
-    model_dir = build(tmp_path_factory.mktemp("tiny"), n_rows=30)["model"]
-    tokenizer = load_tokenizer(model_dir, TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}}))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model.config.use_cache = False
-    return model, tokenizer
-
-
-def rows(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(10, 200, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 2) + ids[n // 2:]})
-    return out
+    return tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def grads(model):

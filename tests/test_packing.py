@@ -8,33 +8,13 @@ rows); and the Trainer counts the same real tokens in both modes (what tokens/s 
 import pytest
 import torch
 
-from tuneflow.training.batching import IGNORE_INDEX, collator
+from tests.fp32 import rows, tiny_model
+from tuneflow.training.batching import collator
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    from tuneflow.demo import build
-    from tuneflow.modeling import load_tokenizer
-    from tuneflow.config import TuneflowConfig
-
-    model_dir = build(tmp_path_factory.mktemp("tiny"), n_rows=30)["model"]
-    cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}})
-    tokenizer = load_tokenizer(model_dir, cfg)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model.config.use_cache = False
-    return model, tokenizer
-
-
-def rows(lengths: list[int], seed: int = 0) -> list[dict]:
-    """Rows of different lengths whose first half is a masked prompt, as prepare writes them."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(10, 200, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 2) + ids[n // 2:]})
-    return out
+    return tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
