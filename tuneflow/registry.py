@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tuneflow.config import TuneflowConfig, config_hash
+from tuneflow.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
 from tuneflow.results import ArtifactRef, SourceRef
 from tuneflow.tracking import tracking_uri
 
@@ -217,8 +217,7 @@ def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig) -> dict[str, f
     metrics, _ = measure(model, tokenizer, examples, [r["prompt"] for r in rows], [r["reference"] for r in rows], cfg)
     del model
     gc.collect()
-    return {k: v for k, v in metrics.items() if k in ("eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2",
-                                                       "rouge-l")}
+    return {k: v for k, v in metrics.items() if k in METRIC_DIRECTIONS}
 
 
 def decide(cfg: TuneflowConfig, challenger: float, champion: float | None, base: float) -> tuple[bool, str]:
