@@ -42,7 +42,8 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
 
     from tuneflow.artifacts import materialize_model
     from tuneflow.hub import fetch
-    from tuneflow.registry import CHALLENGER, CHAMPION, PREVIOUS, Decision, Registry, decide, draw_eval_set, score
+    from tuneflow.registry import (CHALLENGER, CHAMPION, PREVIOUS, Decision, Fingerprint, Registry, decide,
+                                   draw_eval_set, score)
     from tuneflow.results import PREDICTIONS, SourceRef
     from tuneflow.tracking import artifact_source, child_run, log_dataset, log_metrics
 
@@ -80,8 +81,9 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
         scores = {who: s[metric] for who, s in all_scores.items()}
         promote, reason = decide(cfg, scores["challenger"], scores.get("champion"), scores["base"])
 
-        tags = {"tuneflow.model_sha": lineage["model_revision"], "tuneflow.dataset_sha": lineage["dataset_revision"],
-                "tuneflow.config_hash": fp.config_hash, "tuneflow.version": package_version("tuneflow"),
+        trained = Fingerprint(base_ref, fp.dataset.model_copy(update={"revision": lineage["dataset_revision"]}),
+                              fp.config_hash)  # the commits the pipeline trained from, which the skip check matches
+        tags = {**trained.tags(), "tuneflow.version": package_version("tuneflow"),
                 "prefect.flow_run_id": str(flow_run.id),
                 **{f"tuneflow.metric.{k}": f"{v:.6g}" for k, v in summary["metrics"].items()
                    if k in METRIC_DIRECTIONS or k == "export_parity"},
