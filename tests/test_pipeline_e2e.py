@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,18 +69,47 @@ def e2e_config(tmp: Path, hub, tracking_uri: str, zero: str) -> dict:
     }
 
 
-def run_cli(config: Path, env: dict, cwd: Path) -> tuple[Path, str]:
-    """`tuneflow run`; returns (the summary path from its last stdout line, all output)."""
+def listening(pid: int) -> set[tuple[str, str]]:
+    """(address, command line) of every socket listening in the process tree of ``pid``."""
+    import psutil
+
+    found = set()
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for proc in procs:
+        try:
+            found |= {(c.laddr.ip, " ".join(proc.cmdline())[:200]) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def run_cli(config: Path, env: dict, cwd: Path) -> tuple[Path, str, set[tuple[str, str]]]:
+    """`tuneflow run`; returns (the summary path from its last stdout line, all output, the sockets its processes
+    listened on, sampled while it ran)."""
     cli = Path(sys.executable).parent / "tuneflow"
-    done = subprocess.run([str(cli), "run", "--config", str(config)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=420)
-    output = f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
-    assert done.returncode == 0, f"tuneflow run exited {done.returncode}\n{output[-16000:]}"
-    lines = done.stdout.rstrip("\n").splitlines()
+    proc = subprocess.Popen([str(cli), "run", "--config", str(config)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sockets, deadline = set(), time.monotonic() + 420
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:  # retrying communicate() loses no output
+            sockets |= listening(proc.pid)
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+    output = f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+    assert proc.returncode == 0, f"tuneflow run exited {proc.returncode}\n{output[-16000:]}"
+    lines = stdout.rstrip("\n").splitlines()
     assert lines, f"tuneflow run printed nothing on stdout\n{output}"
     summary = Path(lines[-1])
     assert summary.name == "summary.json" and summary.is_file(), f"last stdout line is not summary.json\n{output}"
-    return summary, output
+    return summary, output, sockets
 
 
 # A Hub token that must never be written anywhere: logs, MLflow, Prefect parameters, the run folder.
@@ -100,10 +130,14 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
         HF_HUB_DISABLE_TELEMETRY="1", PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "prefect-home"),
         PYTHONUNBUFFERED="1", HF_TOKEN=CANARY,
     )
-    summary_path, output = run_cli(config, env, cwd=tmp_path)
+    summary_path, output, sockets = run_cli(config, env, cwd=tmp_path)
     summary = json.loads(summary_path.read_text())
     context = f"\nsummary.json: {json.dumps(summary, indent=1)[:4000]}\n{output[-10000:]}"
     assert CANARY not in output, "the Hub token appeared in the output"
+    # `tuneflow run` binds nothing but loopback: torchrun's rendezvous store included (seen, so the check is real)
+    assert any("tuneflow.training.torchrun" in cmd for _, cmd in sockets), f"no training listener sampled: {sockets}"
+    exposed = {(ip, cmd) for ip, cmd in sockets if ip not in ("127.0.0.1", "::1")}
+    assert not exposed, f"listening beyond loopback: {exposed}"
     assert not files_containing(Path(summary["run_dir"]), CANARY), "the Hub token was written to the run folder"
 
     # --- summary.json -------------------------------------------------------------------------------------------

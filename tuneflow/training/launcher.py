@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+RDZV_BACKEND = "bound"  # torchrun's static rendezvous, its store bound to the master address (training/torchrun.py)
+
 
 class WorkerFailed(RuntimeError):
     pass
@@ -37,26 +39,34 @@ def resolve_nproc(nproc: int | str) -> int:
 def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, node_rank: int = 0,
                      master_addr: str | None = None, rdzv_id: str | None = None,
                      join_timeout: float | None = None) -> list[str]:
-    """torchrun with its static rendezvous at master_addr:master_port (node 0 hosts it); on several nodes, the
-    attempt's rendezvous id and how long the rendezvous waits for every node (join_timeout seconds)."""
+    """torchrun with its rendezvous at master_addr:master_port, where node 0 hosts the store, listening on that
+    address only (`tuneflow.training.torchrun`); on several nodes, the attempt's rendezvous id and how long the
+    rendezvous waits for every node (join_timeout seconds)."""
     if nnodes > 1 and not (master_addr and master_port):
         raise ValueError("a multi-node launch needs node 0's address and port")
-    rendezvous = []
-    if rdzv_id:
-        rendezvous += ["--rdzv_id", rdzv_id]
-    if join_timeout:
-        rendezvous += ["--rdzv_conf", f"timeout={int(join_timeout)}"]
+    conf = f"rank={node_rank}" + (f",timeout={int(join_timeout)}" if join_timeout else "")
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "tuneflow.training.torchrun",
         "--nnodes", str(nnodes),
-        "--node_rank", str(node_rank),
         "--nproc_per_node", str(nproc),
-        "--master_addr", master_addr or "127.0.0.1",
-        "--master_port", str(master_port or free_port()),
-        *rendezvous,
+        "--rdzv_backend", RDZV_BACKEND,
+        "--rdzv_endpoint", f"{master_addr or '127.0.0.1'}:{master_port or free_port()}",
+        "--rdzv_conf", conf,
+        *(["--rdzv_id", rdzv_id] if rdzv_id else []),
         "-m", "tuneflow.training.worker",
         "--spec", str(spec),
     ]
+
+
+def loopback_env() -> dict[str, str]:
+    """On one machine, the collectives' sockets (gloo, NCCL's bootstrap) on the loopback interface, unless set."""
+    import psutil
+
+    names = [name for name, addrs in psutil.net_if_addrs().items()
+             if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs)]
+    if not names:
+        return {}
+    return {var: os.environ.get(var, names[0]) for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
 
 
 def rank_errors(errors_dir: Path) -> list[str]:
@@ -104,7 +114,7 @@ def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_lin
     cmd = torchrun_command(spec, nproc, master_port, nnodes, node_rank, master_addr, rdzv_id, join_timeout)
     on_line("launching: " + " ".join(cmd))
     proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        cmd, env={**os.environ, **(loopback_env() if nnodes == 1 else {}), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         errors="replace", preexec_fn=_terminate_with_parent,
     )
     tail: list[str] = []
