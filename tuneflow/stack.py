@@ -373,9 +373,13 @@ class Stack:
         if self.running(name):
             say(f"{pool} worker already running")
             return
-        env = {**self.base_env(), **client, "PREFECT_HOME": str(self.root / "workers" / pool / "prefect-home")}
+        folder = self.root / "workers" / pool
+        (folder / "tmp").mkdir(parents=True, exist_ok=True)
+        # TMPDIR of its own: Prefect's runner keeps flow code in $TMPDIR/runner_storage, a folder that another user's
+        # worker on the same machine may already own.
+        env = {**self.base_env(), **client, "PREFECT_HOME": str(folder / "prefect-home"), "TMPDIR": str(folder / "tmp")}
         proc = self.spawn(name, [str(BIN / "tuneflow"), "worker", "--pool", pool, "--name", f"stack-{pool}"], env,
-                          self.root / "workers" / pool)
+                          folder)
         self.wait_worker(pool, proc, client)
 
     def wait_worker(self, pool: str, proc: psutil.Process, client: dict[str, str], timeout: float = 120) -> None:
