@@ -3,11 +3,12 @@
 The team of tests/test_team.py (a Prefect server, an MLflow server, `make deploy`, process workers each on its own
 "machine" that sees no other's folders), with the training deployment allowed two runs at once and two `gpu`
 workers: the train stage starts one flow run per node, node 0 publishes its address through the Prefect API and
-node 1 joins it.
+node 1 joins it. A node that never joins, or dies, fails the attempt naming it; a retry relaunches the whole group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -32,37 +33,65 @@ def logs(team: Team) -> str:
 
 
 @pytest.mark.slow
-def test_two_nodes_train_one_adapter_from_one_pipeline_run(team):
+def test_a_node_that_never_joins_is_named_and_the_relaunched_group_trains_one_adapter(team):
+    """One GPU machine at first: the node it cannot take never joins, and the attempt fails naming it within
+    train.join_timeout. With the second machine up, the retry relaunches both nodes, which train one adapter."""
     from mlflow import MlflowClient
     from prefect.variables import Variable
 
-    config = tiny_config(team, "two-nodes", nnodes=2, join_timeout=120)
-    with worker(team, "cpu", "cpu"), worker(team, "gpu", "gpu-1"), worker(team, "gpu", "gpu-2"):
-        run = wait_final(submit(config).id, 900, lambda: logs(team))
+    config = tiny_config(team, "two-nodes", nnodes=2, join_timeout=45, retries=1)
+    mlflow = MlflowClient(team.mlflow)
+    with contextlib.ExitStack() as machines:
+        machines.enter_context(worker(team, "cpu", "cpu"))
+        machines.enter_context(worker(team, "gpu", "gpu-1"))
+        run = submit(config)
+        deadline = time.monotonic() + 600
+        while len(training_runs(run.id)) < 2:
+            assert time.monotonic() < deadline, logs(team)
+            time.sleep(1)
+        train_run_id = training_runs(run.id)[0].parameters["request"]["mlflow_run_id"]
+        while "attempt_1_error" not in mlflow.get_run(train_run_id).data.tags:
+            assert time.monotonic() < deadline, logs(team)
+            time.sleep(1)
+        machines.enter_context(worker(team, "gpu", "gpu-2"))  # the second machine comes up for the retry
+        run = wait_final(run.id, 900, lambda: logs(team))
     assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{logs(team)}"
 
     nodes = training_runs(run.id)
-    requests = [n.parameters["request"] for n in nodes]
-    assert sorted(r["node_rank"] for r in requests) == [0, 1]
-    assert len({r["rendezvous_id"] for r in requests}) == 1 and requests[0]["rendezvous_id"]
-    assert all(n.state.is_completed() and n.work_pool_name == "gpu" for n in nodes)
-    assert {n.labels["prefect.worker.name"] for n in nodes} == {"gpu-1", "gpu-2"}  # one node on each machine
-    assert Variable.get(f"tuneflow-rdzv-{requests[0]['rendezvous_id']}") is None  # the rendezvous is cleaned up
+    attempts: dict[str, list] = {}
+    for node in nodes:
+        attempts.setdefault(node.parameters["request"]["rendezvous_id"], []).append(node)
+    assert len(attempts) == 2 and all(len(group) == 2 for group in attempts.values()), attempts
+    first, second = (attempts[rdzv] for rdzv in sorted(attempts))
+    for rdzv in attempts:
+        assert Variable.get(f"tuneflow-rdzv-{rdzv}") is None  # every attempt's rendezvous is cleaned up
 
+    # Attempt 1: the node no machine took is named, with the timeout; the node that ran was cancelled.
+    [late] = [n for n in first if "prefect.worker.name" not in (n.labels or {})]
+    late_rank = late.parameters["request"]["node_rank"]
+    error = mlflow.get_run(train_run_id).data.tags["attempt_1_error"]
+    assert f"node {late_rank}" in error and "train.join_timeout=45" in error, error
+    assert not any(n.state.is_completed() for n in first), [n.state.name for n in first]
+
+    # Attempt 2: both nodes, one on each machine, world size 2, one adapter, the loss logged once per step.
+    assert sorted(n.parameters["request"]["node_rank"] for n in second) == [0, 1]
+    assert all(n.state.is_completed() and n.work_pool_name == "gpu" for n in second)
+    assert {n.labels["prefect.worker.name"] for n in second} == {"gpu-1", "gpu-2"}
     parent, children = mlflow_runs(team, run.id)
     train = summary_of(team, parent, team.folder("client") / "two-nodes")["stages"]["train"]
     assert (train["nnodes"], train["world_size"], train["nproc"], train["global_step"]) == (2, 2, 1, 12), train
+    assert train["attempts"] == 2, train
     train_run = children["train"]
+    assert train_run.info.run_id == train_run_id
     assert (train_run.data.params["nnodes"], train_run.data.params["world_size"]) == ("2", "2")
-    mlflow = MlflowClient(team.mlflow)
-    top = {a.path for a in mlflow.list_artifacts(train_run.info.run_id)}
+    top = {a.path for a in mlflow.list_artifacts(train_run_id)}
     assert "adapter" in top and "model" not in top, top  # one adapter, published by node 0
-    adapter = {os.path.basename(a.path) for a in mlflow.list_artifacts(train_run.info.run_id, "adapter")}
+    adapter = {os.path.basename(a.path) for a in mlflow.list_artifacts(train_run_id, "adapter")}
     assert "adapter_model.safetensors" in adapter, adapter
-    steps = [m.step for m in mlflow.get_metric_history(train_run.info.run_id, "loss")]
+    steps = [m.step for m in mlflow.get_metric_history(train_run_id, "loss")]
     assert sorted(steps) == list(range(1, 13)), steps  # rank 0 only: once per step, not once per node
     # Both machines trained: node 1 ran torchrun as global rank 1 of 2 and logged nothing to MLflow itself.
-    node1 = next(n for n in nodes if n.parameters["request"]["node_rank"] == 1)
+    node1 = next(n for n in second if n.parameters["request"]["node_rank"] == 1)
     node1_log = worker_log(team, node1.labels["prefect.worker.name"], "gpu", tail=None)
     assert "joining the rendezvous at 127.0.0.1:" in node1_log and "node 1: training finished" in node1_log
 
