@@ -164,19 +164,32 @@ def test_stack_serves_prefect_and_mlflow_on_postgres_with_authentication(stack):
     assert sorted(p.pid for p in stack_processes(stack)) == before
 
 
-def test_a_pipeline_run_through_the_stack_completes(stack, client):
+def test_a_pipeline_run_through_the_stack_completes(stack, client, tmp_path):
+    """`tuneflow submit --wait` from a shell that sourced the stack's env file: the pipeline on the cpu worker, its
+    training on the gpu worker, the stages' progress and the held-out metrics printed."""
+    import yaml
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
     config = tiny_config(SimpleNamespace(hub=stack.hub), "stack")
     config["tracking"]["experiment"] = "stack"
+    (tmp_path / "stack.yaml").write_text(yaml.safe_dump(config))
+    env = {**stack.env, **client, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    done = subprocess.run([str(BIN / "tuneflow"), "submit", "--config", str(tmp_path / "stack.yaml"), "--wait"],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    logs = "\n".join((stack.dir / "logs" / f"worker-{p}.log").read_text()[-4000:] for p in ("cpu", "gpu"))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{output[-6000:]}\n{logs}"
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("submitted flow run ") and f"of {PIPELINE}" in first and "tuneflow-train/gpu" in first
+    assert f"{client['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/" in first, first
+    for stage in STAGES:
+        assert f"  {stage}: Completed" in done.stdout, done.stdout
+    assert "pipeline: Completed" in done.stdout and "eval_loss" in done.stdout, done.stdout
+    assert f"MLflow: open {client['MLFLOW_TRACKING_URI']}/#/experiments/" in done.stdout, done.stdout
+    assert not secrets_in(output, stack)
     with get_client(sync_client=True) as prefect:
-        deployment = prefect.read_deployment_by_name(PIPELINE)
-        run = prefect.create_flow_run_from_deployment(
-            deployment.id, parameters={"config": config, "train_deployment": "tuneflow-train/gpu"})
-    logs = lambda: "\n".join((stack.dir / "logs" / f"worker-{p}.log").read_text()[-4000:] for p in ("cpu", "gpu"))  # noqa: E731
-    run = wait_final(run.id, 900, logs)
-    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{logs()}"
+        [run] = [r for r in prefect.read_flow_runs() if r.name == first.split()[3]]
 
     mlflow = MlflowClient()  # MLFLOW_TRACKING_URI and the credentials from the env file
     experiment = mlflow.get_experiment_by_name("stack")

@@ -1,6 +1,7 @@
 """The tuneflow command line.
 
     tuneflow run --config configs/demo.yaml [--set train.learning_rate=1e-4 ...]
+    tuneflow submit --config configs/my.yaml [--wait]   # to the team's Prefect server (PREFECT_API_URL)
     tuneflow validate --config configs/my.yaml [--config-only]
     tuneflow plan --config configs/my.yaml [--gpu-memory 24GiB] [--json]
     tuneflow retrain --config configs/demo.yaml --set registry.model_name=demo [--refreeze-eval-set]
@@ -79,23 +80,142 @@ def cmd_run(args) -> int:
     except Exception as exc:
         print(f"tuneflow: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    metrics = data.get("metrics", {})
+    print_results(data)
+    print(Path(data["run_dir"]) / "summary.json")
+    return 0
+
+
+def print_results(summary: dict) -> None:
+    """The held-out metrics, base -> tuned, and where the run shows in MLflow."""
+    from tuneflow.tracking import run_url
+
+    metrics = summary.get("metrics", {})
     base = metrics.get("base", {})
     print("\nheld-out metrics (base -> tuned):")
     for key in ("eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l"):
         if key in metrics:
             print(f"  {key:9s} {base.get(key, float('nan')):9.4f} -> {metrics[key]:.4f}")
     if "export_parity" in metrics:
-        print(f"  export parity {metrics['export_parity']:.2f}  ({data.get('export_dir')})")
-    from tuneflow.tracking import run_url
-
-    mlflow = data["mlflow"]
+        print(f"  export parity {metrics['export_parity']:.2f}  ({summary.get('export_dir')})")
+    mlflow = summary["mlflow"]
     link = run_url(mlflow["tracking_uri"], mlflow["experiment_id"], mlflow["parent_run_id"])
     serve = "" if link.startswith(mlflow["tracking_uri"]) else \
         f".venv/bin/mlflow ui --backend-store-uri {mlflow['tracking_uri']}, then "
     print(f"MLflow: {serve}open {link}")
-    print(Path(data["run_dir"]) / "summary.json")
+
+
+PIPELINE_DEPLOYMENT = "tuneflow-finetune/on-demand"
+TRAIN_DEPLOYMENT = "tuneflow-train/gpu"
+
+
+def cmd_submit(args) -> int:
+    """Send the pipeline to the team's Prefect server as a flow run of its deployment; with --wait, follow it."""
+    cfg = _config(args)
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    from tasks.train import placement_problem
+    from tuneflow.servers import ServerRefused, check_prefect
+
+    if not PREFECT_API_URL.value():
+        print("tuneflow: submit sends the run to a Prefect server: set PREFECT_API_URL and PREFECT_API_AUTH_STRING "
+              "(`source .stack/env` after `make stack`), or run it on this machine with `tuneflow run`",
+              file=sys.stderr)
+        return 2
+    train = args.train_deployment or None
+    problem = placement_problem(cfg, train)
+    if problem:
+        print(f"tuneflow: {problem}", file=sys.stderr)
+        return 2
+    try:
+        check_prefect()
+    except ServerRefused as exc:
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        return 2
+    from prefect.deployments import run_deployment
+
+    try:
+        flow_run = run_deployment(args.deployment, parameters={"config": _portable(cfg), "train_deployment": train},
+                                  timeout=0)
+    except ObjectNotFound:
+        print(f"tuneflow: no deployment {args.deployment} on {PREFECT_API_URL.value()}: `make deploy` registers it",
+              file=sys.stderr)
+        return 2
+    url = f"{PREFECT_UI_URL.value()}/runs/flow-run/{flow_run.id}"
+    print(f"submitted flow run {flow_run.name} of {args.deployment} (pool {flow_run.work_pool_name}"
+          f"{', training on ' + train if train else ''}): {url}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        return _follow(flow_run.id, cfg)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; flow run {flow_run.name} goes on: {url}", file=sys.stderr)
+        return 130
+
+
+def _portable(cfg) -> dict:
+    """The config as the workers get it: the keys the user set, and local paths made absolute (the stack's
+    workers share this machine; on other machines, push the model and dataset to the Hub)."""
+    data = cfg.model_dump(mode="json", exclude_unset=True)
+    for section in ("model", "dataset"):
+        name = Path(getattr(cfg, section).name_or_path).expanduser()
+        if name.exists() and not name.is_absolute():
+            data[section]["name_or_path"] = str(name.resolve())
+            print(f"tuneflow: {section} {name} is a local path: the workers read {name.resolve()}", file=sys.stderr)
+    return data
+
+
+def _follow(flow_run_id, cfg) -> int:
+    """Print the pipeline's and its stages' states as they change; then its results, found in MLflow."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    seen: dict[str, str] = {}
+
+    def show(what: str, state: str) -> None:
+        if seen.get(what) != state:
+            seen[what] = state
+            print(f"{time.strftime('%H:%M:%S')} {what}: {state}", flush=True)
+
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            show("pipeline", run.state.name)
+            for task in sorted(client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+                    any_=[flow_run_id]))), key=lambda t: t.expected_start_time or t.created):
+                show(f"  {task.name.rsplit('-', 1)[0]}", task.state.name)
+            if run.state.is_final():
+                break
+            time.sleep(2)
+    if not run.state.is_completed():
+        print(f"tuneflow: flow run {run.name} {run.state.name}: {run.state.message or 'no message'}", file=sys.stderr)
+        return 1
+    summary = _summary_in_mlflow(cfg, flow_run_id)
+    if summary:
+        print_results(summary)
     return 0
+
+
+def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
+    """summary.json of the pipeline's MLflow parent run, when this machine reaches the tracking server."""
+    from tuneflow.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.tracking.uri)
+    if not uri.startswith(("http://", "https://")):
+        print("set MLFLOW_TRACKING_URI to the workers' tracking server to see the results here", file=sys.stderr)
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'") \
+        if experiment else []
+    if not runs:
+        print(f"no MLflow run of flow run {flow_run_id} at {uri}", file=sys.stderr)
+        return None
+    return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "summary.json")).read_text())
 
 
 def cmd_retrain(args) -> int:
@@ -194,6 +314,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--run-dir", help="use this run folder instead of a new one")
+    p = sub.add_parser("submit", help="run the pipeline on the team's Prefect server (PREFECT_API_URL): a flow run "
+                       f"of {PIPELINE_DEPLOYMENT}, training on {TRAIN_DEPLOYMENT}")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--deployment", default=PIPELINE_DEPLOYMENT, help="the pipeline deployment (default: %(default)s)")
+    p.add_argument("--train-deployment", default=TRAIN_DEPLOYMENT,
+                   help="where training runs (default: %(default)s); '' trains on the pipeline's own worker")
+    p.add_argument("--wait", action="store_true", help="follow the run's stages until it ends; exit 1 if it fails")
+    p.set_defaults(fn=cmd_submit)
     sub.choices["validate"].add_argument(
         "--config-only", action="store_true",
         help="check the config alone; by default the model and dataset are checked too (nothing large is downloaded)")
