@@ -104,6 +104,7 @@ class StandIn:
         self.crd_installed, self.allowed = True, True
         self.jobs: dict[tuple[str, str], Job] = {}
         self.submitted: list[dict] = []  # every TrainJob as received, valid or not
+        self.history: dict[str, Job] = {}  # every TrainJob created, by name, deleted ones too
         self.deleted: list[str] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -242,7 +243,7 @@ class StandIn:
             for rank in range(body["spec"]["trainer"]["numNodes"]):
                 (folder / f"node-{rank}").mkdir(parents=True)
                 job.pods.append(Pod(f"{name}-node-0-{rank}-{uuid.uuid4().hex[:5]}", rank, folder / f"node-{rank}"))
-            self.jobs[(ns, name)] = job
+            self.jobs[(ns, name)] = self.history[name] = job
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
         return 201, self.job_json(job)
 
