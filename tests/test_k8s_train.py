@@ -241,3 +241,27 @@ def test_the_pool_settings_are_its_defaults_overridden_by_the_deployment(prefect
         client.create_deployment(flow_id, "k8s-settings-process", work_pool_name="k8s-settings-process",
                                  entrypoint="flows.train.train_on_worker")
     assert pool_settings("tuneflow-train/k8s-settings-process") is None
+
+
+def test_node_states_come_from_the_pods_as_jobset_labels_them():
+    """What a real cluster can show that the stand-in does not: a container restarted in place after an error (its
+    failure is in lastState), a pod that cannot be scheduled, the rank only as a label."""
+    from tuneflow.trainjob import read_nodes
+
+    restarted = {"metadata": {"name": "job-node-0-0-abc", "creationTimestamp": "2026-01-01T00:00:01Z",
+                              "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+                 "spec": {"nodeName": "gpu-a"},
+                 "status": {"phase": "Running", "containerStatuses": [{
+                     "name": "node", "restartCount": 1, "state": {"running": {}},
+                     "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": ""}}}]}}
+    unschedulable = {"metadata": {"name": "job-node-0-1-def", "creationTimestamp": "2026-01-01T00:00:01Z",
+                                  "labels": {"batch.kubernetes.io/job-completion-index": "1"}},
+                     "spec": {}, "status": {"phase": "Pending", "conditions": [{
+                         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+    node0, node1 = read_nodes([unschedulable, restarted], 2, "node")
+    assert node0.failure["exitCode"] == 137 and node0.failure["reason"] == "OOMKilled" and node0.failure["previous"]
+    assert node0.label() == "node 0 (pod job-node-0-0-abc on gpu-a)"
+    assert not node1.running and not node1.failure
+    assert node1.state == "Pending (Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.)"
+    assert node1.label() == "node 1 (pod job-node-0-1-def)"
