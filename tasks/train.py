@@ -10,7 +10,8 @@ With train.nnodes > 1 (a deployment is then required) an attempt is train.nnodes
 per node, meeting under a rendezvous id (`tuneflow.training.rendezvous`). A node run that fails, or is not running
 train.join_timeout seconds after the first one started, fails the attempt with its node rank, flow run, worker and
 error; the other node runs are cancelled. A retry relaunches the whole group, resuming from the last checkpoint in
-MLflow.
+MLflow. When the deployment's work pool is of type `kubernetes`, an attempt is instead one Kubeflow Trainer TrainJob
+of train.nnodes pods, submitted and followed by this task (`tuneflow.trainjob`); a retry submits a new one.
 """
 
 from __future__ import annotations
@@ -47,12 +48,9 @@ def placement_problem(cfg: TuneflowConfig, deployment: str | None) -> str | None
 
 def run_on_pool(deployment: str, request: TrainRequest, timeout_s: float, logger) -> TrainResult:
     """One attempt as a flow run of ``deployment``; raise TrainingRunFailed with its error if it does not complete."""
-    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
-
-    from tuneflow.training.run import RESULT_ARTIFACT
 
     # timeout=0: create the run and return, so that this task can cancel it (run_deployment would only poll).
     child = run_deployment(deployment, parameters={"request": request.model_dump(mode="json")}, timeout=0,
@@ -80,8 +78,36 @@ def run_on_pool(deployment: str, request: TrainRequest, timeout_s: float, logger
         raise RuntimeError(f"training run {child.name} was cancelled: {state.message or 'no message'}")
     if not state.is_completed():
         raise TrainingRunFailed(f"training run {child.name} {state.name}: {state.message or 'no message'}")
+    return result_from_mlflow(request)
+
+
+def result_from_mlflow(request: TrainRequest) -> TrainResult:
+    """The TrainResult node 0 logged to the stage's MLflow run."""
+    from mlflow import MlflowClient
+
+    from tuneflow.training.run import RESULT_ARTIFACT
+
     path = MlflowClient(request.tracking_uri).download_artifacts(request.mlflow_run_id, RESULT_ARTIFACT)
     return TrainResult.model_validate(json.loads(Path(path).read_text()))
+
+
+def run_trainjob_on_pool(settings: dict, request: TrainRequest, attempt: int, timeout_s: float, logger) -> TrainResult:
+    """One multi-node attempt as a Kubeflow Trainer TrainJob on the Kubernetes pool described by ``settings``
+    (`tuneflow.trainjob.pool_settings`); raise TrainingRunFailed naming the node that failed or never started."""
+    from tuneflow.k8s import attempt_name
+    from tuneflow.trainjob import TrainJobApi, TrainJobFailed, manifest_for, run_trainjob
+
+    name = attempt_name(request.run_folder, request.mlflow_run_id, attempt)
+    request = request.model_copy(update={"rendezvous_id": name})
+    manifest = manifest_for(request.config, settings, name, request.model_dump_json(),
+                            {"tuneflow/mlflow-run-id": request.mlflow_run_id, "tuneflow/attempt": str(attempt)})
+    logger.info("training on %d nodes as a Kubeflow TrainJob (work pool %s is of type kubernetes)",
+                request.config.train.nnodes, settings["pool"])
+    try:
+        run_trainjob(manifest, TrainJobApi.connect(), timeout_s, request.config.train.join_timeout, logger)
+    except TrainJobFailed as exc:
+        raise TrainingRunFailed(str(exc)) from exc
+    return result_from_mlflow(request)
 
 
 def _node_label(rank: int, run) -> str:
@@ -92,13 +118,11 @@ def _node_label(rank: int, run) -> str:
 def run_group_on_pool(deployment: str, request: TrainRequest, rdzv_id: str, timeout_s: float, logger) -> TrainResult:
     """One multi-node attempt: one flow run of ``deployment`` per node; raise TrainingRunFailed naming the node
     that failed or never joined, after cancelling the others."""
-    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
     from tuneflow.training import rendezvous
-    from tuneflow.training.run import RESULT_ARTIFACT
 
     t = request.config.train
     with get_client(sync_client=True) as client:
@@ -167,8 +191,7 @@ def run_group_on_pool(deployment: str, request: TrainRequest, rdzv_id: str, time
                         for _, rank, r in ended if not r.state.is_cancelled()]
             raise TrainingRunFailed("multi-node training failed: " + "; ".join(failures)
                                     + "; the other nodes were cancelled")
-    path = MlflowClient(request.tracking_uri).download_artifacts(request.mlflow_run_id, RESULT_ARTIFACT)
-    return TrainResult.model_validate(json.loads(Path(path).read_text()))
+    return result_from_mlflow(request)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -182,9 +205,16 @@ def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResu
         request = TrainRequest(config=cfg, model=downloaded.model, data=prepared.data, tracking_uri=ctx.tracking_uri,
                                mlflow_run_id=run_id, run_folder=Path(ctx.run_dir).name)
         attempts = cfg.train.retries + 1
+        k8s_pool = None
+        if deployment and cfg.train.nnodes > 1:
+            from tuneflow.trainjob import pool_settings
+
+            k8s_pool = pool_settings(deployment)  # None unless the deployment's pool is of type kubernetes
         for attempt in range(1, attempts + 1):
             try:
-                if deployment and cfg.train.nnodes > 1:
+                if k8s_pool is not None:
+                    result = run_trainjob_on_pool(k8s_pool, request, attempt, cfg.train.timeout_hours * 3600, logger)
+                elif deployment and cfg.train.nnodes > 1:
                     result = run_group_on_pool(deployment, request, f"{run_id}-{attempt}",
                                                cfg.train.timeout_hours * 3600, logger)
                 elif deployment:

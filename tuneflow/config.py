@@ -159,7 +159,8 @@ class TrainConfig(Section):
     nnodes: int = Field(
         1, ge=1, description="GPU machines that train together. Above 1 the pipeline needs a training deployment "
         "(tuneflow-train/gpu, README 'Run it on a team's Prefect server'): the train stage starts one flow run per "
-        "node, and node 0's address reaches the others through the Prefect API. On Kubernetes: a TrainJob "
+        "node, and node 0's address reaches the others through the Prefect API. When that deployment's work pool is "
+        "of type kubernetes, the stage submits one Kubeflow Trainer TrainJob of N pods instead "
         "(docs/infrastructure.md)."
     )
     join_timeout: float = Field(

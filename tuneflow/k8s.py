@@ -29,6 +29,8 @@ API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"  # Kubeflow Trainer's built-in ClusterTrainingRuntime for torchrun
 NODE_CONTAINER = "node"  # the trainer container's name in that runtime
 REQUEST_ENV = "TUNEFLOW_TRAIN_REQUEST"
+NODE_DIR_ENV, DEFAULT_NODE_DIR = "TUNEFLOW_NODE_DIR", "/cache/train"  # the node's training folder (the cache volume)
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes shows what a container writes here as its termination message
 SECRET_KEYS = {  # env var -> (key in the credentials Secret, optional)
     "MLFLOW_TRACKING_USERNAME": ("MLFLOW_TRACKING_USERNAME", False),
     "MLFLOW_TRACKING_PASSWORD": ("MLFLOW_TRACKING_PASSWORD", False),
@@ -44,6 +46,11 @@ def trainjob_name(run_name: str) -> str:
     name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")
     name = re.sub(r"^[^a-z]+", "", name)[:40].rstrip("-")
     return name or "tuneflow"
+
+
+def attempt_name(run_folder: str, mlflow_run_id: str, attempt: int) -> str:
+    """The TrainJob of one training attempt: unique per pipeline run (its train run id) and per attempt."""
+    return f"{trainjob_name(run_folder)[:26].rstrip('-')}-{mlflow_run_id[:8]}-{attempt}"
 
 
 def _http_uri(uri: str | None) -> str | None:
@@ -66,6 +73,7 @@ def render_trainjob(
     tolerations: list[dict[str, Any]] | None = None,
     service_account: str | None = None,
     runtime: str = RUNTIME,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """The TrainJob manifest (a dict ready for YAML or the Kubernetes API) that trains ``config`` on
     train.nnodes nodes of ``gpus_per_node`` GPUs each.
@@ -84,6 +92,8 @@ def render_trainjob(
         secret_name: the Secret holding MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD and (optional) HF_TOKEN.
         node_selector, tolerations: where training pods may run (default: nodes labelled with a GPU, tolerating
             the nvidia.com/gpu taint).
+        env: more environment variables for every node (the work pool's `env` job variable, e.g. HF_ENDPOINT); they
+            do not replace the ones set here.
     """
     t = config.train
     if t.nproc_per_node == "auto":
@@ -106,20 +116,24 @@ def render_trainjob(
         raise ValueError(f"TrainJob name {name!r} is not a DNS label (lowercase letters, digits and '-', "
                          "starting with a letter, at most 63 characters)")
 
-    env: list[dict[str, Any]] = [
+    variables: list[dict[str, Any]] = [
         {"name": "MLFLOW_TRACKING_URI", "value": tracking_uri or _http_uri(config.tracking.uri) or DEFAULT_TRACKING_URI},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
         {"name": "HF_HUB_CACHE", "value": "/cache/huggingface/hub"},
         {"name": "TUNEFLOW_CACHE", "value": "/cache/tuneflow"},
+        {"name": NODE_DIR_ENV, "value": DEFAULT_NODE_DIR},
     ]
     for var, (key, optional) in SECRET_KEYS.items():
         ref: dict[str, Any] = {"name": secret_name, "key": key}
         if optional:
             ref["optional"] = True
-        env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+        variables.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    taken = {v["name"] for v in variables} | {REQUEST_ENV}
+    variables += [{"name": k, "value": str(v)} for k, v in (env or {}).items()
+                  if k not in taken and not k.startswith("PET_")]
     if request_json is not None:
-        env.append({"name": REQUEST_ENV, "value": request_json})
+        variables.append({"name": REQUEST_ENV, "value": request_json})
 
     pod_patch = {
         "nodeSelector": dict(node_selector if node_selector is not None else {"nvidia.com/gpu.present": "true"}),
@@ -156,7 +170,7 @@ def render_trainjob(
                     "limits": {"nvidia.com/gpu": nproc},
                     "requests": {"nvidia.com/gpu": nproc},
                 },
-                "env": env,
+                "env": variables,
             },
             "runtimePatches": [{
                 "manager": "tuneflow",
@@ -184,29 +198,45 @@ def node_rendezvous(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def _node() -> int:
-    """One TrainJob pod: this node's part of the training attempt described by TUNEFLOW_TRAIN_REQUEST."""
+    """One TrainJob pod: this node's part of the training attempt described by TUNEFLOW_TRAIN_REQUEST. A failure ends
+    with one line `tuneflow.k8s node N failed: ...` on stderr and in the termination message."""
     import logging
     from pathlib import Path
-
-    from tuneflow.results import TrainRequest
-    from tuneflow.training.run import train_once
 
     raw = os.environ.get(REQUEST_ENV)
     if not raw:
         print(f"tuneflow.k8s node: {REQUEST_ENV} is not set: the train stage puts the training request there "
               "(a TrainJob rendered without request_json shows the job's shape only)", file=sys.stderr)
         return 2
-    from tuneflow.training.rendezvous import Rendezvous
-
-    request = TrainRequest.model_validate_json(raw)
-    place = Rendezvous(**node_rendezvous(dict(os.environ)), rdzv_id=request.rendezvous_id,
-                       join_timeout=request.config.train.join_timeout)
-    request = request.model_copy(update={"node_rank": place.node_rank})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logger = logging.getLogger("tuneflow.k8s")
-    logger.info("node %d of %d, rendezvous at %s:%d", place.node_rank, place.nnodes, place.master_addr,
-                place.master_port)
-    train_once(request, Path("/cache/train") / request.run_folder, logger, join=lambda nproc: place)
+    rank = os.environ.get("PET_NODE_RANK", "?")
+    try:
+        from tuneflow.results import TrainRequest
+        from tuneflow.training.rendezvous import Rendezvous
+        from tuneflow.training.run import train_once
+
+        request = TrainRequest.model_validate_json(raw)
+        place = Rendezvous(**node_rendezvous(dict(os.environ)), rdzv_id=request.rendezvous_id,
+                           join_timeout=request.config.train.join_timeout)
+        # MLflow as this pod reaches it (the pool's mlflow_tracking_uri), and the Hub token from the credentials
+        # Secret (HF_TOKEN): a pod has no Prefect API to read a Secret block from.
+        config = request.config.model_copy(update={"hub": request.config.hub.model_copy(update={"token_secret": None})})
+        request = request.model_copy(update={"node_rank": place.node_rank, "config": config,
+                                             "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or request.tracking_uri})
+        logger.info("node %d of %d, rendezvous at %s:%d", place.node_rank, place.nnodes, place.master_addr,
+                    place.master_port)
+        folder = Path(os.environ.get(NODE_DIR_ENV) or DEFAULT_NODE_DIR) / request.run_folder
+        train_once(request, folder, logger, join=lambda nproc: place)
+    except Exception as exc:  # noqa: BLE001 - one line for the train stage's error message, then the traceback
+        said = " / ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        line = f"tuneflow.k8s node {rank} failed: {type(exc).__name__}: {said}"
+        logger.exception("training failed on this node")
+        if os.path.exists(TERMINATION_LOG):
+            with open(TERMINATION_LOG, "w") as out:
+                out.write(line[:4000])
+        print(line, file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
