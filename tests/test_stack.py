@@ -185,7 +185,9 @@ def test_a_pipeline_run_through_the_stack_completes(stack, client, tmp_path):
     assert f"{client['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/" in first, first
     for stage in STAGES:
         assert f"  {stage}: Completed" in done.stdout, done.stdout
+    assert "    training run " in done.stdout, done.stdout  # the training flow run on the gpu pool, followed too
     assert "pipeline: Completed" in done.stdout and "eval_loss" in done.stdout, done.stdout
+    assert "export parity 1.00  (models:/" in done.stdout, done.stdout  # the export as the workers left it: in MLflow
     assert f"MLflow: open {client['MLFLOW_TRACKING_URI']}/#/experiments/" in done.stdout, done.stdout
     assert not secrets_in(output, stack)
     with get_client(sync_client=True) as prefect:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def print_results(summary: dict) -> None:
-    """The held-out metrics, base -> tuned, and where the run shows in MLflow."""
+def print_results(summary: dict, local: bool = True) -> None:
+    """The held-out metrics, base -> tuned, and where the run shows in MLflow (``local``: the run's folders are on
+    this machine)."""
     from tuneflow.tracking import run_url
 
     metrics = summary.get("metrics", {})
@@ -95,8 +97,9 @@ def print_results(summary: dict) -> None:
     for key in ("eval_loss", "bleu-4", "rouge-1", "rouge-2", "rouge-l"):
         if key in metrics:
             print(f"  {key:9s} {base.get(key, float('nan')):9.4f} -> {metrics[key]:.4f}")
-    if "export_parity" in metrics:
-        print(f"  export parity {metrics['export_parity']:.2f}  ({summary.get('export_dir')})")
+    if "export_parity" in metrics:  # the export: a folder here, or (from a worker) its MLflow model
+        where = summary.get("export_dir") if local else summary.get("model_uri")
+        print(f"  export parity {metrics['export_parity']:.2f}  ({where})")
     mlflow = summary["mlflow"]
     link = run_url(mlflow["tracking_uri"], mlflow["experiment_id"], mlflow["parent_run_id"])
     serve = "" if link.startswith(mlflow["tracking_uri"]) else \
@@ -185,7 +188,10 @@ def _follow(flow_run_id, cfg) -> int:
             show("pipeline", run.state.name)
             for task in sorted(client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
                     any_=[flow_run_id]))), key=lambda t: t.expected_start_time or t.created):
-                show(f"  {task.name.rsplit('-', 1)[0]}", task.state.name)
+                if ".run_deployment." in task.task_key:  # Prefect's stand-in task for a training flow run
+                    show(f"    training run {task.name}", task.state.name)
+                else:
+                    show(f"  {task.name.rsplit('-', 1)[0]}", task.state.name)
             if run.state.is_final():
                 break
             time.sleep(2)
@@ -194,7 +200,7 @@ def _follow(flow_run_id, cfg) -> int:
         return 1
     summary = _summary_in_mlflow(cfg, flow_run_id)
     if summary:
-        print_results(summary)
+        print_results(summary, local=False)
     return 0
 
 
@@ -215,6 +221,7 @@ def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
     if not runs:
         print(f"no MLflow run of flow run {flow_run_id} at {uri}", file=sys.stderr)
         return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "summary.json")).read_text())
 
 
