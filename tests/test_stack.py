@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from tests.test_team import PIPELINE, STAGES, tiny_config, wait_final
+from tests.test_team import PIPELINE, STAGES, tiny_config
 from tuneflow.training.launcher import free_port
 
 pytestmark = [pytest.mark.slow,
