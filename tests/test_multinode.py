@@ -32,6 +32,14 @@ def logs(team: Team) -> str:
                      for m, pool in (("cpu", "cpu"), ("gpu-1", "gpu"), ("gpu-2", "gpu")))
 
 
+def nodes_started(team: Team, run, deadline: float) -> str:
+    """Once the pipeline run has started its two node runs: the train stage's MLflow run id."""
+    while len(training_runs(run.id)) < 2:
+        assert time.monotonic() < deadline, logs(team)
+        time.sleep(1)
+    return training_runs(run.id)[0].parameters["request"]["mlflow_run_id"]
+
+
 @pytest.mark.slow
 def test_a_node_that_never_joins_is_named_and_the_relaunched_group_trains_one_adapter(team):
     """One GPU machine at first: the node it cannot take never joins, and the attempt fails naming it within
@@ -46,10 +54,7 @@ def test_a_node_that_never_joins_is_named_and_the_relaunched_group_trains_one_ad
         machines.enter_context(worker(team, "gpu", "gpu-1"))
         run = submit(config)
         deadline = time.monotonic() + 600
-        while len(training_runs(run.id)) < 2:
-            assert time.monotonic() < deadline, logs(team)
-            time.sleep(1)
-        train_run_id = training_runs(run.id)[0].parameters["request"]["mlflow_run_id"]
+        train_run_id = nodes_started(team, run, deadline)
         while "attempt_1_error" not in mlflow.get_run(train_run_id).data.tags:
             assert time.monotonic() < deadline, logs(team)
             time.sleep(1)
@@ -105,10 +110,7 @@ def test_a_node_killed_mid_run_fails_the_stage_naming_it(team):
     with worker(team, "cpu", "cpu"), worker(team, "gpu", "gpu-1"), worker(team, "gpu", "gpu-2"):
         run = submit(config)
         deadline = time.monotonic() + 600
-        while len(training_runs(run.id)) < 2:
-            assert time.monotonic() < deadline, logs(team)
-            time.sleep(1)
-        train_run_id = training_runs(run.id)[0].parameters["request"]["mlflow_run_id"]
+        train_run_id = nodes_started(team, run, deadline)
         pid = None
         while pid is None:  # both nodes train: steps reach MLflow; then kill node 1's training process
             assert time.monotonic() < deadline, logs(team)
