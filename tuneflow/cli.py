@@ -137,8 +137,9 @@ def cmd_submit(args) -> int:
         return 2
     from prefect.deployments import run_deployment
 
+    config, notes = _portable(cfg)
     try:
-        flow_run = run_deployment(args.deployment, parameters={"config": _portable(cfg), "train_deployment": train},
+        flow_run = run_deployment(args.deployment, parameters={"config": config, "train_deployment": train},
                                   timeout=0)
     except ObjectNotFound:
         print(f"tuneflow: no deployment {args.deployment} on {PREFECT_API_URL.value()}: `make deploy` registers it",
@@ -147,6 +148,8 @@ def cmd_submit(args) -> int:
     url = f"{PREFECT_UI_URL.value()}/runs/flow-run/{flow_run.id}"
     print(f"submitted flow run {flow_run.name} of {args.deployment} (pool {flow_run.work_pool_name}"
           f"{', training on ' + train if train else ''}): {url}", flush=True)
+    for note in notes:
+        print(f"tuneflow: {note}", file=sys.stderr)
     if not args.wait:
         return 0
     try:
@@ -156,16 +159,16 @@ def cmd_submit(args) -> int:
         return 130
 
 
-def _portable(cfg) -> dict:
+def _portable(cfg) -> tuple[dict, list[str]]:
     """The config as the workers get it: the keys the user set, and local paths made absolute (the stack's
-    workers share this machine; on other machines, push the model and dataset to the Hub)."""
-    data = cfg.model_dump(mode="json", exclude_unset=True)
+    workers share this machine; on other machines, push the model and dataset to the Hub); and notes on those."""
+    data, notes = cfg.model_dump(mode="json", exclude_unset=True), []
     for section in ("model", "dataset"):
         name = Path(getattr(cfg, section).name_or_path).expanduser()
         if name.exists() and not name.is_absolute():
             data[section]["name_or_path"] = str(name.resolve())
-            print(f"tuneflow: {section} {name} is a local path: the workers read {name.resolve()}", file=sys.stderr)
-    return data
+            notes.append(f"{section} {name} is a local path: the workers read {name.resolve()}")
+    return data, notes
 
 
 def _follow(flow_run_id, cfg) -> int:
