@@ -59,3 +59,16 @@ def test_killed_rank_is_named_from_torchruns_report():
     # rank 0 got the launcher's own SIGTERM after rank 1 died: only rank 1 is named
     assert dead_ranks(TORCHRUN_REPORT) == ["rank 1: exit code -9 (SIGKILL)"]
     assert dead_ranks("no report here") == []
+
+
+def test_the_rendezvous_store_binds_an_address_of_this_machine_only():
+    from tuneflow.training.torchrun import _listener
+
+    listener = _listener("127.0.0.1", 0)
+    try:
+        assert listener.getsockname()[0] == "127.0.0.1"
+    finally:
+        listener.close()
+    # A pod's DNS name (may not resolve yet at start) or an address this machine lacks (NAT): torchrun's own way.
+    assert _listener("trainjob-node-0-0.trainjob", 0) is None
+    assert _listener("192.0.2.1", 0) is None  # TEST-NET-1, never local

@@ -113,9 +113,10 @@ def launch(spec: Path, nproc: int, master_port: int, env: dict[str, str], on_lin
             stale.unlink()
     cmd = torchrun_command(spec, nproc, master_port, nnodes, node_rank, master_addr, rdzv_id, join_timeout)
     on_line("launching: " + " ".join(cmd))
+    local = loopback_env() if nnodes == 1 else {}
     proc = subprocess.Popen(
-        cmd, env={**os.environ, **(loopback_env() if nnodes == 1 else {}), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        errors="replace", preexec_fn=_terminate_with_parent,
+        cmd, env={**os.environ, **local, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        bufsize=1, errors="replace", preexec_fn=_terminate_with_parent,
     )
     tail: list[str] = []
     assert proc.stdout is not None

@@ -7,11 +7,14 @@ torchrun's static rendezvous starts its store (a c10d TCPStore) on every interfa
 setting for the address it binds. This runs torchrun with one more rendezvous backend, `bound`: torchrun's static
 rendezvous, except that node 0 binds the store's socket to ADDR itself and hands it to the TCPStore
 (`master_listen_fd`). On one machine ADDR is 127.0.0.1, so `tuneflow run` listens on loopback only; on several it is
-node 0's published address. The launcher (`tuneflow.training.launcher`) builds the command.
+node 0's published address (a host name, as Kubernetes gives, keeps torchrun's way). The launcher
+(`tuneflow.training.launcher`) builds the command.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import socket
 import sys
 
@@ -31,12 +34,28 @@ class BoundStaticRendezvous(StaticTCPRendezvous):
 
     def next_rendezvous(self):
         if self.rank == 0 and not self._store:
-            family = socket.AF_INET6 if ":" in self.master_addr else socket.AF_INET
-            listener = socket.create_server((self.master_addr, self.master_port), family=family, backlog=2048)
-            # TCPStore serves on this socket and closes it with the store.
-            self._store = TCPStore(self.master_addr, self.master_port, self.world_size, True, self.timeout,
-                                   multi_tenant=True, master_listen_fd=listener.detach())
+            listener = _listener(self.master_addr, self.master_port)
+            if listener is not None:  # TCPStore serves on this socket and closes it with the store
+                self._store = TCPStore(self.master_addr, self.master_port, self.world_size, True, self.timeout,
+                                       multi_tenant=True, master_listen_fd=listener.detach())
         return super().next_rendezvous()
+
+
+def _listener(addr: str, port: int) -> socket.socket | None:
+    """A socket listening on addr:port; None where addr is a host name (a Kubernetes pod's DNS name may not resolve
+    yet when it starts) or an address this machine does not have (behind NAT): there the store listens as
+    torchrun's own does, on every interface."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    try:
+        return socket.create_server((addr, port), family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                                    backlog=2048)
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return None
+        raise
 
 
 def _create_handler(params: RendezvousParameters) -> BoundStaticRendezvous:
