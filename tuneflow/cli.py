@@ -311,7 +311,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# `tuneflow run` / `retrain` without PREFECT_API_URL start Prefect's temporary server; its first start in a fresh
+# PREFECT_HOME (database migrations) can take longer than Prefect's 20 s on a busy machine.
+EPHEMERAL_STARTUP_TIMEOUT_S = "120"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
     parser = argparse.ArgumentParser(prog="tuneflow", description="QLoRA fine-tuning pipeline (Prefect + MLflow)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("run", cmd_run, "run the whole pipeline"),
