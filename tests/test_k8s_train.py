@@ -207,18 +207,14 @@ def test_cluster_problems_are_one_line_errors_that_say_what_to_do(k8s, tmp_path,
     assert "no Kubernetes credentials" in error(tmp_path / "missing")
     assert "401 Unauthorized" in error(k8s.kubeconfig(tmp_path / "wrong", token="wrong-token"))
     good = k8s.kubeconfig(tmp_path / "good")
-    k8s.crd_installed = False
-    try:
-        said = error(good)
-        assert "no TrainJob API" in said and "docs/infrastructure.md" in said, said
-    finally:
-        k8s.crd_installed = True
-    k8s.allowed = False
-    try:
-        said = error(good)
-        assert "403 Forbidden" in said and "create and delete on trainjobs.trainer.kubeflow.org" in said, said
-    finally:
-        k8s.allowed = True
+    monkeypatch.setattr(k8s, "crd_installed", False)
+    said = error(good)
+    assert "no TrainJob API" in said and "docs/infrastructure.md" in said, said
+    monkeypatch.setattr(k8s, "crd_installed", True)
+    monkeypatch.setattr(k8s, "allowed", False)
+    said = error(good)
+    assert "403 Forbidden" in said and "create and delete on trainjobs.trainer.kubeflow.org" in said, said
+    monkeypatch.setattr(k8s, "allowed", True)
     assert "setup-check" not in k8s.history  # nothing was created
 
 
