@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -93,6 +94,7 @@ def prepare(cfg: TuneflowConfig, downloaded: DownloadResult, ctx: RunContext) ->
         hit = (final / "stats.json").is_file()
         if hit:
             logger.info("prepare: reusing the tokenized dataset in %s (same inputs as an earlier run)", final)
+            os.utime(final)  # last use, for `tuneflow cache prune`
         else:
             build_entry(cfg, downloaded, final, logger)
         stats = json.loads((final / "stats.json").read_text())

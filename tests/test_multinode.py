@@ -139,6 +139,24 @@ def test_a_node_killed_mid_run_fails_the_stage_naming_it(team):
     assert children["train"].info.status == "FAILED"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("nnodes", [1, 2])
+def test_workers_sharing_one_home_finish_every_run(team, nnodes):
+    """One machine as `make stack` runs it: the cpu and both gpu workers share HOME, the Hub cache and the tuneflow
+    cache, each with its own TMPDIR and Prefect home. A worker deletes a flow run's folder when the run ends, so what
+    a later stage reads through the shared cache must not live there: every consecutive run completes."""
+    with contextlib.ExitStack() as machines:
+        for pool, machine in (("cpu", "cpu"), ("gpu", "gpu-1"), ("gpu", "gpu-2")):
+            machines.enter_context(worker(team, pool, machine, home="shared-home"))
+        for i in range(3):
+            run = submit(tiny_config(team, f"shared-home-{nnodes}-{i}", nnodes=nnodes, join_timeout=120))
+            run = wait_final(run.id, 600, lambda: logs(team))
+            assert run.state.is_completed(), f"run {i + 1}: {run.state.name}: {run.state.message}\n{logs(team)}"
+            assert len(training_runs(run.id)) == nnodes
+    cache = team.folder("shared-home") / "tuneflow-cache" / "artifacts"
+    assert not [p for p in cache.iterdir() if p.is_symlink()], "the cache holds pointers into flow-run folders"
+
+
 def test_tuneflow_run_refuses_several_nodes_without_a_deployment(tmp_path):
     import subprocess
     import sys

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).parent / "prefect"
-MACHINES = ("deployer", "cpu", "gpu-1", "gpu-2", "client")
+MACHINES = ("deployer", "cpu", "gpu-1", "gpu-2", "client", "shared-home")
 PIPELINE, TRAINING = "tuneflow-finetune/on-demand", "tuneflow-train/gpu"
 STAGES = ("download", "prepare", "train", "evaluate", "export")
 
@@ -73,26 +73,31 @@ def team(prefect_api, hub_mirror, tmp_path_factory) -> Iterator[Team]:
         yield team
 
 
-def machine_env(team: Team, machine: str) -> dict:
-    """What README tells a worker machine to set, and nothing of the test's own environment."""
+def machine_env(team: Team, machine: str, home: str | None = None) -> dict:
+    """What README tells a worker machine to set, and nothing of the test's own environment. With ``home``, the
+    HOME and caches are that folder's, shared with other workers (as `make stack` runs them); TMPDIR and the Prefect
+    home stay the worker's own."""
     folder = team.folder(machine)
+    shared = team.folder(home or machine)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
     env.update(
-        HOME=str(folder), TMPDIR=str(folder / "tmp"), PYTHONUNBUFFERED="1",
+        HOME=str(shared), TMPDIR=str(folder / "tmp"), PYTHONUNBUFFERED="1",
         PREFECT_API_URL=team.api, PREFECT_HOME=str(folder / "prefect-home"), PREFECT_WORKER_QUERY_SECONDS="1",
         MLFLOW_TRACKING_URI=team.mlflow,
-        HF_ENDPOINT=team.hub.endpoint, HF_HOME=str(folder / "hf-home"), HF_HUB_CACHE=str(folder / "hf-cache"),
+        HF_ENDPOINT=team.hub.endpoint, HF_HOME=str(shared / "hf-home"), HF_HUB_CACHE=str(shared / "hf-cache"),
         HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
-        TUNEFLOW_CACHE=str(folder / "tuneflow-cache"),
+        TUNEFLOW_CACHE=str(shared / "tuneflow-cache"),
     )
     return env
 
 
 @contextlib.contextmanager
-def worker(team: Team, pool: str, machine: str, run_once: bool = False) -> Iterator[subprocess.Popen]:
-    """`prefect worker start --pool <pool>` on its own machine: everything but its own folder is hidden."""
+def worker(team: Team, pool: str, machine: str, run_once: bool = False,
+           home: str | None = None) -> Iterator[subprocess.Popen]:
+    """`prefect worker start --pool <pool>` on its own machine: everything but its own folder (and the shared
+    ``home``, if given: see machine_env) is hidden."""
     folder = team.folder(machine)
-    hidden = team.hidden_always + [team.folder(m) for m in MACHINES if m != machine]
+    hidden = team.hidden_always + [team.folder(m) for m in MACHINES if m not in (machine, home)]
     probe = str(team.hidden_always[0])
     # Hide, check that hiding worked (the session folder now reads empty), then become the worker.
     script = ('probe="$1"; shift; for d in "$@"; do mount -t tmpfs none "$d" || exit 97; done; '
@@ -101,7 +106,7 @@ def worker(team: Team, pool: str, machine: str, run_once: bool = False) -> Itera
               f'{" --limit 1" if pool == "gpu" else ""}')  # a GPU machine trains one run at a time (README)
     log = open(folder / f"worker-{pool}.log", "ab")
     proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script, "sh", probe, *map(str, hidden)], cwd=folder,
-                            env=machine_env(team, machine), stdout=log, stderr=subprocess.STDOUT,
+                            env=machine_env(team, machine, home), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         yield proc

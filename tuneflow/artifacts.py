@@ -1,25 +1,33 @@
 """Stage outputs as MLflow artifacts, and a local cache of them keyed by content digest.
 
 `publish` logs a folder as an artifact of a stage's MLflow run and returns an `ArtifactRef` with the folder's
-digest; the folder is also registered in this machine's cache, so a later stage here reads it in place, without a
-copy. `materialize` turns a reference into a local folder: the registered one, an earlier download, or a fresh
-download through the MLflow tracking server (into a temporary folder, digest checked, then renamed). With an
-`mlflow server` that proxies artifacts, a machine needs nothing but MLFLOW_TRACKING_URI to read them.
+digest; the folder also enters this machine's cache as an entry of its own (hard links where the file system
+allows, else a copy), so a later stage here reads it without a download even after the publishing stage's folder
+is gone. `materialize` turns a reference into a local folder: the cache entry when its content still matches the
+digest, else a fresh download through the MLflow tracking server. With an `mlflow server` that proxies artifacts, a
+machine needs nothing but MLFLOW_TRACKING_URI to read them.
 
-The cache lives in $TUNEFLOW_CACHE (default ~/.cache/tuneflow).
+Every entry is built in a staging folder beside it, checked against its digest, then renamed into place, so a
+reader sees a complete entry or none: two workers or two runs sharing one cache (one HOME) never half-read. The
+cache lives in $TUNEFLOW_CACHE (default ~/.cache/tuneflow); `tuneflow cache prune --keep-days N` empties it of what
+no run has used lately.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneflow.results import ArtifactRef
 
 CHUNK = 1 << 20
+KINDS = ("artifacts", "models", "prepared")  # the cache's folders of entries
 
 
 def cache_root() -> Path:
@@ -45,14 +53,71 @@ def _entry(value: str) -> Path:
     return folder / value.removeprefix("sha256:")
 
 
-def register(value: str, folder: Path) -> None:
-    """Let later stages on this machine read ``folder`` in place for artifacts of digest ``value``."""
-    entry = _entry(value)
-    if entry.is_dir():
+def _staging(entry: Path) -> Path:
+    return entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def _discard(path: Path) -> None:
+    """Remove a cache entry: renamed away first (one atomic step for readers), then deleted."""
+    trash = _staging(path)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
         return
-    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.link")
-    tmp.symlink_to(Path(folder).resolve(), target_is_directory=True)
-    os.replace(tmp, entry)
+    if trash.is_symlink() or trash.is_file():
+        trash.unlink()
+    else:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _install(staging: Path, entry: Path) -> None:
+    """Rename a complete staging folder into place; when another process got there first, theirs is identical."""
+    if entry.is_symlink():  # an entry of an older tuneflow: a pointer into a folder the cache did not own
+        _discard(entry)
+    try:
+        os.rename(staging, entry)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+
+
+def _verified(entry: Path, value: str) -> bool:
+    """The entry exists, is the cache's own folder and holds exactly the content of digest ``value``; a damaged
+    one is discarded so that the caller fetches it again."""
+    if entry.is_symlink():
+        _discard(entry)
+        return False
+    if not entry.is_dir():
+        return False
+    if digest(entry) != value:
+        _discard(entry)
+        return False
+    os.utime(entry)  # last use, for `tuneflow cache prune`
+    return True
+
+
+def register(value: str, folder: Path) -> Path:
+    """Enter ``folder`` (of digest ``value``) into this machine's cache as an entry of its own; return the entry."""
+    entry = _entry(value)
+    if _verified(entry, value):
+        return entry
+    staging = _staging(entry)
+    try:
+        shutil.copytree(folder, staging, copy_function=_link_or_copy)
+        found = digest(staging)
+        if found != value:
+            raise RuntimeError(f"{folder} changed while it was published ({found}, expected {value})")
+        _install(staging, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry
 
 
 def publish(client, run_id: str, folder: Path, name: str) -> ArtifactRef:
@@ -64,15 +129,13 @@ def publish(client, run_id: str, folder: Path, name: str) -> ArtifactRef:
 
 
 def materialize(ref: ArtifactRef, tracking_uri: str) -> Path:
-    """A local folder holding the artifact ``ref``: reused from this machine's cache, else downloaded."""
+    """A local folder holding the artifact ``ref``: this machine's cache entry, else downloaded into it."""
     from mlflow.artifacts import download_artifacts
 
     entry = _entry(ref.digest)
-    if entry.is_dir():
-        return entry.resolve()
-    if entry.is_symlink():
-        entry.unlink(missing_ok=True)  # registered folder deleted since: download instead
-    staging = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.partial")
+    if _verified(entry, ref.digest):
+        return entry
+    staging = _staging(entry)
     try:
         download_artifacts(artifact_uri=ref.uri, dst_path=str(staging), tracking_uri=tracking_uri)
         got = staging / Path(ref.path).name
@@ -80,13 +143,10 @@ def materialize(ref: ArtifactRef, tracking_uri: str) -> Path:
         if found != ref.digest:
             raise RuntimeError(f"artifact {ref.uri}: content digest {found} does not match the reference "
                                f"{ref.digest}; it was changed after it was logged")
-        try:
-            got.rename(entry)
-        except OSError:  # another process finished the same download first: theirs is identical
-            pass
+        _install(got, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return entry.resolve()
+    return entry
 
 
 def materialize_model(uri: str, tracking_uri: str) -> Path:
@@ -109,6 +169,7 @@ def materialize_model(uri: str, tracking_uri: str) -> Path:
         raise ValueError(f"{uri}: this registered version does not point to a logged model (registered by hand?)")
     entry = cache_root() / "models" / model_id
     if entry.is_dir():
+        os.utime(entry)  # last use, for `tuneflow cache prune`
         return entry
     entry.parent.mkdir(exist_ok=True)
     staging = entry.with_name(f".{model_id}.{uuid.uuid4().hex[:8]}.partial")
@@ -126,3 +187,40 @@ def materialize_model(uri: str, tracking_uri: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entry
+
+
+@dataclass
+class Pruned:
+    entries: list[Path]
+    size: int  # bytes of the files they held (hard-linked files may still be held elsewhere)
+
+
+STAGING_GRACE_S = 3600  # a staging folder younger than this may belong to a download in progress
+
+
+def prune(keep_days: float, dry_run: bool = False) -> Pruned:
+    """Remove the cache entries (artifacts, models, prepared datasets) no run has used for ``keep_days`` days, and
+    staging folders that crashed processes left. An entry is used when a stage publishes or reads it."""
+    now = time.time()
+    cutoff = now - keep_days * 86400
+    root = cache_root()
+    entries, size = [], 0
+    for kind in KINDS:
+        folder = root / kind
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if path.name.endswith(".published.json"):
+                continue  # removed with its entry
+            try:
+                used = path.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            staging = path.name.startswith(".") and path.name.endswith(".partial")
+            if used >= (min(cutoff, now - STAGING_GRACE_S) if staging else cutoff):
+                continue
+            files = [path] if path.is_symlink() or path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            size += sum(p.lstat().st_size for p in files)
+            entries.append(path)
+            if not dry_run:
+                _discard(path)
+                path.with_name(path.name + ".published.json").unlink(missing_ok=True)
+    return Pruned(entries, size)

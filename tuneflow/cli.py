@@ -9,6 +9,7 @@
     tuneflow generate --model runs/<run>/export --prompt "Add 2 and 3." [--stream]
     tuneflow generate --model models:/<registered name>@champion --prompt "..."
     tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
+    tuneflow cache prune --keep-days 14 [--dry-run]   # this machine's $TUNEFLOW_CACHE
     tuneflow worker --pool cpu          # checks the Prefect and MLflow credentials, then `prefect worker start`
 """
 
@@ -311,6 +312,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_cache_prune(args) -> int:
+    from tuneflow.artifacts import cache_root, prune
+
+    pruned = prune(args.keep_days, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in pruned.entries:
+        print(f"{verb} {entry}")
+    print(f"tuneflow cache: {verb} {len(pruned.entries)} entries ({pruned.size / 2**20:.1f} MiB) unused for "
+          f"{args.keep_days:g} days from {cache_root()}")
+    return 0
+
+
 # `tuneflow run` / `retrain` without PREFECT_API_URL start Prefect's temporary server; its first start in a fresh
 # PREFECT_HOME (database migrations) can take longer than Prefect's 20 s on a busy machine.
 EPHEMERAL_STARTUP_TIMEOUT_S = "120"
@@ -360,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("cache", help="this machine's cache of stage outputs ($TUNEFLOW_CACHE, default "
+                       "~/.cache/tuneflow)").add_subparsers(dest="action", required=True)
+    c = c.add_parser("prune", help="remove the adapters, checkpoints, models and prepared datasets no run has used "
+                     "lately; a later run downloads what it needs again from MLflow")
+    c.add_argument("--keep-days", type=float, required=True, help="keep what was used within this many days")
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    c.set_defaults(fn=cmd_cache_prune)
     add_plan_command(sub)
     add_worker_command(sub)
     args = parser.parse_args(argv)
