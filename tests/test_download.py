@@ -84,9 +84,9 @@ def sha256(path: Path) -> str:
 
 
 def test_hub_killed_mid_download(tiny_assets, tmp_path):
-    """SIGKILL the Hub server while weights stream in and keep it down past huggingface_hub's own quick resumes;
-    bring it back on the same port: tuneflow's backoff retries, the download completes, and every file is
-    byte-identical to the repo's (no partial file is ever used)."""
+    """SIGKILL the Hub server while weights stream in and keep it down: huggingface_hub's own quick resumes fail, and
+    the download ends within 20 s in one line naming the endpoint, with no partial file in the snapshot. With the
+    server back on the same port, the next download completes and every file is byte-identical to the repo's."""
     source = tmp_path / "big-model"
     shutil.copytree(tiny_assets["model"], source)
     for i in range(3):  # ~150 MB in all: several seconds through olah, so the kill lands mid-stream
@@ -96,9 +96,9 @@ def test_hub_killed_mid_download(tiny_assets, tmp_path):
     work.mkdir()
     server = start_olah(tmp_path / "mirror", work, port)
     cache = tmp_path / "hub-cache"
+    env = download_env(f"http://127.0.0.1:{port}", cache)
     client = subprocess.Popen([sys.executable, "-c", DOWNLOAD, "tiny-org/big", str(tiny_assets["data"])],
-                              env=download_env(f"http://127.0.0.1:{port}", cache), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         partial = []
@@ -106,19 +106,47 @@ def test_hub_killed_mid_download(tiny_assets, tmp_path):
             partial = [p for p in cache.rglob("*.incomplete") if p.stat().st_size > 0]
             time.sleep(0.05)
         assert partial, "the download was never seen in progress"
-        server.kill()  # the Hub goes away mid-stream
+        server.kill()  # the Hub goes away mid-stream, for good
         server.wait()
-        time.sleep(10)
-        server = start_olah(tmp_path / "mirror", work, port)
-        out, err = client.communicate(timeout=300)
+        killed = time.monotonic()
+        out, err = client.communicate(timeout=120)
+        waited = time.monotonic() - killed
+        failed = json.loads(out.strip().splitlines()[-1])
+        assert waited < 20, f"{waited:.0f} s to give up\n{err[-3000:]}"
+        assert failed["error"].startswith(f"model tiny-org/big: the Hub at http://127.0.0.1:{port} cannot be reached")
+        assert "HF_ENDPOINT" in failed["error"] and "\n" not in failed["error"], failed
+        # Only complete files ever enter the snapshot.
+        snapshot_files = list((cache / "models--tiny-org--big" / "snapshots").rglob("extra-*"))
+        assert all(sha256(p) == sha256(source / p.name) for p in snapshot_files)
+
+        server = start_olah(tmp_path / "mirror", work, port)  # back: the same download completes
+        result, err = download("tiny-org/big", tiny_assets["data"], env)
     finally:
         client.kill()
         stop(server)
-    assert client.returncode == 0, err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
     assert result.get("revision") == sha, f"{result}\n{err[-3000:]}"
     snapshot = Path(result["path"])
     for file in sorted(source.glob("*.safetensors")):
         assert sha256(snapshot / file.name) == sha256(file), f"{file.name} differs from the repo's"
     assert not list(cache.rglob("*.incomplete")), "a partial download was left behind"
-    assert "model tiny-org/big: Hub request failed" in err and "retry 1 in 2s" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("command", ["plan", "validate"])
+def test_an_unreachable_hub_is_named_in_one_line_within_seconds(command, tmp_path):
+    """A closed port on loopback: no retries of a refused connection, one line naming the endpoint and what to set."""
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"model": {"name_or_path": "tiny-org/tiny-llama"},
+                                  "dataset": {"name_or_path": "tiny-org/tiny-instruct"}}))
+    args = ["--gpu-memory", "24GiB"] if command == "plan" else []
+    started = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), command, "--config", str(config), *args],
+                          env=download_env(endpoint, tmp_path / "hub-cache"), capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert elapsed < 20, f"{elapsed:.0f} s\n{done.stderr}"
+    line = f"model tiny-org/tiny-llama: the Hub at {endpoint} cannot be reached ([Errno 111] Connection refused)"
+    problems = [text for text in done.stderr.splitlines() if line in text]
+    assert len(problems) == 1 and "HF_ENDPOINT" in problems[0] and "HF_HUB_OFFLINE=1" in problems[0], done.stderr
+    assert "Traceback" not in done.stderr and "Retrying" not in done.stderr, done.stderr

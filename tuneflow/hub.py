@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +20,8 @@ from tuneflow.results import SourceRef
 MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
 WEIGHTS = ["*.safetensors"]
 DATASET_PATTERNS = [f"{prefix}*{suffix}" for prefix in ("", "**/") for suffix in DATA_SUFFIXES]
-RETRY_DELAYS = (2, 5, 15, 30)
+RETRY_WAIT = (2, 30)  # seconds: the first wait, doubling up to the last
+RETRY_WITHIN_S = 120  # transient failures are retried for this long
 FULL_HASH_LIMIT = 64 * 2**20
 
 
@@ -61,9 +61,48 @@ def offline() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
-def hub_call(fn, src: Source, logger: logging.Logger):
-    """Call the Hub with retries and backoff on network errors; turn the Hub's refusals into Problems."""
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why no connection could be made at all (refused, a host name that does not resolve), found in ``exc`` or
+    what caused it; None for anything else."""
+    import socket
+
     import httpx2  # huggingface_hub's HTTP client
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, (httpx2.ConnectError, ConnectionRefusedError, socket.gaierror)):
+            return str(seen).splitlines()[0] if str(seen) else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def transient(exc: BaseException) -> bool:
+    """Worth another try: a timeout, a connection cut mid-answer, a 5xx, 429 or 408 from the Hub."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else 500
+        return status >= 500 or status in (408, 429)
+    return isinstance(exc, (httpx2.TimeoutException, httpx2.RemoteProtocolError, httpx2.ReadError))
+
+
+def hub_call(fn, src: Source, logger: logging.Logger, retry: bool = True):
+    """Call the Hub; turn its refusals and an unreachable endpoint into one-line Problems at once.
+
+    One retry policy per request: with ``retry``, for metadata calls that huggingface_hub does not retry itself
+    (repo_info), transient failures are retried here with backoff (RETRY_WAIT); downloads pass ``retry=False``, since
+    huggingface_hub already retries their requests and resumes their streams. A refused connection or a name that
+    does not resolve is never retried: the run is told within seconds what to set."""
+    import tenacity
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -73,34 +112,44 @@ def hub_call(fn, src: Source, logger: logging.Logger):
     )
 
     what = f"{src.key} {src.name}"
-    delays = () if offline() else RETRY_DELAYS
-    for attempt, delay in enumerate((*delays, None), 1):
-        try:
-            return fn()
-        except GatedRepoError:
-            raise Problem(f"{src.key}.name_or_path: {src.name} is gated; accept its terms on the Hub, then set "
-                          "HF_TOKEN (or hub.token_secret) to a token of that account") from None
-        except RevisionNotFoundError:
-            raise Problem(f"{src.key}.revision: {src.revision!r} is not a branch, tag or commit of {src.name}") from None
-        except RepositoryNotFoundError:
-            raise RepoNotFound(f"{src.key}.name_or_path: {src.name} is neither a local path nor a repo on the Hub "
-                          f"({src.repo_type}s); check the name, or set HF_TOKEN if it is private") from None
-        except LocalEntryNotFoundError as exc:
-            if offline():
-                raise Problem(f"{what}: HF_HUB_OFFLINE is set and the cache has no complete snapshot of revision "
-                              f"{src.revision!r}: {str(exc).splitlines()[0]}") from None
-            error = exc
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else 500
-            if status < 500 and status != 429:
-                raise Problem(f"{what}: the Hub refused the request: {str(exc).splitlines()[0]}") from None
-            error = exc  # overloaded or failing: retry
-        except (httpx2.TransportError, OSError) as exc:  # connection refused or reset, a timeout
-            error = exc
-        if delay is None:
-            raise Problem(f"{what}: the Hub did not answer after {attempt} attempts: {error}")
-        logger.warning("%s: Hub request failed (%s); retry %d in %ss", what, str(error).splitlines()[0], attempt, delay)
-        time.sleep(delay)
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception()
+        logger.warning("%s: Hub request failed (%s); retry %d in %.0fs", what, str(error).splitlines()[0],
+                       state.attempt_number, state.upcoming_sleep)
+
+    policy = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda exc: retry and not offline() and transient(exc)),
+        wait=tenacity.wait_exponential(multiplier=RETRY_WAIT[0], max=RETRY_WAIT[1]),
+        stop=tenacity.stop_after_delay(RETRY_WITHIN_S), before_sleep=warn, reraise=True)
+    try:
+        return policy(fn)
+    except GatedRepoError:
+        raise Problem(f"{src.key}.name_or_path: {src.name} is gated; accept its terms on the Hub, then set "
+                      "HF_TOKEN (or hub.token_secret) to a token of that account") from None
+    except RevisionNotFoundError:
+        raise Problem(f"{src.key}.revision: {src.revision!r} is not a branch, tag or commit of {src.name}") from None
+    except RepositoryNotFoundError:
+        raise RepoNotFound(f"{src.key}.name_or_path: {src.name} is neither a local path nor a repo on the Hub "
+                           f"({src.repo_type}s); check the name, or set HF_TOKEN if it is private") from None
+    except Exception as exc:
+        if isinstance(exc, LocalEntryNotFoundError) and offline():
+            raise Problem(f"{what}: HF_HUB_OFFLINE is set and the cache has no complete snapshot of revision "
+                          f"{src.revision!r}: {str(exc).splitlines()[0]}") from None
+        if reason := unreachable(exc):
+            raise Problem(f"{what}: the Hub at {endpoint()} cannot be reached ({reason}); check the network, set "
+                          "HF_ENDPOINT to a mirror you can reach, or HF_HUB_OFFLINE=1 to use only what the Hub cache "
+                          "holds") from None
+        if isinstance(exc, HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                raise Problem(f"{what}: the Hub at {endpoint()} refused the token ({status}); set HF_TOKEN (or "
+                              "hub.token_secret) to a token with access to this repo") from None
+            kind = "failed" if transient(exc) else "refused the request"
+            raise Problem(f"{what}: the Hub at {endpoint()} {kind}: {str(exc).splitlines()[0]}") from None
+        if transient(exc) or isinstance(exc, LocalEntryNotFoundError):
+            raise Problem(f"{what}: the Hub at {endpoint()} did not answer: {str(exc).splitlines()[0]}") from None
+        raise
 
 
 def unsafe_names(files: list[str]) -> list[str]:
@@ -152,7 +201,8 @@ def snapshot(src: Source, patterns: list[str], logger: logging.Logger) -> Path:
     from huggingface_hub import snapshot_download
 
     folder = Path(hub_call(lambda: snapshot_download(src.name, repo_type=src.repo_type, revision=src.revision,
-                                                     allow_patterns=patterns, token=src.token), src, logger))
+                                                     allow_patterns=patterns, token=src.token), src, logger,
+                           retry=False))
     if src.sha and folder.name != src.sha:
         raise Problem(f"{src.key} {src.name}: revision {src.revision!r} moved from {src.sha} to {folder.name} "
                       f"during the download; run again, or pin {src.key}.revision to a commit")

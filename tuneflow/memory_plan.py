@@ -632,13 +632,14 @@ def read_model_config(cfg: TuneflowConfig) -> dict:
     else:
         from huggingface_hub import hf_hub_download
 
-        from tuneflow.hub import Problem, Source, hub_call, hub_token
+        from tuneflow.hub import Problem, hub_call, hub_token, locate
 
+        logger = logging.getLogger("tuneflow.plan")
         try:
             token = hub_token(cfg)
-            src = Source("model", name, cfg.model.revision, token=token)
-            path = Path(hub_call(lambda: hf_hub_download(name, "config.json", revision=cfg.model.revision,
-                                                         token=token), src, logging.getLogger("tuneflow.plan")))
+            src = locate(name, cfg.model.revision, "model", logger, token)  # an unreachable Hub is named at once
+            path = Path(hub_call(lambda: hf_hub_download(name, "config.json", revision=src.sha or src.revision,
+                                                         token=token), src, logger, retry=False))
         except Problem as exc:
             raise PlanError(str(exc)) from None
     try:
