@@ -118,6 +118,8 @@ class RunRecord:
             self.log_data(self.parent, "eval", "evaluation")
         elif isinstance(result, TrainResult):
             self.log_data(result.mlflow_run_id, "train", "training")
+            if result.precision:
+                log_params(self.client, self.parent, {"train.precision_resolved": result.precision})
             if (self.folder / "train" / result.weights.path).is_dir():
                 self.summary["adapter_dir"] = str(self.folder / "train" / result.weights.path)  # trained here
         elif isinstance(result, EvalResult):

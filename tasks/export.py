@@ -75,6 +75,7 @@ def export(
 
     from tuneflow.generation import generate
     from tuneflow.modeling import DTYPES, load_merged, load_pretrained, load_tokenizer
+    from tuneflow.precision import compute_dtype
 
     logger = get_run_logger()
     final = Path(ctx.run_dir) / "export"
@@ -91,9 +92,15 @@ def export(
 
         predictions = materialize(evaluated.predictions, ctx.tracking_uri) / PREDICTIONS
         records = [json.loads(line) for line in open(predictions, encoding="utf-8")][: cfg.export.parity_samples]
-        reloaded, tokenizer = load_pretrained(final, cfg, dtype, {"": "cpu"}), load_tokenizer(final, cfg)
+        # Answered in the precision evaluation computed in on this machine (train.precision's rule), from the weights
+        # as shipped (export.dtype): what a user who loads the export here gets.
+        compute, tokenizer = compute_dtype(cfg), load_tokenizer(final, cfg)
+        reloaded = load_pretrained(final, cfg, compute, {"": "cpu"})
         answers = generate(reloaded, tokenizer, [r["prompt"] for r in records], cfg.eval.max_new_tokens,
                            cfg.eval.batch_size)
+        if compute != dtype:  # the MLflow model holds the weights as exported
+            del reloaded
+            reloaded = load_pretrained(final, cfg, dtype, {"": "cpu"})
         same = [a == r["tuned"] for a, r in zip(answers, records)]
         parity = sum(same) / len(same)
         for a, r in zip(answers, records):

@@ -70,7 +70,7 @@ CONFIG_CASES = {
     "negative learning rate": ({"train.learning_rate": -1e-4},
                                "train.learning_rate: Input should be greater than 0 (got -0.0001)"),
     "cutoff_len 0": ({"prep.cutoff_len": 0}, "prep.cutoff_len: Input should be greater than or equal to 8 (got 0)"),
-    "qlora in fp32": ({"train.precision": "fp32"}, "train.precision: qlora computes in bf16 or fp16"),
+    "unknown precision": ({"train.precision": "int4"}, "train.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
     "qlora with zero3_offload": ({"train.deepspeed": "zero3_offload"},
                                  "train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora"),
     "node 0's address typed by hand": ({"train.nnodes": 2, "train.master_addr": "10.0.0.1"},
@@ -116,12 +116,13 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
 
     from tuneflow.config import TuneflowConfig
 
-    cfg = TuneflowConfig.model_validate(base_config("m", "d.json"))
+    cfg = TuneflowConfig.model_validate(merge(base_config("m", "d.json"), {"train.precision": "bf16"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the hardware question, answered as a T4 would
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     assert hardware_problems(cfg) == ["train.precision: bf16 is not supported by Tesla T4; use fp16"]
-    assert hardware_problems(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "fp16"})})) == []
+    for fine in ("fp16", "auto"):  # auto picks fp16 there
+        assert hardware_problems(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": fine})})) == []
 
 
 def test_hub_file_names_that_escape_the_snapshot_are_refused():

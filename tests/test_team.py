@@ -238,9 +238,12 @@ def test_pipeline_on_cpu_pool_trains_on_gpu_pool(team):
                                                  str(client_dir / "dl")))
     records = [json.loads(line) for line in predictions.read_text().splitlines()]
     cfg = TuneflowConfig.model_validate(tiny_config(team, "team"))
-    import torch
+    from tuneflow.precision import compute_dtype, resolved
 
-    model = load_pretrained(export, cfg, torch.bfloat16, {"": "cpu"})
+    # train.precision auto, resolved on the gpu machine (this machine's hardware) and recorded on both runs
+    assert children["train"].data.params["train.precision_resolved"] == resolved(cfg).precision
+    assert parent.data.params["train.precision_resolved"] == resolved(cfg).precision
+    model = load_pretrained(export, cfg, compute_dtype(cfg), {"": "cpu"})  # as `tuneflow generate` loads it here
     answers = generate(model, load_tokenizer(export, cfg), [r["prompt"] for r in records], 12, 8)
     assert answers == [r["tuned"] for r in records]
 

@@ -284,7 +284,8 @@ def cmd_generate(args) -> int:
     from tuneflow.config import TuneflowConfig
     from tuneflow.generation import generate, stream
 
-    from tuneflow.modeling import DTYPES, device, load_pretrained, load_tokenizer, load_trained
+    from tuneflow.modeling import device, load_pretrained, load_tokenizer, load_trained
+    from tuneflow.precision import compute_dtype
 
     model_dir = args.model
     if model_dir.startswith("models:/"):  # a model logged by the export stage, e.g. models:/my-model@champion
@@ -299,7 +300,7 @@ def cmd_generate(args) -> int:
     if args.adapter:
         model = load_trained(model_dir, args.adapter, cfg, device_map)
     else:
-        model = load_pretrained(model_dir, cfg, DTYPES[args.dtype], device_map)
+        model = load_pretrained(model_dir, cfg, compute_dtype(cfg), device_map)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
@@ -370,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", help="system message")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="compute precision; auto: bf16 where this machine has it natively, else fp16 on a GPU, fp32 "
+                        "on a CPU (as train.precision)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("cache", help="this machine's cache of stage outputs ($TUNEFLOW_CACHE, default "

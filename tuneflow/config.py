@@ -129,8 +129,11 @@ class TrainConfig(Section):
         4, ge=1, description="Micro-batches per optimizer step; the loss is averaged over the labelled tokens of all of "
         "them, so micro-batches of different sizes weigh by their tokens."
     )
-    precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="Compute precision (bf16 needs Ampere or newer; a CPU supports bf16 and fp32)."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision. auto, on the machine that trains or evaluates: bf16 on a GPU that has "
+        "it (Ampere or newer), else fp16 (fp32 for full/freeze without DeepSpeed); on a CPU, bf16 where it is native "
+        "(AVX512-BF16 or AMX), else fp32 (bf16 is emulated there, 30-40x slower). qlora keeps its 4-bit NF4 weights "
+        "either way: only the compute dtype follows."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     loss_chunk_tokens: int = Field(
@@ -320,8 +323,6 @@ class TuneflowConfig(Section):
         t = self.train
         if t.method in ("full", "freeze") and t.deepspeed == "none" and t.precision == "fp16":
             problems.append("train.precision: fp16 without DeepSpeed needs an fp32 master copy; use bf16 or fp32")
-        if t.method == "qlora" and t.precision == "fp32":
-            problems.append("train.precision: qlora computes in bf16 or fp16; set train.precision to bf16 or fp16")
         if t.lr_scheduler == "reduce_lr_on_plateau" and not t.eval_steps:
             problems.append("train.lr_scheduler: reduce_lr_on_plateau needs an eval loss; set train.eval_steps > 0")
         if self.model.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", self.model.revision):

@@ -311,7 +311,7 @@ class MemoryPlan:
 
 
 def _bytes(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
+    return 4 if precision == "fp32" else 2  # 'auto' on a GPU: bf16, or fp16 before Ampere
 
 
 def activation_bytes(shape: ModelShape, s: Settings, adapters_fp32: bool, residual_bytes: int) -> int:
@@ -678,7 +678,8 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
              if s.tokens_per_batch is not None else f"{s.batch} x {s.seq} tokens" + (" packed" if s.packing else ""))
     loss = f"loss chunked by {s.loss_chunk} tokens" if s.loss_chunk else "full-logits loss"
     head = (f"memory plan per rank: {model} ({shape.model_type}, {p.params['total'] / 1e9:.2f}B params), {s.method}, "
-            f"{s.precision}, {s.zero.label} over {s.world} rank{'s' if s.world > 1 else ''}\n"
+            f"{'auto (bf16, fp16 before Ampere)' if s.precision == 'auto' else s.precision}, {s.zero.label} over "
+            f"{s.world} rank{'s' if s.world > 1 else ''}\n"
             f"  micro-batch {micro}, gradient checkpointing {'on' if s.checkpointing else 'off'}, {loss}")
     width = max(len(v) for v in labels.values()) + 2
     rows = [head] + [f"  {labels[k]:<{width}}{p.per_rank[k] / GiB:9.2f} GiB" for k, _ in LINES]

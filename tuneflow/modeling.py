@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tuneflow.config import TuneflowConfig
+from tuneflow.precision import compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -32,7 +33,7 @@ def quantization_config(cfg: TuneflowConfig):
     """NF4 with double quantisation, computing in the training precision (QLoRA, arXiv 2305.14314)."""
     from transformers import BitsAndBytesConfig
 
-    compute = DTYPES[cfg.train.precision]
+    compute = compute_dtype(cfg)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -65,14 +66,14 @@ def load_base(model_dir: str | Path, cfg: TuneflowConfig, quantized: bool, devic
     kwargs = {}
     if quantized and cfg.train.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg)
-    return load_pretrained(model_dir, cfg, dtype or DTYPES[cfg.train.precision], device_map, **kwargs)
+    return load_pretrained(model_dir, cfg, dtype or compute_dtype(cfg), device_map, **kwargs)
 
 
 def load_trained(model_dir: str | Path, weights_dir: str | Path, cfg: TuneflowConfig, device_map=None, base=None):
     """Base + trained weights as training left them: the adapter over the base as trained (NF4 for qlora; pass
     ``base`` to reuse one already loaded), or the whole saved model (full, freeze)."""
     if cfg.train.method in ("full", "freeze"):
-        return load_pretrained(weights_dir, cfg, DTYPES[cfg.train.precision], device_map)
+        return load_pretrained(weights_dir, cfg, compute_dtype(cfg), device_map)
     from peft import PeftModel
 
     if base is None:

@@ -69,6 +69,7 @@ class TrainResult(StageResult):
     nproc: int = Field(description="Training processes on each node.")
     nnodes: int = Field(1, description="Machines that trained together.")
     world_size: int = Field(description="Training processes in all: nnodes x nproc.")
+    precision: str = Field("", description="The compute precision train.precision resolved to on the machines.")
     attempts: int = 1
 
 

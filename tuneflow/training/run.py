@@ -21,6 +21,7 @@ from typing import Callable
 from tuneflow.artifacts import materialize, publish
 from tuneflow.hub import fetch
 from tuneflow.memory_plan import resolve_auto_batches
+from tuneflow.precision import resolved as resolve_precision
 from tuneflow.results import TrainRequest, TrainResult
 from tuneflow.tracking import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
@@ -48,6 +49,12 @@ def train_once(request: TrainRequest, folder: Path, logger,
     nproc = resolve_nproc(cfg.train.nproc_per_node)
     place = join(nproc) if join else Rendezvous(master_port=cfg.train.master_port)
     world_size = place.nnodes * nproc
+    # 'auto' precision is chosen here, on the machine that trains (each node on its own; the ranks check they agree).
+    precision = resolve_precision(cfg)
+    logger.info("node %d: %s", place.node_rank, precision.reason)
+    if precision.warning:
+        logger.warning(precision.warning)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
     # 'auto' batch sizes are chosen here, once, so that every rank reads the same value from the spec.
     cfg, chosen = resolve_auto_batches(cfg, json.loads((Path(model_dir) / "config.json").read_text()),
                                        world_size=world_size)
@@ -57,7 +64,8 @@ def train_once(request: TrainRequest, folder: Path, logger,
         resolved = {f"resolved.train.{k}": getattr(cfg.train, k) for k in ("per_device_batch_size", "tokens_per_batch")
                     if getattr(request.config.train, k) == "auto"}
         log_params(client, run_id, {"nproc": nproc, "nnodes": place.nnodes, "world_size": world_size,
-                                    "deepspeed": cfg.train.deepspeed, "method": cfg.train.method, **resolved})
+                                    "deepspeed": cfg.train.deepspeed, "method": cfg.train.method,
+                                    "train.precision_resolved": precision.precision, **resolved})
     spec = folder / "spec.json"
     spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir),
                               output_dir=str(folder)).model_dump_json(indent=1))
@@ -78,6 +86,6 @@ def train_once(request: TrainRequest, folder: Path, logger,
         client.set_tag(run_id, "resumed_from_step", str(outcome.resumed_from_step))
     result = TrainResult(weights=ref, global_step=outcome.global_step, train_loss=outcome.train_loss,
                          resumed_from_step=outcome.resumed_from_step, nproc=nproc, nnodes=place.nnodes,
-                         world_size=world_size, mlflow_run_id=run_id)
+                         world_size=world_size, precision=precision.precision, mlflow_run_id=run_id)
     client.log_dict(run_id, result.model_dump(mode="json"), RESULT_ARTIFACT)
     return result

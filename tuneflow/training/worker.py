@@ -24,6 +24,7 @@ from tuneflow.training.batching import CountingCollator, TokenBudgetBatches, col
 from tuneflow.training.checkpoints import (
     COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
 )
+from tuneflow.precision import resolved
 from tuneflow.training.efficiency import flops_per_token, peak_flops, peak_memory_of_every_rank
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
@@ -120,6 +121,25 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def agree_on_precision(precision: str, args) -> None:
+    """One model trains in one precision: nodes that resolved train.precision differently (mixed hardware) fail the
+    attempt here, before the model is built, naming each node's result."""
+    import torch.distributed as dist
+
+    from tuneflow.precision import this_machine
+
+    args.device  # noqa: B018 -- sets up the process group (gloo/NCCL) if the Trainer has not yet
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (int(os.environ.get("GROUP_RANK", 0)), precision, this_machine().describe()))
+    nodes = dict((node, (p, where)) for node, p, where in sorted(seen))
+    if len({p for p, _ in nodes.values()}) > 1:
+        each = "; ".join(f"node {node}: {p} on {where}" for node, (p, where) in nodes.items())
+        raise RuntimeError(f"the nodes resolved train.precision differently ({each}); one model trains in one "
+                           "precision: set train.precision to one that every node runs (fp32 runs everywhere)")
+
+
 def train(spec: TrainSpec) -> TrainOutcome:
     import torch
     from datasets import load_from_disk
@@ -137,11 +157,14 @@ def train(spec: TrainSpec) -> TrainOutcome:
     cfg, notes = resolve_auto_batches(spec.config, model_config, world_size=world)
     for note in notes:
         log(note)
+    # 'auto' precision is resolved by the train stage on each node; a spec written by hand is resolved here.
+    precision = resolved(cfg)
+    if precision.precision != cfg.train.precision:
+        log(precision.reason)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision.precision})})
     t = cfg.train
     out = Path(spec.output_dir)
     set_seed(t.seed)
-    tokenizer = load_tokenizer(spec.model_dir, cfg)
-    data = load_from_disk(spec.data_dir)
     on_gpu = torch.cuda.is_available()
 
     # TrainingArguments first: with ZeRO-3 it must exist before the model is built.
@@ -182,6 +205,9 @@ def train(spec: TrainSpec) -> TrainOutcome:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    agree_on_precision(t.precision, args)
+    tokenizer = load_tokenizer(spec.model_dir, cfg)
+    data = load_from_disk(spec.data_dir)
     model = build_model(cfg, spec.model_dir)
     if IS_RANK_ZERO and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
