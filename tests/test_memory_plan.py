@@ -98,8 +98,9 @@ def loaded_bytes(model) -> dict[str, int]:
     return {"quantized": quantized, "frozen": other}
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "llama-512", "qwen2-256"])
-def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name):
+@pytest.mark.parametrize(("name", "precision"), [("tiny-llama", "bf16"), ("llama-512", "bf16"), ("qwen2-256", "bf16"),
+                                               ("llama-512", "fp32")])
+def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name, precision):
     from peft import get_peft_model
     from peft import LoraConfig as PeftLoraConfig
 
@@ -107,8 +108,8 @@ def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name):
 
     folder = models[name]
     model_config = json.loads((folder / "config.json").read_text())
-    # ZeRO-0 (DeepSpeed, one rank): the weights as loaded, 16-bit parts in bf16, nothing sharded.
-    cfg = config(model=folder, deepspeed="zero0")
+    # ZeRO-0 (DeepSpeed, one rank): the weights as loaded, the non-4-bit parts in the compute dtype, nothing sharded.
+    cfg = config(model=folder, deepspeed="zero0", precision=precision)
     model = load_base(folder, cfg, quantized=True, device_map={"": "cpu"})
     real = loaded_bytes(model)
     p = plan(cfg, model_config, world_size=1)
@@ -120,7 +121,7 @@ def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name):
     assert p.params["total"] == sum(x.numel() for x in unquantized.parameters())
 
     # Without DeepSpeed too: the worker does not upcast the 16-bit parts to fp32 (no prepare_model_for_kbit_training)
-    cfg = config(model=folder, deepspeed="none")
+    cfg = config(model=folder, deepspeed="none", precision=precision)
     p = plan(cfg, model_config, world_size=1)
     assert p.per_rank["frozen_weights"] == pytest.approx(real["frozen"], rel=0.02)
 
@@ -130,7 +131,8 @@ def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name):
         trainable = [x for x in peft_model.parameters() if x.requires_grad]
         shape = ModelShape.from_config(model_config)
         assert lora_param_count(shape, rank, targets) == sum(x.numel() for x in trainable), (rank, targets)
-        cfg = config(model=folder, deepspeed="none", lora={"rank": rank, "target_modules": targets})
+        cfg = config(model=folder, deepspeed="none", lora={"rank": rank, "target_modules": targets},
+                     precision=precision)
         adapter = plan(cfg, model_config, world_size=1).per_rank["adapter"]
         assert adapter == 2 * sum(x.numel() * x.element_size() for x in trainable)
         peft_model.unload()
