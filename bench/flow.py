@@ -62,6 +62,7 @@ def main() -> None:
     from tuneflow.demo import build as demo_assets
     from tuneflow.generation import generate
     from tuneflow.modeling import DTYPES, load_merged, load_pretrained, load_tokenizer
+    from tuneflow.precision import compute_dtype, this_machine
     from tuneflow.preflight import preflight
 
     with tempfile.TemporaryDirectory(prefix="tuneflow-bench-flow-") as tmp:
@@ -99,7 +100,7 @@ def main() -> None:
         def evaluate() -> None:
             from datasets import load_from_disk
 
-            from tasks.evaluate import measure
+            from tuneflow.metrics import measure
             from tuneflow.modeling import load_base, load_trained
 
             split = load_from_disk(str(root / "prepared0"))["eval"]
@@ -121,7 +122,7 @@ def main() -> None:
             merged.save_pretrained(root / "export", max_shard_size=cfg.export.max_shard_size)
             tokenizer.save_pretrained(root / "export")
             del merged
-            reloaded = load_pretrained(root / "export", cfg, dtype, {"": "cpu"})
+            reloaded = load_pretrained(root / "export", cfg, compute_dtype(cfg), {"": "cpu"})  # as the stage does
             prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(cfg.export.parity_samples)]
             generate(reloaded, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
 
@@ -132,6 +133,7 @@ def main() -> None:
                         "overhead_s": round(stages[name]["seconds"] - work[name], 2)} for name in work}
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": this_machine().describe(),
                     **{lib: metadata.version(lib) for lib in ("torch", "transformers", "prefect", "mlflow")}},
         "settings": {"config": "configs/demo.yaml (paths pointed at freshly built demo assets)",
                      "train": {k: raw["train"][k] for k in ("method", "max_steps", "per_device_batch_size",

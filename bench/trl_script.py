@@ -20,6 +20,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="Alpaca rows (instruction, output)")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: TRL's default, as users run it; fp32: the same script computing in fp32")
     args = parser.parse_args()
 
     import torch
@@ -32,15 +34,17 @@ def main() -> None:
     rows = json.load(open(args.data, encoding="utf-8"))
     data = Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
                                             {"role": "assistant", "content": r["output"]}]} for r in rows])
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization, dtype=torch.bfloat16)
+                                      bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization, dtype=dtype)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
                            gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine",
                            max_length=1024, seed=42, report_to="none", save_strategy="no", logging_steps=1,
-                           use_cpu=True, include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+                           use_cpu=True, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+                           bf16=args.dtype == "bf16")
         trainer = SFTTrainer(model=model, args=config, train_dataset=data,
                              processing_class=AutoTokenizer.from_pretrained(args.model), peft_config=lora)
         result = trainer.train()
