@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m tuneflow.demo --out demo/assets
+	$(BIN)/python -m tuneflow.modeling.demo --out demo/assets
 	$(BIN)/tuneflow run --config configs/demo.yaml
 
 # The tests serve tiny repos from a local Hub mirror (olah); it needs a newer fastapi than Prefect, so its own venv.

@@ -7,7 +7,7 @@ shipped, its paths pointed at those assets; Prefect's ephemeral server, a fresh 
 summary.json: each stage's wall time as the flow measured it. Each stage's *work* is then timed on the same inputs
 without Prefect or MLflow:
 
-- download: the pre-flight checks and pinning of the local model and dataset (`tuneflow.preflight.preflight`);
+- download: the pre-flight checks and pinning of the local model and dataset (`tuneflow.sources.preflight.preflight`);
 - prepare:  tokenising the dataset (`tuneflow.data.prepare.build`);
 - train:    the Trainer's own loop (`train_runtime` in the train stage's MLflow run; torchrun start, model load and
             the adapter's save and upload count as overhead);
@@ -57,13 +57,13 @@ def main() -> None:
     import torch
     from mlflow import MlflowClient
 
-    from tuneflow.config import load_config
+    from tuneflow.core.config import load_config
     from tuneflow.data.prepare import build as prepare
-    from tuneflow.demo import build as demo_assets
-    from tuneflow.generation import generate
-    from tuneflow.modeling import DTYPES, load_merged, load_pretrained, load_tokenizer
-    from tuneflow.precision import compute_dtype, this_machine
-    from tuneflow.preflight import preflight
+    from tuneflow.modeling.demo import build as demo_assets
+    from tuneflow.modeling.generation import generate
+    from tuneflow.modeling.load import DTYPES, load_merged, load_pretrained, load_tokenizer
+    from tuneflow.modeling.precision import compute_dtype, this_machine
+    from tuneflow.sources.preflight import preflight
 
     with tempfile.TemporaryDirectory(prefix="tuneflow-bench-flow-") as tmp:
         root = Path(tmp)
@@ -100,8 +100,8 @@ def main() -> None:
         def evaluate() -> None:
             from datasets import load_from_disk
 
-            from tuneflow.metrics import measure
-            from tuneflow.modeling import load_base, load_trained
+            from tuneflow.modeling.metrics import measure
+            from tuneflow.modeling.load import load_base, load_trained
 
             split = load_from_disk(str(root / "prepared0"))["eval"]
             rows = split.select(range(min(cfg.eval.max_samples, len(split))))

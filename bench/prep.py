@@ -7,7 +7,7 @@ core, and TRL's own preparation when `trl` is importable.
 
 Rows are Alpaca conversations, half English and half Chinese, of varied lengths (log-normal answers, a quarter
 with one to three earlier turns, some with a system prompt); the tokenizer is a byte-level BPE trained on them
-with `tokenizers`, carrying the ChatML template of tuneflow.demo. Each variant turns the validated conversations
+with `tokenizers`, carrying the ChatML template of tuneflow.modeling.demo. Each variant turns the validated conversations
 into an Arrow dataset of input_ids / labels / prompt / reference; the best of --repeats runs is reported (this
 machine may be shared). Writes bench/results-prep.json with the machine, library versions and settings.
 TRL is not a dependency: `pip install --target DIR trl` and put DIR on PYTHONPATH to include it.
@@ -35,7 +35,7 @@ from tests.test_prepare import reference_encode
 from tuneflow.data.formats import load_conversations
 from tuneflow.data.prepare import default_num_proc, encode_rows, usable_cores
 from tuneflow.data.tokenize import prompt_and_reference
-from tuneflow.demo import CHATML_TEMPLATE, build_tokenizer
+from tuneflow.modeling.demo import CHATML_TEMPLATE, build_tokenizer
 
 RESULTS = Path(__file__).with_name("results-prep.json")
 

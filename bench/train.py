@@ -33,7 +33,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from tuneflow.demo import CHATML_TEMPLATE, WORDS_EN, WORDS_ZH, build_tokenizer
+from tuneflow.modeling.demo import CHATML_TEMPLATE, WORDS_EN, WORDS_ZH, build_tokenizer
 
 RESULTS = Path(__file__).with_name("results-train.json")
 
@@ -68,7 +68,7 @@ def build_assets(root: Path, rows: list[dict]) -> tuple[Path, Path]:
 
 
 def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, name: str, **train) -> dict:
-    from tuneflow.training.launcher import launch
+    from tuneflow.training.launch.launcher import launch
     from tuneflow.training.spec import TrainOutcome, TrainSpec
 
     out = root / name
@@ -120,9 +120,9 @@ def losses(root: Path, name: str) -> list[float]:
 def generation(model_dir: Path, cfg, prompts: list[list[dict]], max_new_tokens: int) -> dict:
     import torch
 
-    from tuneflow.generation import generate
-    from tuneflow.modeling import load_pretrained, load_tokenizer
-    from tuneflow.precision import compute_dtype
+    from tuneflow.modeling.generation import generate
+    from tuneflow.modeling.load import load_pretrained, load_tokenizer
+    from tuneflow.modeling.precision import compute_dtype
 
     model = load_pretrained(model_dir, cfg, compute_dtype(cfg), {"": "cpu"})
     tokenizer = load_tokenizer(model_dir, cfg)
@@ -146,9 +146,9 @@ def main() -> None:
 
     import torch
 
-    from tuneflow.config import TuneflowConfig
+    from tuneflow.core.config import TuneflowConfig
     from tuneflow.data.prepare import build
-    from tuneflow.precision import resolved, this_machine
+    from tuneflow.modeling.precision import resolved, this_machine
 
     machine = this_machine()
     bf16_steps = args.steps if machine.gpu or machine.cpu_bf16 else min(args.slow_steps, args.steps)

@@ -19,9 +19,9 @@ from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
 from tasks.train import placement_problem, train
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 from tuneflow.servers import check_mlflow
-from tuneflow.tracking import tracking_uri
+from tuneflow.tracking.runs import tracking_uri
 
 
 @flow(name="tuneflow-finetune")

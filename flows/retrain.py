@@ -8,7 +8,7 @@ export in the MLflow Model Registry, and promote it over the champion only when 
 Steps: pin the model and dataset commits and hash the config; a registered version trained from exactly those ends
 the run as `skipped`, before any download or GPU time. Otherwise the pipeline (`tuneflow-finetune`, training on the
 `gpu` pool in team mode) runs as a subflow, then `decide` scores challenger, champion and base model on the frozen
-evaluation set, registers the export as a new version and moves the aliases (`tuneflow.registry`). The decision is
+evaluation set, registers the export as a new version and moves the aliases (`tuneflow.tracking.registry`). The decision is
 the flow's return value, a Prefect markdown artifact, and tags on the model versions and MLflow runs.
 """
 
@@ -18,12 +18,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.finetune import finetune
-from tuneflow.config import METRIC_DIRECTIONS, TuneflowConfig
+from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig
 
 
 @task(name="fingerprint", cache_policy=NO_CACHE)
 def fingerprint_task(cfg: TuneflowConfig):
-    from tuneflow.registry import fingerprint
+    from tuneflow.tracking.registry import fingerprint
 
     fp = fingerprint(cfg, get_run_logger())
     get_run_logger().info("model %s@%s, dataset %s@%s, config %s", fp.model.name, fp.model.revision,
@@ -40,12 +40,12 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
     from mlflow.artifacts import download_artifacts
     from prefect.runtime import flow_run
 
-    from tuneflow.artifacts import materialize_model
-    from tuneflow.hub import fetch
-    from tuneflow.registry import (CHALLENGER, CHAMPION, PREVIOUS, Decision, Fingerprint, Registry, decide,
+    from tuneflow.tracking.artifacts import materialize_model
+    from tuneflow.sources.hub import fetch
+    from tuneflow.tracking.registry import (CHALLENGER, CHAMPION, PREVIOUS, Decision, Fingerprint, Registry, decide,
                                    draw_eval_set, score)
-    from tuneflow.results import PREDICTIONS, SourceRef
-    from tuneflow.tracking import artifact_source, child_run, log_dataset, log_metrics
+    from tuneflow.core.results import PREDICTIONS, SourceRef
+    from tuneflow.tracking.runs import artifact_source, child_run, log_dataset, log_metrics
 
     logger = get_run_logger()
     registry, metric = Registry(cfg), cfg.registry.metric
@@ -123,9 +123,9 @@ def retrain(config: TuneflowConfig, train_deployment: str | None = None, refreez
     """
     from prefect.artifacts import create_markdown_artifact
 
-    from tuneflow.registry import Registry
+    from tuneflow.tracking.registry import Registry
     from tuneflow.servers import check_mlflow
-    from tuneflow.tracking import tracking_uri
+    from tuneflow.tracking.runs import tracking_uri
 
     logger = get_run_logger()
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators

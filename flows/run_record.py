@@ -17,9 +17,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tasks.context import RunContext
-from tuneflow.config import TuneflowConfig, config_hash, flatten
-from tuneflow.results import DownloadResult, EvalResult, ExportResult, PrepareResult, SourceRef, TrainResult
-from tuneflow.tracking import experiment_id, log_dataset, log_metrics, log_params, run_url, tracking_uri
+from tuneflow.core.config import TuneflowConfig, config_hash, flatten
+from tuneflow.core.results import DownloadResult, EvalResult, ExportResult, PrepareResult, SourceRef, TrainResult
+from tuneflow.tracking.runs import experiment_id, log_dataset, log_metrics, log_params, run_url, tracking_uri
 
 STAGES = ("download", "prepare", "train", "evaluate", "export")
 SUMMARY_METRICS = ("eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l")

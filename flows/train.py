@@ -5,7 +5,7 @@
 
 The pipeline (`tuneflow-finetune`) starts one flow run of it per training attempt and waits for it; with
 train.nnodes > 1, one flow run per node, each with its node rank and the attempt's rendezvous id: node 0 publishes
-its address through the Prefect API and the others join it (`tuneflow.training.rendezvous`). The run needs nothing
+its address through the Prefect API and the others join it (`tuneflow.training.launch.rendezvous`). The run needs nothing
 from the pipeline's machine: the model comes from the Hub (by commit), the prepared data and any checkpoint to
 resume from come from the stage's MLflow run, and node 0 puts the trained weights back there.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from tuneflow.results import TrainRequest
+from tuneflow.core.results import TrainRequest
 
 
 @flow(name="tuneflow-train")
@@ -30,7 +30,7 @@ def train_on_worker(request: TrainRequest) -> dict:
             the MLflow run to train into and, on several nodes, this node's rank and the rendezvous id.
     """
     from tuneflow.training import rendezvous
-    from tuneflow.training.run import train_once
+    from tuneflow.training.launch.run import train_once
 
     logger = get_run_logger()
     folder = Path(request.config.output_dir) / request.run_folder / "train"

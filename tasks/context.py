@@ -8,7 +8,7 @@ from typing import Iterator
 from mlflow import MlflowClient
 from pydantic import BaseModel
 
-from tuneflow.tracking import child_run
+from tuneflow.tracking.runs import child_run
 
 
 class RunContext(BaseModel):

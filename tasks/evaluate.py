@@ -15,11 +15,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
-from tuneflow.artifacts import materialize, publish
-from tuneflow.config import TuneflowConfig
-from tuneflow.hub import fetch
-from tuneflow.results import PREDICTIONS, DownloadResult, EvalResult, PrepareResult, TrainResult
-from tuneflow.tracking import log_metrics
+from tuneflow.tracking.artifacts import materialize, publish
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import fetch
+from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, PrepareResult, TrainResult
+from tuneflow.tracking.runs import log_metrics
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -28,8 +28,8 @@ def evaluate(
 ) -> EvalResult:
     from datasets import load_from_disk
 
-    from tuneflow.metrics import measure
-    from tuneflow.modeling import device, load_base, load_tokenizer, load_trained
+    from tuneflow.modeling.metrics import measure
+    from tuneflow.modeling.load import device, load_base, load_tokenizer, load_trained
 
     logger = get_run_logger()
     with ctx.stage("evaluate") as (client, run_id):

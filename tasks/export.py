@@ -5,7 +5,7 @@ prompts: its greedy answers must match the ones base + adapter gave in evaluate 
 logged as an MLflow model (transformers flavour) of the pipeline's parent run and an output of this stage's run, with
 the held-out metrics linked to it: the
 model is what the registry's versions point to, and `models:/<id>` is how any machine loads it
-(`tuneflow.artifacts.materialize_model`). The model card is logged beside it.
+(`tuneflow.tracking.artifacts.materialize_model`). The model card is logged beside it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
-from tuneflow.artifacts import materialize
-from tuneflow.config import TuneflowConfig
-from tuneflow.hub import fetch
-from tuneflow.results import PREDICTIONS, DownloadResult, EvalResult, ExportResult, TrainResult
-from tuneflow.tracking import log_metrics, log_model
+from tuneflow.tracking.artifacts import materialize
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import fetch
+from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, ExportResult, TrainResult
+from tuneflow.tracking.runs import log_metrics, log_model
 
 
 def model_card(cfg: TuneflowConfig, downloaded: DownloadResult, evaluated: EvalResult) -> str:
@@ -73,9 +73,9 @@ def export(
 ) -> ExportResult:
     import torch
 
-    from tuneflow.generation import generate
-    from tuneflow.modeling import DTYPES, load_merged, load_pretrained, load_tokenizer
-    from tuneflow.precision import compute_dtype
+    from tuneflow.modeling.generation import generate
+    from tuneflow.modeling.load import DTYPES, load_merged, load_pretrained, load_tokenizer
+    from tuneflow.modeling.precision import compute_dtype
 
     logger = get_run_logger()
     final = Path(ctx.run_dir) / "export"

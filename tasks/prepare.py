@@ -22,11 +22,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
-from tuneflow.artifacts import cache_root, publish, register
-from tuneflow.config import TuneflowConfig
-from tuneflow.hub import fetch
-from tuneflow.results import ArtifactRef, DownloadResult, PrepareResult
-from tuneflow.tracking import log_metrics, log_params
+from tuneflow.tracking.artifacts import cache_root, publish, register
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import fetch
+from tuneflow.core.results import ArtifactRef, DownloadResult, PrepareResult
+from tuneflow.tracking.runs import log_metrics, log_params
 
 
 def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:

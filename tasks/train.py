@@ -1,13 +1,13 @@
 """Stage 3, train: QLoRA (or LoRA / full / freeze) under torchrun + DeepSpeed, here or on a GPU work pool.
 
-Without a deployment the attempt runs in this process's machine (`tuneflow.training.run.train_once`). With one
+Without a deployment the attempt runs in this process's machine (`tuneflow.training.launch.run.train_once`). With one
 (`tuneflow-train/gpu`) each attempt is a flow run of that deployment on the `gpu` pool: this task waits for it,
 fails with the training run's own error, cancels it when the pipeline is cancelled or the wait times out, and reads
 its result from the stage's MLflow run. A failed attempt is relaunched up to train.retries times, anywhere in the
 pool, resuming from the last checkpoint uploaded to MLflow.
 
 With train.nnodes > 1 (a deployment is then required) an attempt is train.nnodes flow runs of the deployment, one
-per node, meeting under a rendezvous id (`tuneflow.training.rendezvous`). A node run that fails, or is not running
+per node, meeting under a rendezvous id (`tuneflow.training.launch.rendezvous`). A node run that fails, or is not running
 train.join_timeout seconds after the first one started, fails the attempt with its node rank, flow run, worker and
 error; the other node runs are cancelled. A retry relaunches the whole group, resuming from the last checkpoint in
 MLflow. When the deployment's work pool is of type `kubernetes`, an attempt is instead one Kubeflow Trainer TrainJob
@@ -24,8 +24,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
-from tuneflow.config import TuneflowConfig
-from tuneflow.results import DownloadResult, PrepareResult, TrainRequest, TrainResult
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.results import DownloadResult, PrepareResult, TrainRequest, TrainResult
 
 POLL_SECONDS = 5
 FAILURE_GRACE_SECONDS = 20  # after a node fails, how long the others get to end on their own (their errors count)
@@ -85,7 +85,7 @@ def result_from_mlflow(request: TrainRequest) -> TrainResult:
     """The TrainResult node 0 logged to the stage's MLflow run."""
     from mlflow import MlflowClient
 
-    from tuneflow.training.run import RESULT_ARTIFACT
+    from tuneflow.training.launch.run import RESULT_ARTIFACT
 
     path = MlflowClient(request.tracking_uri).download_artifacts(request.mlflow_run_id, RESULT_ARTIFACT)
     return TrainResult.model_validate(json.loads(Path(path).read_text()))
@@ -197,8 +197,8 @@ def run_group_on_pool(deployment: str, request: TrainRequest, rdzv_id: str, time
 @task(name="train", cache_policy=NO_CACHE)
 def train(cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResult, ctx: RunContext,
           deployment: str | None = None) -> TrainResult:
-    from tuneflow.training.launcher import WorkerFailed
-    from tuneflow.training.run import train_once
+    from tuneflow.training.launch.launcher import WorkerFailed
+    from tuneflow.training.launch.run import train_once
 
     logger = get_run_logger()
     with ctx.stage("train") as (client, run_id):

@@ -1,6 +1,6 @@
 """Shared, session-scoped test infrastructure: started once, on first use, and stopped at the end.
 
-- ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json (tuneflow.demo)
+- ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json (tuneflow.modeling.demo)
 - ``hub_mirror``:    a local Hugging Face Hub (olah, offline mirror mode) serving them as
                      ``tiny-org/tiny-llama`` (model) and ``tiny-org/tiny-instruct`` (dataset), plus broken
                      variants of the model (no chat template, pickle weights only, custom code)
@@ -38,7 +38,7 @@ def tuneflow_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     """{"model": folder, "data": train.json} built once per session."""
-    from tuneflow.demo import build
+    from tuneflow.modeling.demo import build
 
     return build(tmp_path_factory.mktemp("tiny-assets"), n_rows=240)
 

@@ -14,9 +14,9 @@ def tiny_model(folder: Path):
     """(model, tokenizer): the demo's tiny Llama built in ``folder``, fp32, sdpa, no KV cache (packing needs it off)."""
     from transformers import AutoModelForCausalLM
 
-    from tuneflow.config import TuneflowConfig
-    from tuneflow.demo import build
-    from tuneflow.modeling import load_tokenizer
+    from tuneflow.core.config import TuneflowConfig
+    from tuneflow.modeling.demo import build
+    from tuneflow.modeling.load import load_tokenizer
 
     model_dir = build(folder, n_rows=30)["model"]
     tokenizer = load_tokenizer(model_dir, TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}}))

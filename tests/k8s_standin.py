@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlparse
 
 import yaml
 
-from tuneflow.training.launcher import free_port
+from tuneflow.training.launch.launcher import free_port
 
 CRD = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
 TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")

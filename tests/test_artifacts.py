@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tuneflow.artifacts import cache_root, digest, materialize, prune, publish
-from tuneflow.results import ArtifactRef
+from tuneflow.tracking.artifacts import cache_root, digest, materialize, prune, publish
+from tuneflow.core.results import ArtifactRef
 
 READER = """
 import json, sys
-from tuneflow.artifacts import digest, materialize
-from tuneflow.results import ArtifactRef
+from tuneflow.tracking.artifacts import digest, materialize
+from tuneflow.core.results import ArtifactRef
 ref = ArtifactRef.model_validate_json(sys.argv[1])
 folder = materialize(ref, sys.argv[2])
 print(json.dumps({"path": str(folder), "digest": digest(folder)}))
@@ -82,7 +82,7 @@ def test_a_damaged_or_dangling_entry_is_fetched_again_through_mlflow(cache, mlfl
 
 def test_processes_sharing_one_cache_read_and_write_an_entry_at_once(cache, mlflow_server, tmp_path):
     ref = published(mlflow_server, adapter(tmp_path / "out", size=16 << 20))
-    from tuneflow.artifacts import _entry
+    from tuneflow.tracking.artifacts import _entry
 
     import shutil
 

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from tuneflow.cli import main
-from tuneflow.hub import unsafe_names
-from tuneflow.preflight import hardware_problems
+from tuneflow.sources.hub import unsafe_names
+from tuneflow.sources.preflight import hardware_problems
 
 TUNEFLOW = Path(sys.executable).parent / "tuneflow"
 GOOD_ROWS = [{"instruction": f"Add {i} and 1.", "output": f"{i + 1}"} for i in range(12)]
@@ -114,7 +114,7 @@ def test_config_errors_come_before_any_heavy_import(tmp_path):
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     import torch
 
-    from tuneflow.config import TuneflowConfig
+    from tuneflow.core.config import TuneflowConfig
 
     cfg = TuneflowConfig.model_validate(merge(base_config("m", "d.json"), {"train.precision": "bf16"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the hardware question, answered as a T4 would
@@ -189,7 +189,7 @@ def test_a_config_that_cannot_fit_the_gpu_is_refused_before_any_download(tmp_pat
 
 def test_answers_entirely_cut_off(tmp_path, tiny_assets):
     """Found while tokenizing (prepare), still before any model is loaded."""
-    from tuneflow.config import TuneflowConfig
+    from tuneflow.core.config import TuneflowConfig
     from tuneflow.data.prepare import build
 
     rows = write(tmp_path / "rows.json", [{"instruction": "word " * 200, "output": "answer"}] * 6)
@@ -238,7 +238,7 @@ def test_bad_model_on_the_hub(tmp_path, hub_mirror, tiny_assets, changes, messag
 
 @pytest.mark.slow
 def test_a_configured_chat_template_stands_in_for_a_missing_one(tmp_path, hub_mirror, tiny_assets):
-    from tuneflow.demo import CHATML_TEMPLATE
+    from tuneflow.modeling.demo import CHATML_TEMPLATE
 
     config = merge(base_config("tiny-org/no-chat-template", tiny_assets["data"]),
                    {"model.chat_template": CHATML_TEMPLATE})

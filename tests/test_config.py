@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tuneflow.config import ConfigError, TuneflowConfig, load_config, parse_size
+from tuneflow.core.config import ConfigError, TuneflowConfig, load_config, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs").glob("*.yml")])
@@ -228,7 +228,7 @@ def test_every_scheduler_is_one_transformers_knows(scheduler):
 def test_scheduler_list_matches_the_config():
     from typing import get_args
 
-    from tuneflow.config import LrScheduler
+    from tuneflow.core.config import LrScheduler
 
     assert set(get_args(LrScheduler)) == set(SCHEDULERS)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneflow.demo import CHATML_TEMPLATE, build_tokenizer
+from tuneflow.modeling.demo import CHATML_TEMPLATE, build_tokenizer
 from tuneflow.data.formats import DatasetError, load_conversations, split_indices
 from tuneflow.data.tokenize import IGNORE_INDEX, TemplateError, encode, prompt_and_reference
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneflow.config import TuneflowConfig, load_config
+from tuneflow.core.config import TuneflowConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())

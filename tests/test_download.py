@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.servers import add_repo, start_olah, stop
-from tuneflow.training.launcher import free_port
+from tuneflow.training.launch.launcher import free_port
 
 pytestmark = pytest.mark.slow
 
 DOWNLOAD = """
 import json, logging, sys
 from tasks.download import fetch_weights, pinned
-from tuneflow.config import TuneflowConfig
-from tuneflow.hub import Problem
-from tuneflow.preflight import PreflightError, preflight
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import Problem
+from tuneflow.sources.preflight import PreflightError, preflight
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 log = logging.getLogger("tuneflow")

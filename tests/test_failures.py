@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tuneflow.demo import build
+from tuneflow.modeling.demo import build
 from tuneflow.cli import main
 
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from tuneflow.config import load_config
+from tuneflow.core.config import load_config
 from tuneflow.k8s import main as k8s_main, node_rendezvous, render_trainjob
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -38,7 +38,7 @@ STEPS = 12
 PIPELINE = """
 import json, sys
 from flows.finetune import finetune
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 
 state = finetune(TuneflowConfig.model_validate(json.loads(sys.argv[1])), train_deployment=sys.argv[2],
                  run_dir=sys.argv[3], return_state=True)
@@ -189,7 +189,7 @@ def test_the_relaunch_trains_on_two_nodes_into_one_mlflow_run(pipeline):
 
 
 def test_cluster_problems_are_one_line_errors_that_say_what_to_do(k8s, tmp_path, monkeypatch):
-    from tuneflow.config import load_config
+    from tuneflow.core.config import load_config
     from tuneflow.trainjob import KubernetesError, TrainJobApi, manifest_for, run_trainjob
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["train.nnodes=2", "train.nproc_per_node=1"])

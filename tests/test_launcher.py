@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tuneflow.training.launcher import WorkerFailed, dead_ranks, launch, rank_errors
+from tuneflow.training.launch.launcher import WorkerFailed, dead_ranks, launch, rank_errors
 
 
 def test_failed_ranks_are_named_with_their_error(tmp_path):
@@ -62,7 +62,7 @@ def test_killed_rank_is_named_from_torchruns_report():
 
 
 def test_the_rendezvous_store_binds_an_address_of_this_machine_only():
-    from tuneflow.training.torchrun import _listener
+    from tuneflow.training.launch.torchrun import _listener
 
     listener = _listener("127.0.0.1", 0)
     try:

@@ -1,7 +1,7 @@
 """`tuneflow plan`: the memory plan per rank, from config.json alone.
 
 The static lines are held against the bytes of real tensors: tiny Llama/Qwen2 models loaded on the CPU with
-bitsandbytes NF4 + double quantisation exactly as training loads them (tuneflow.modeling.load_base), and the LoRA
+bitsandbytes NF4 + double quantisation exactly as training loads them (tuneflow.modeling.load.load_base), and the LoRA
 parameter count against peft's own get_peft_model. The QLoRA paper's claims (arXiv 2305.14314) are checked on
 config dicts of LLaMA 7B/33B/65B (nothing is downloaded). Activations are an estimate; see docs/memory.md.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneflow.config import TuneflowConfig, parse_size
-from tuneflow.memory_plan import (
+from tuneflow.core.config import TuneflowConfig, parse_size
+from tuneflow.memory.plan import (
     GiB, ModelShape, add_plan_command, largest_batch_that_fits, lora_param_count, nf4_bytes, plan, plan_problems,
     zero_setup,
 )
@@ -104,7 +104,7 @@ def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name, prec
     from peft import get_peft_model
     from peft import LoraConfig as PeftLoraConfig
 
-    from tuneflow.modeling import load_base
+    from tuneflow.modeling.load import load_base
 
     folder = models[name]
     model_config = json.loads((folder / "config.json").read_text())
@@ -252,7 +252,7 @@ def test_shapes_from_qwen_and_mistral_configs():
                                       "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                                       "vocab_size": 32000, "head_dim": None})
     assert mistral.total_params() == pytest.approx(7.24e9, rel=0.01)  # Mistral-7B
-    from tuneflow.memory_plan import PlanError
+    from tuneflow.memory.plan import PlanError
 
     with pytest.raises(PlanError, match="mixture of experts"):
         ModelShape.from_config({**LLAMA_7B, "num_local_experts": 8})
@@ -356,7 +356,7 @@ def test_config_json_comes_from_the_hub_alone(tmp_path, hub_mirror):
     cache = tmp_path / "hf-cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub_mirror.endpoint, HF_HUB_CACHE=str(cache))
-    done = subprocess.run([sys.executable, "-m", "tuneflow.memory_plan", "--config", str(path), "--json"],
+    done = subprocess.run([sys.executable, "-m", "tuneflow.memory.plan", "--config", str(path), "--json"],
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["per_rank"]["quantized_weights"] > 0
@@ -365,7 +365,7 @@ def test_config_json_comes_from_the_hub_alone(tmp_path, hub_mirror):
 
 
 def test_the_module_imports_fast():
-    code = "import sys, tuneflow.memory_plan; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
+    code = "import sys, tuneflow.memory.plan; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -380,7 +380,7 @@ def test_docs_explain_every_line():
 
 
 def test_auto_picks_the_largest_that_fits_and_says_so():
-    from tuneflow.memory_plan import largest_tokens_that_fit, resolve_auto_batches
+    from tuneflow.memory.plan import largest_tokens_that_fit, resolve_auto_batches
 
     gpu = parse_size("24GiB")
     cfg = config(per_device_batch_size="auto", tokens_per_batch="auto", cutoff_len=2048, deepspeed="zero2")
@@ -402,7 +402,7 @@ def test_auto_picks_the_largest_that_fits_and_says_so():
 
 
 def test_auto_without_any_gpu_memory_says_what_it_picked(monkeypatch):
-    import tuneflow.memory_plan as memory_plan
+    import tuneflow.memory.plan as memory_plan
 
     monkeypatch.setattr(memory_plan, "visible_gpu_memory", lambda: None)  # this machine may have a GPU; CI has none
     cfg = config(per_device_batch_size="auto", tokens_per_batch="auto", cutoff_len=512)
@@ -427,7 +427,7 @@ def test_a_token_budget_too_large_names_what_fits():
 
 
 def test_config_refuses_bad_batch_values():
-    from tuneflow.config import ConfigError, load_config
+    from tuneflow.core.config import ConfigError, load_config
 
     base = {"dataset": {"name_or_path": "x"}}
     for train, message in (({"per_device_batch_size": 0}, "train.per_device_batch_size: must be 'auto' or at least 1"),

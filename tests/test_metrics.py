@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tuneflow.metrics import bleu4, rouge, score, segment
+from tuneflow.modeling.metrics import bleu4, rouge, score, segment
 
 
 def f1(precision: float, recall: float) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneflow.config import parse_size
+from tuneflow.core.config import parse_size
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,7 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
     context = f"\nsummary.json: {json.dumps(summary, indent=1)[:4000]}\n{output[-10000:]}"
     assert CANARY not in output, "the Hub token appeared in the output"
     # `tuneflow run` binds nothing but loopback: torchrun's rendezvous store included (seen, so the check is real)
-    assert any("tuneflow.training.torchrun" in cmd for _, cmd in sockets), f"no training listener sampled: {sockets}"
+    assert any("tuneflow.training.launch.torchrun" in cmd for _, cmd in sockets), f"no training listener sampled: {sockets}"
     exposed = {(ip, cmd) for ip, cmd in sockets if ip not in ("127.0.0.1", "::1")}
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert not files_containing(Path(summary["run_dir"]), CANARY), "the Hub token was written to the run folder"
@@ -218,7 +218,7 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
     assert (export_dir / "tokenizer.json").is_file() and (export_dir / "config.json").is_file()
     from transformers import AutoTokenizer
 
-    from tuneflow.demo import CHATML_TEMPLATE
+    from tuneflow.modeling.demo import CHATML_TEMPLATE
 
     assert AutoTokenizer.from_pretrained(export_dir).chat_template == CHATML_TEMPLATE
     card = (export_dir / "README.md").read_text()

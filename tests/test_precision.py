@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from tuneflow.config import config_hash, load_config
-from tuneflow.precision import Machine, resolve, resolved, this_machine
+from tuneflow.core.config import config_hash, load_config
+from tuneflow.modeling.precision import Machine, resolve, resolved, this_machine
 
 AMPERE = Machine(gpu="NVIDIA A100", gpu_bf16=True)
 T4 = Machine(gpu="Tesla T4", gpu_bf16=False)
@@ -74,7 +74,7 @@ def test_this_machine_reads_torch():
 def test_nodes_that_resolve_differently_fail_before_training(tmp_path, tiny_assets):
     """Two nodes on loopback (gloo) whose train stages resolved 'auto' to bf16 and fp32: every rank refuses, naming
     each node's result, before the model is built (the data folder does not even exist)."""
-    from tuneflow.training.launcher import WorkerFailed, free_port, launch
+    from tuneflow.training.launch.launcher import WorkerFailed, free_port, launch
 
     port, rdzv = free_port(), uuid.uuid4().hex[:8]
     errors: dict[int, str] = {}

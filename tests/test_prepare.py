@@ -5,15 +5,15 @@ import json
 import pytest
 from datasets import Dataset, load_from_disk
 
-from tuneflow.demo import build as build_assets, make_rows
+from tuneflow.modeling.demo import build as build_assets, make_rows
 from tasks.prepare import cache_key
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 from tuneflow.data import prepare
 from tuneflow.data.formats import DatasetError, load_dataset_rows, split_indices
 from tuneflow.data.prepare import build
 from tuneflow.data.tokenize import TemplateError, prompt_and_reference
-from tuneflow.modeling import load_tokenizer
-from tuneflow.results import DownloadResult, SourceRef
+from tuneflow.modeling.load import load_tokenizer
+from tuneflow.core.results import DownloadResult, SourceRef
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""The promotion rule of `tuneflow retrain` (tuneflow.registry.decide): beat the champion on registry.metric by more
+"""The promotion rule of `tuneflow retrain` (tuneflow.tracking.registry.decide): beat the champion on registry.metric by more
 than zero and at least registry.min_delta, in the metric's direction, and never be worse than the base model."""
 
 import pytest
 
-from tuneflow.config import TuneflowConfig
-from tuneflow.registry import decide
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.tracking.registry import decide
 
 
 def cfg(**registry) -> TuneflowConfig:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tuneflow.training.launcher import WorkerFailed, launch
+from tuneflow.training.launch.launcher import WorkerFailed, launch
 from tests.servers import training_rank_pid
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.prepare import build as prepare
-from tuneflow.demo import build
+from tuneflow.modeling.demo import build
 from tuneflow.training.spec import TrainSpec
 from tuneflow.training.checkpoints import COMPLETE, last_complete_checkpoint
 

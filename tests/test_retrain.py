@@ -264,7 +264,7 @@ def test_the_mlflow_ui_shows_each_run_with_its_data_and_model(world, chromium, t
     datasets (Dataset column) and the registered model (Models column)."""
     from playwright.sync_api import sync_playwright
 
-    from tuneflow.tracking import run_url
+    from tuneflow.tracking.runs import run_url
 
     exp = client(world).get_experiment_by_name("retrain")
     with sync_playwright() as pw:

@@ -224,11 +224,11 @@ def test_pipeline_on_cpu_pool_trains_on_gpu_pool(team):
     assert {"checkpoint-4", "checkpoint-8", "checkpoint-12"} <= uploaded, uploaded
 
     # A third machine: the export and the predictions from MLflow only; the export answers as evaluation recorded.
-    from tuneflow.config import TuneflowConfig
-    from tuneflow.generation import generate
-    from tuneflow.modeling import load_pretrained, load_tokenizer
+    from tuneflow.core.config import TuneflowConfig
+    from tuneflow.modeling.generation import generate
+    from tuneflow.modeling.load import load_pretrained, load_tokenizer
 
-    from tuneflow.artifacts import materialize_model
+    from tuneflow.tracking.artifacts import materialize_model
 
     logged = mlflow.search_logged_models(experiment_ids=[children["export"].info.experiment_id],
                                          filter_string=f"source_run_id = '{parent.info.run_id}'")
@@ -238,7 +238,7 @@ def test_pipeline_on_cpu_pool_trains_on_gpu_pool(team):
                                                  str(client_dir / "dl")))
     records = [json.loads(line) for line in predictions.read_text().splitlines()]
     cfg = TuneflowConfig.model_validate(tiny_config(team, "team"))
-    from tuneflow.precision import compute_dtype, resolved
+    from tuneflow.modeling.precision import compute_dtype, resolved
 
     # train.precision auto, resolved on the gpu machine (this machine's hardware) and recorded on both runs
     assert children["train"].data.params["train.precision_resolved"] == resolved(cfg).precision

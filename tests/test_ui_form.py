@@ -3,7 +3,7 @@
 A real `prefect server start` (conftest's ``prefect_api``), the deployments registered with `make deploy`, and the
 deployment's "Custom run" page (/deployments/deployment/<id>/run) opened in headless Chromium. The test checks
 that every key of the config tree shows as a field under its section, with its description exactly as written in
-tuneflow/config.py (read from the models, so the test follows the code), that Literal keys are dropdowns offering
+tuneflow/core/config.py (read from the models, so the test follows the code), that Literal keys are dropdowns offering
 their choices, and that the deployment's parameters fill the form. A full-page screenshot is kept in
 test-output/prefect-run-form.png.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 
 pytestmark = pytest.mark.slow
 
@@ -242,7 +242,7 @@ def test_run_form_shows_config_fields_with_descriptions(chromium, on_demand, pre
         finally:
             browser.close()
 
-    assert not problems, "the Prefect run form differs from tuneflow/config.py:\n  " + "\n  ".join(problems)
+    assert not problems, "the Prefect run form differs from tuneflow/core/config.py:\n  " + "\n  ".join(problems)
 
 
 def _number(text: str | None) -> float | None:

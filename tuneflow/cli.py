@@ -21,8 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from tuneflow.config import ConfigError, load_config
-from tuneflow.memory_plan import add_plan_command
+from tuneflow.core.config import ConfigError, load_config
+from tuneflow.memory.plan import add_plan_command
 from tuneflow.servers import add_worker_command
 
 
@@ -44,10 +44,10 @@ def cmd_validate(args) -> int:
         return 0
     import logging
 
-    from tuneflow.preflight import PreflightError, preflight
+    from tuneflow.sources.preflight import PreflightError, preflight
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logger = logging.getLogger("tuneflow.preflight")
+    logger = logging.getLogger("tuneflow.sources.preflight")
     logger.setLevel(logging.INFO)
     try:
         checked = preflight(cfg, logger)
@@ -90,7 +90,7 @@ def cmd_run(args) -> int:
 def print_results(summary: dict, local: bool = True) -> None:
     """The held-out metrics, base -> tuned, and where the run shows in MLflow (``local``: the run's folders are on
     this machine)."""
-    from tuneflow.tracking import run_url
+    from tuneflow.tracking.runs import run_url
 
     metrics = summary.get("metrics", {})
     base = metrics.get("base", {})
@@ -210,7 +210,7 @@ def _follow(flow_run_id, cfg) -> int:
 
 def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
     """summary.json of the pipeline's MLflow parent run, when this machine reaches the tracking server."""
-    from tuneflow.tracking import tracking_uri
+    from tuneflow.tracking.runs import tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri)
     if not uri.startswith(("http://", "https://")):
@@ -232,7 +232,7 @@ def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
 def cmd_retrain(args) -> int:
     cfg = _config(args)
     from flows.retrain import retrain
-    from tuneflow.registry import Registry, RegistryProblem
+    from tuneflow.tracking.registry import Registry, RegistryProblem
     from tuneflow.servers import ServerRefused, check_servers
 
     try:
@@ -281,16 +281,16 @@ def cmd_emit_dataset_updated(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tuneflow.config import TuneflowConfig
-    from tuneflow.generation import generate, stream
+    from tuneflow.core.config import TuneflowConfig
+    from tuneflow.modeling.generation import generate, stream
 
-    from tuneflow.modeling import device, load_pretrained, load_tokenizer, load_trained
-    from tuneflow.precision import compute_dtype
+    from tuneflow.modeling.load import device, load_pretrained, load_tokenizer, load_trained
+    from tuneflow.modeling.precision import compute_dtype
 
     model_dir = args.model
     if model_dir.startswith("models:/"):  # a model logged by the export stage, e.g. models:/my-model@champion
-        from tuneflow.artifacts import materialize_model
-        from tuneflow.tracking import tracking_uri
+        from tuneflow.tracking.artifacts import materialize_model
+        from tuneflow.tracking.runs import tracking_uri
 
         model_dir = str(materialize_model(model_dir, tracking_uri(None)))
     cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "train": {"method": "lora",
@@ -314,7 +314,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_cache_prune(args) -> int:
-    from tuneflow.artifacts import cache_root, prune
+    from tuneflow.tracking.artifacts import cache_root, prune
 
     pruned = prune(args.keep_days, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"

@@ -8,11 +8,11 @@ train.nproc_per_node the processes and `nvidia.com/gpu` of each node. Kubeflow's
 gives each the rendezvous in PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (node 0's address,
 discovered by the runtime, never typed by hand). Each pod runs `python -m tuneflow.k8s node`: it reads the
 training request from TUNEFLOW_TRAIN_REQUEST, takes its node's place in the rendezvous from the PET_* variables,
-and runs the training attempt (`tuneflow.training.run.train_once`, which launches the training worker under
+and runs the training attempt (`tuneflow.training.launch.run.train_once`, which launches the training worker under
 torchrun). The request holds references only (config, pinned model, prepared-data artifact, MLflow run); the Hub
 token and the MLflow credentials come from a Kubernetes Secret by reference, never as values.
 
-This module imports pydantic and the config only, like `tuneflow.config`.
+This module imports pydantic and the config only, like `tuneflow.core.config`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import re
 import sys
 from typing import Any
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"  # Kubeflow Trainer's built-in ClusterTrainingRuntime for torchrun
@@ -82,7 +82,7 @@ def render_trainjob(
         config: the validated config; its train section sets the shape of the job.
         image: the tuneflow GPU image as the cluster pulls it (infra/docker/gpu.Dockerfile).
         name: the TrainJob's name (a DNS label); default: from config.run_name.
-        request_json: the `tuneflow.results.TrainRequest` as JSON, set as TUNEFLOW_TRAIN_REQUEST in every pod
+        request_json: the `tuneflow.core.results.TrainRequest` as JSON, set as TUNEFLOW_TRAIN_REQUEST in every pod
             (the train stage passes it; without it the manifest shows the shape only and its pods stop at once,
             saying that the request is missing).
         gpus_per_node: GPUs (and training processes) per node; required when train.nproc_per_node is 'auto'
@@ -212,9 +212,9 @@ def _node() -> int:
     logger = logging.getLogger("tuneflow.k8s")
     rank = os.environ.get("PET_NODE_RANK", "?")
     try:
-        from tuneflow.results import TrainRequest
-        from tuneflow.training.rendezvous import Rendezvous
-        from tuneflow.training.run import train_once
+        from tuneflow.core.results import TrainRequest
+        from tuneflow.training.launch.rendezvous import Rendezvous
+        from tuneflow.training.launch.run import train_once
 
         request = TrainRequest.model_validate_json(raw)
         place = Rendezvous(**node_rendezvous(dict(os.environ)), rdzv_id=request.rendezvous_id,
@@ -243,7 +243,7 @@ def _node() -> int:
 def _render(args: argparse.Namespace) -> int:
     import yaml
 
-    from tuneflow.config import ConfigError, load_config
+    from tuneflow.core.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.set)

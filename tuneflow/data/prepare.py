@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.formats import load_dataset_rows, split_indices
 from tuneflow.data.tokenize import IGNORE_INDEX, encode_batch, prompt_and_reference
 
@@ -89,7 +89,7 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, n
     ``num_proc``: processes that tokenize; None: every usable core, fewer for small datasets."""
     from datasets import DatasetDict
 
-    from tuneflow.modeling import load_tokenizer
+    from tuneflow.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, cfg)
     conversations, invalid = load_dataset_rows(Path(dataset_path), cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 
 
 class TrainSpec(BaseModel):

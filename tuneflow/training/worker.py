@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m tuneflow.training.worker --spec runs/demo-1a2b3c/train/spec.json
 
-The spec (`tuneflow.training.spec.TrainSpec`, written by `tuneflow.training.run`) holds the validated config and
+The spec (`tuneflow.training.spec.TrainSpec`, written by `tuneflow.training.launch.run`) holds the validated config and
 the folders on this machine: base model, prepared dataset, output. Rank 0 alone writes files and logs to the MLflow
 run named by MLFLOW_RUN_ID, and uploads each complete checkpoint there. A rank that fails writes its error to
 <output>/errors/rank<N>.txt so the launcher can say which rank died and why.
@@ -24,7 +24,7 @@ from tuneflow.training.batching import CountingCollator, TokenBudgetBatches, col
 from tuneflow.training.checkpoints import (
     COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
 )
-from tuneflow.precision import resolved
+from tuneflow.modeling.precision import resolved
 from tuneflow.training.efficiency import flops_per_token, peak_flops, peak_memory_of_every_rank
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
@@ -41,7 +41,7 @@ def build_model(cfg, model_dir: str):
     """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
     from peft import LoraConfig, get_peft_model
 
-    from tuneflow.modeling import device, load_base
+    from tuneflow.modeling.load import device, load_base
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -126,7 +126,7 @@ def agree_on_precision(precision: str, args) -> None:
     attempt here, before the model is built, naming each node's result."""
     import torch.distributed as dist
 
-    from tuneflow.precision import this_machine
+    from tuneflow.modeling.precision import this_machine
 
     args.device  # noqa: B018 -- sets up the process group (gloo/NCCL) if the Trainer has not yet
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -145,8 +145,8 @@ def train(spec: TrainSpec) -> TrainOutcome:
     from datasets import load_from_disk
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
-    from tuneflow.memory_plan import resolve_auto_batches
-    from tuneflow.modeling import load_tokenizer
+    from tuneflow.memory.plan import resolve_auto_batches
+    from tuneflow.modeling.load import load_tokenizer
     from tuneflow.training.deepspeed import deepspeed_config
     from tuneflow.training.trainer import TuneflowTrainer
 
@@ -297,7 +297,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="tuneflow training worker (launched by torchrun)")
-    parser.add_argument("--spec", required=True, type=Path, help="spec.json written by tuneflow.training.run")
+    parser.add_argument("--spec", required=True, type=Path, help="spec.json written by tuneflow.training.launch.run")
     args = parser.parse_args()
     spec = TrainSpec.model_validate_json(args.spec.read_text())
     out = Path(spec.output_dir)

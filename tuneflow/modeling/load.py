@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from tuneflow.config import TuneflowConfig
-from tuneflow.precision import compute_dtype
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.modeling.precision import compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -2,7 +2,7 @@
 one frozen evaluation set, and move the aliases.
 
 A registered version carries the fingerprint of what it was trained from: the base model's commit, the dataset's
-commit (or a local path's content digest) and the config hash (`tuneflow.config.config_hash`). A retrain whose
+commit (or a local path's content digest) and the config hash (`tuneflow.core.config.config_hash`). A retrain whose
 fingerprint a version already carries is skipped. Otherwise the pipeline runs, and its export is scored, with the
 current champion and the base model, on the frozen evaluation set: rows drawn once from the held-out split of the
 first retrain of the name, stored as an MLflow artifact (by digest) and named by the registered model's
@@ -18,9 +18,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tuneflow.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
-from tuneflow.results import ArtifactRef, SourceRef
-from tuneflow.tracking import tracking_uri
+from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
+from tuneflow.core.results import ArtifactRef, SourceRef
+from tuneflow.tracking.runs import tracking_uri
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 EVAL_SET_TAG = "tuneflow.eval_set"
@@ -66,7 +66,7 @@ class Decision:
 def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> tuple[SourceRef, SourceRef]:
     """The base model and the dataset at their current commits (local paths: content digests); nothing large is
     downloaded."""
-    from tuneflow.hub import Problem, hub_token, local_revision, locate
+    from tuneflow.sources.hub import Problem, hub_token, local_revision, locate
 
     token, refs = hub_token(cfg), []
     for key, section in (("model", cfg.model), ("dataset", cfg.dataset)):
@@ -151,7 +151,7 @@ class Registry:
     def frozen_rows(self) -> list[dict] | None:
         """The frozen evaluation set's rows, or None when the name has none yet; a set that can no longer be read
         is an error (before anything trains), never silently replaced."""
-        from tuneflow.artifacts import materialize
+        from tuneflow.tracking.artifacts import materialize
 
         ref = self.eval_set_ref()
         if ref is None:
@@ -168,7 +168,7 @@ class Registry:
 
     def freeze(self, run_id: str, rows: list[dict]) -> ArtifactRef:
         """Store ``rows`` as the frozen evaluation set (an artifact of ``run_id``)."""
-        from tuneflow.artifacts import publish
+        from tuneflow.tracking.artifacts import publish
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / EVAL_SET
@@ -206,8 +206,8 @@ def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig) -> dict[str, f
     import gc
 
     from tuneflow.data.prepare import encode_rows
-    from tuneflow.metrics import measure
-    from tuneflow.modeling import DTYPES, device, load_pretrained, load_tokenizer
+    from tuneflow.modeling.metrics import measure
+    from tuneflow.modeling.load import DTYPES, device, load_pretrained, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, cfg)
     model = load_pretrained(model_dir, cfg, DTYPES[cfg.export.dtype], {"": device()})

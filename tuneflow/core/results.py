@@ -2,7 +2,7 @@
 
 A model or dataset is a Hub repo at a commit SHA (or a local path with its content digest); everything a stage
 writes for a later one is an artifact of that stage's MLflow run, named by run id, artifact path and digest
-(`tuneflow.artifacts` resolves it to a local folder). This module imports pydantic only: the Prefect flows, the
+(`tuneflow.tracking.artifacts` resolves it to a local folder). This module imports pydantic only: the Prefect flows, the
 training deployment and the training worker all read it.
 """
 
@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 
 PREDICTIONS = "predictions.jsonl"  # the file inside EvalResult.predictions
 
@@ -99,4 +99,4 @@ class TrainRequest(BaseModel):
     node_rank: int = Field(0, ge=0, description="This node's rank among train.nnodes (node 0 hosts the rendezvous, "
                            "logs to MLflow and publishes the weights).")
     rendezvous_id: str | None = Field(None, description="Set by the train stage when train.nnodes > 1: the id the "
-                                      "nodes of one attempt meet under (tuneflow.training.rendezvous).")
+                                      "nodes of one attempt meet under (tuneflow.training.launch.rendezvous).")

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneflow.config import TuneflowConfig
-from tuneflow.hub import (
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import (
     DATASET_PATTERNS, WEIGHTS, Problem, Source, hub_token, locate, model_patterns, snapshot,
 )
 
@@ -86,8 +86,8 @@ def dataset_problems(path: Path, cfg: TuneflowConfig) -> list[str]:
 def memory_problems(model_dir: Path, cfg: TuneflowConfig) -> list[str]:
     """The memory plan against train.gpu_memory (or the local GPU): a config that cannot fit is refused here,
     before any weights are downloaded or a GPU is booked."""
-    from tuneflow.config import parse_size
-    from tuneflow.memory_plan import plan_problems, visible_gpu_memory
+    from tuneflow.core.config import parse_size
+    from tuneflow.memory.plan import plan_problems, visible_gpu_memory
 
     gpu = parse_size(cfg.train.gpu_memory) if cfg.train.gpu_memory else visible_gpu_memory()
     config_file = model_dir / "config.json"

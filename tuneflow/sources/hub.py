@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tuneflow.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.formats import DATA_SUFFIXES
-from tuneflow.results import SourceRef
+from tuneflow.core.results import SourceRef
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
 MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneflow.results import ArtifactRef
+from tuneflow.core.results import ArtifactRef
 
 CHUNK = 1 << 20
 KINDS = ("artifacts", "models", "prepared")  # the cache's folders of entries

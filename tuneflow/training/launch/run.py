@@ -8,7 +8,7 @@ another machine), launches the worker under torchrun, and logs the trained weigh
 runs it in-process (`tuneflow run`) or on a GPU worker as the `tuneflow-train` flow. It needs Prefect only to
 read the Hub token from a Secret block (hub.token_secret).
 
-On several nodes, ``join(nproc)`` gives this node its place (`tuneflow.training.rendezvous`) once its model and
+On several nodes, ``join(nproc)`` gives this node its place (`tuneflow.training.launch.rendezvous`) once its model and
 data are ready; only node 0 (global rank 0) logs to MLflow, writes result.json and publishes the weights.
 """
 
@@ -18,15 +18,15 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from tuneflow.artifacts import materialize, publish
-from tuneflow.hub import fetch
-from tuneflow.memory_plan import resolve_auto_batches
-from tuneflow.precision import resolved as resolve_precision
-from tuneflow.results import TrainRequest, TrainResult
-from tuneflow.tracking import log_params
+from tuneflow.tracking.artifacts import materialize, publish
+from tuneflow.sources.hub import fetch
+from tuneflow.memory.plan import resolve_auto_batches
+from tuneflow.modeling.precision import resolved as resolve_precision
+from tuneflow.core.results import TrainRequest, TrainResult
+from tuneflow.tracking.runs import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
-from tuneflow.training.launcher import launch, resolve_nproc
-from tuneflow.training.rendezvous import Rendezvous
+from tuneflow.training.launch.launcher import launch, resolve_nproc
+from tuneflow.training.launch.rendezvous import Rendezvous
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
 RESULT_ARTIFACT = "train_result.json"

@@ -467,11 +467,11 @@ def config_hash(cfg: TuneflowConfig) -> str:
 
 
 def reference_markdown() -> str:
-    """docs/config.md: every key with its default and description (`python -m tuneflow.config > docs/config.md`)."""
+    """docs/config.md: every key with its default and description (`python -m tuneflow.core.config > docs/config.md`)."""
     lines = [
         "# Config reference",
         "",
-        "Generated from `tuneflow/config.py` by `python -m tuneflow.config > docs/config.md`; a test keeps it in sync.",
+        "Generated from `tuneflow/core/config.py` by `python -m tuneflow.core.config > docs/config.md`; a test keeps it in sync.",
         "",
         "| key | default | description |",
         "|---|---|---|",

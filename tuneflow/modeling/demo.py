@@ -4,7 +4,7 @@ The model is a real transformers architecture (Llama or Qwen2) with random weigh
 byte-level BPE tokenizer trained with `tokenizers` on the dataset, carrying a ChatML chat template. The dataset is
 a small synthetic instruction set with answers a model can learn in a few dozen steps.
 
-    python -m tuneflow.demo --out demo/assets           # writes demo/assets/{model,data/train.json}
+    python -m tuneflow.modeling.demo --out demo/assets           # writes demo/assets/{model,data/train.json}
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ plan runs before any weights are downloaded. The breakdown per rank:
 
 Every formula, and what it rests on, is in docs/memory.md. The static lines (weights) are checked in the tests against
 the bytes of a real model loaded with bitsandbytes; the activations are not calibrated until measured on a GPU.
-This module imports pydantic (through tuneflow.config) only; torch, transformers and huggingface_hub are imported
+This module imports pydantic (through tuneflow.core.config) only; torch, transformers and huggingface_hub are imported
 inside the functions that need them.
 """
 
@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tuneflow.config import ConfigError, TuneflowConfig, load_config, parse_size
+from tuneflow.core.config import ConfigError, TuneflowConfig, load_config, parse_size
 
 GiB = 2**30
 
@@ -632,7 +632,7 @@ def read_model_config(cfg: TuneflowConfig) -> dict:
     else:
         from huggingface_hub import hf_hub_download
 
-        from tuneflow.hub import Problem, hub_call, hub_token, locate
+        from tuneflow.sources.hub import Problem, hub_call, hub_token, locate
 
         logger = logging.getLogger("tuneflow.plan")
         try:
@@ -758,5 +758,5 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
 
 
-if __name__ == "__main__":  # python -m tuneflow.memory_plan --config X [--gpu-memory 24GiB] [--json]
+if __name__ == "__main__":  # python -m tuneflow.memory.plan --config X [--gpu-memory 24GiB] [--json]
     sys.exit(main())

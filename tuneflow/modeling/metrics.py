@@ -61,7 +61,7 @@ def measure(model, tokenizer, rows, prompts, references, cfg) -> tuple[dict, lis
     (with the generation settings of ``cfg.eval``); returns (metrics, answers)."""
     import time
 
-    from tuneflow.generation import eval_loss, generate
+    from tuneflow.modeling.generation import eval_loss, generate
 
     metrics = eval_loss(model, tokenizer, rows, cfg.eval.batch_size)
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """torchrun whose rendezvous store listens on one address, not on every interface.
 
-    python -m tuneflow.training.torchrun --rdzv_backend bound --rdzv_endpoint ADDR:PORT --rdzv_conf rank=N \\
+    python -m tuneflow.training.launch.torchrun --rdzv_backend bound --rdzv_endpoint ADDR:PORT --rdzv_conf rank=N \\
         --nnodes M --nproc_per_node P -m tuneflow.training.worker --spec SPEC
 
 torchrun's static rendezvous starts its store (a c10d TCPStore) on every interface of node 0, and PyTorch has no
@@ -8,7 +8,7 @@ setting for the address it binds. This runs torchrun with one more rendezvous ba
 rendezvous, except that node 0 binds the store's socket to ADDR itself and hands it to the TCPStore
 (`master_listen_fd`). On one machine ADDR is 127.0.0.1, so `tuneflow run` listens on loopback only; on several it is
 node 0's published address (a host name, as Kubernetes gives, keeps torchrun's way). The launcher
-(`tuneflow.training.launcher`) builds the command.
+(`tuneflow.training.launch.launcher`) builds the command.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvou
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-from tuneflow.training.launcher import RDZV_BACKEND
+from tuneflow.training.launch.launcher import RDZV_BACKEND
 
 
 class BoundStaticRendezvous(StaticTCPRendezvous):

@@ -40,13 +40,13 @@ def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, 
                      master_addr: str | None = None, rdzv_id: str | None = None,
                      join_timeout: float | None = None) -> list[str]:
     """torchrun with its rendezvous at master_addr:master_port, where node 0 hosts the store, listening on that
-    address only (`tuneflow.training.torchrun`); on several nodes, the attempt's rendezvous id and how long the
+    address only (`tuneflow.training.launch.torchrun`); on several nodes, the attempt's rendezvous id and how long the
     rendezvous waits for every node (join_timeout seconds)."""
     if nnodes > 1 and not (master_addr and master_port):
         raise ValueError("a multi-node launch needs node 0's address and port")
     conf = f"rank={node_rank}" + (f",timeout={int(join_timeout)}" if join_timeout else "")
     return [
-        sys.executable, "-m", "tuneflow.training.torchrun",
+        sys.executable, "-m", "tuneflow.training.launch.torchrun",
         "--nnodes", str(nnodes),
         "--nproc_per_node", str(nproc),
         "--rdzv_backend", RDZV_BACKEND,
