@@ -29,7 +29,7 @@ def train_on_worker(request: TrainRequest) -> dict:
         request: Written by the pipeline's train stage: the config, the pinned model, the prepared data artifact,
             the MLflow run to train into and, on several nodes, this node's rank and the rendezvous id.
     """
-    from tuneflow.training import rendezvous
+    from tuneflow.training.launch import rendezvous
     from tuneflow.training.launch.run import train_once
 
     logger = get_run_logger()

@@ -122,7 +122,7 @@ def run_group_on_pool(deployment: str, request: TrainRequest, rdzv_id: str, time
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
-    from tuneflow.training import rendezvous
+    from tuneflow.training.launch import rendezvous
 
     t = request.config.train
     with get_client(sync_client=True) as client:
