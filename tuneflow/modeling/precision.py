@@ -84,6 +84,6 @@ def resolved(cfg, machine: Machine | None = None) -> Resolved:
 
 def compute_dtype(cfg):
     """The torch dtype models compute in on this machine for ``cfg``."""
-    import torch
+    from tuneflow.modeling.load import DTYPES
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolved(cfg).precision]
+    return DTYPES[resolved(cfg).precision]

@@ -172,7 +172,7 @@ def materialize_model(uri: str, tracking_uri: str) -> Path:
         os.utime(entry)  # last use, for `tuneflow cache prune`
         return entry
     entry.parent.mkdir(exist_ok=True)
-    staging = entry.with_name(f".{model_id}.{uuid.uuid4().hex[:8]}.partial")
+    staging = _staging(entry)
     try:
         location = client.get_logged_model(model_id).artifact_location  # e.g. mlflow-artifacts:/… (proxied)
         got = Path(download_artifacts(artifact_uri=location, dst_path=str(staging / "dl"), tracking_uri=tracking_uri))
@@ -180,10 +180,7 @@ def materialize_model(uri: str, tracking_uri: str) -> Path:
         shutil.move(got / "model", folder)  # the flavour's layout: model/ and components/tokenizer/
         for file in (got / "components" / "tokenizer").iterdir():
             shutil.move(file, folder / file.name)
-        try:
-            folder.rename(entry)
-        except OSError:  # another process finished the same download first
-            pass
+        _install(folder, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entry
