@@ -62,7 +62,7 @@ bench: install
 # authentication, the deployments and one worker per pool, under STACK_DIR. Credentials: source $(STACK_DIR)/env
 STACK_DIR ?= .stack
 stack: install
-	STACK_DIR=$(STACK_DIR) $(BIN)/python -m tuneflow.stack start
+	STACK_DIR=$(STACK_DIR) $(BIN)/python -m infra.local.stack start
 
 stack-stop:
-	STACK_DIR=$(STACK_DIR) $(BIN)/python -m tuneflow.stack stop
+	STACK_DIR=$(STACK_DIR) $(BIN)/python -m infra.local.stack stop

@@ -124,7 +124,7 @@ def retrain(config: TuneflowConfig, train_deployment: str | None = None, refreez
     from prefect.artifacts import create_markdown_artifact
 
     from tuneflow.tracking.registry import Registry
-    from tuneflow.servers import check_mlflow
+    from tuneflow.tracking.servers import check_mlflow
     from tuneflow.tracking.runs import tracking_uri
 
     logger = get_run_logger()

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.context import RunContext
+from tuneflow.tracking.context import RunContext
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.sources.hub import Problem, Source, cached_fraction, local_revision, model_patterns, snapshot
 from tuneflow.sources.preflight import preflight

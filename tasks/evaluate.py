@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.context import RunContext
+from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.sources.hub import fetch

@@ -9,7 +9,7 @@ the train stage makes, and plays Kubeflow Trainer's `torch-distributed` runtime 
 - bearer-token authentication from a kubeconfig (401 on a wrong token), and switches for a cluster without the
   TrainJob CRD (404) and an identity without the RBAC (403), with the bodies a real API server sends.
 
-Each node of a TrainJob is a "pod": the TrainJob's command (`python -m tuneflow.k8s node`) run as a local process
+Each node of a TrainJob is a "pod": the TrainJob's command (`tuneflow k8s node`, from this environment's bin folder as the image's PATH has it) run as a local process
 with only the container's environment (`value`s, `secretKeyRef`s resolved from the `secrets` given here), the PET_*
 variables the torch runtime sets (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR=127.0.0.1,
 PET_MASTER_PORT), its own folder for each volume (paths under a volume's mountPath in the environment point there),
@@ -158,7 +158,7 @@ class StandIn:
         """Start the pods' processes, then follow them until they end or the job is deleted."""
         port = free_port()
         command = list(job.manifest["spec"]["trainer"]["command"])
-        command = [sys.executable if command[0] == "python" else command[0], *command[1:]]
+        command = [str(Path(sys.executable).with_name(command[0])), *command[1:]]  # the image: venv on PATH
         for pod in job.pods:
             env = self._container_env(job, pod, port)
             if isinstance(env, str):

@@ -113,7 +113,7 @@ def test_prune_removes_what_no_run_used_lately(cache, mlflow_server, tmp_path):
     for path in (old, prepared, crashed):
         os.utime(path, (month_ago, month_ago))
 
-    done = subprocess.run([sys.executable, "-m", "tuneflow.cli", "cache", "prune", "--keep-days", "14", "--dry-run"],
+    done = subprocess.run([sys.executable, "-m", "tuneflow.cli.main", "cache", "prune", "--keep-days", "14", "--dry-run"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "would remove 3 entries" in done.stdout and old.exists(), done.stdout

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneflow.cli import main
+from tuneflow.cli.main import main
 from tuneflow.sources.hub import unsafe_names
 from tuneflow.sources.preflight import hardware_problems
 
@@ -103,7 +103,7 @@ def test_config_errors_come_before_any_heavy_import(tmp_path):
     """A typo costs a second, not a Prefect engine start or a model load."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(merge(base_config("m", "d.json"), {"train.lora.rnak": 8})))
-    probe = ("import sys\nfrom tuneflow.cli import main\ntry:\n    main(['run', '--config', sys.argv[1]])\n"
+    probe = ("import sys\nfrom tuneflow.cli.main import main\ntry:\n    main(['run', '--config', sys.argv[1]])\n"
              "except SystemExit as e:\n    print(e.code, sorted(m for m in ('prefect', 'torch', 'transformers', "
              "'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)

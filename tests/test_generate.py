@@ -3,7 +3,7 @@
 import pytest
 
 from tuneflow.modeling.demo import build
-from tuneflow.cli import main
+from tuneflow.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,9 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from tuneflow.core.config import load_config
-from tuneflow.k8s import main as k8s_main, node_rendezvous, render_trainjob
+from tuneflow.cli.main import main as tuneflow_main
+from tuneflow.placement.kubernetes.manifest import render_trainjob
+from tuneflow.placement.kubernetes.node import node_rendezvous
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -354,7 +356,7 @@ def test_trainjob_rendered_from_each_preset_matches_the_crd(preset, trainjob_val
     nproc = gpus or config.train.nproc_per_node
     assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == nproc
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": nproc}
-    assert trainer["command"] == ["python", "-m", "tuneflow.k8s", "node"]
+    assert trainer["command"] == ["tuneflow", "k8s", "node"]
     env = {e["name"]: e for e in trainer["env"]}
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"):
         assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["key"] == name
@@ -401,8 +403,8 @@ def test_trainjob_example_is_in_sync_with_the_renderer(trainjob_validator, capsy
     text = (K8S / "trainjob.example.yaml").read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     joined = re.sub(r"\\\n#\s+", "", header)
-    args = shlex.split(re.search(r"-m tuneflow\.k8s (render .*?) > infra/k8s/trainjob\.example\.yaml", joined)[1])
-    assert k8s_main([*args, "--header", header]) == 0
+    args = shlex.split(re.search(r"tuneflow k8s (render .*?) > infra/k8s/trainjob\.example\.yaml", joined)[1])
+    assert tuneflow_main(["k8s", *args, "--header", header]) == 0
     assert capsys.readouterr().out == text, "regenerate with the command in infra/k8s/trainjob.example.yaml's header"
     example = yaml.safe_load(text)
     assert_valid_trainjob(trainjob_validator, example)

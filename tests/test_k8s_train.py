@@ -3,7 +3,7 @@
 What runs for real: a Prefect server with a work pool of type `kubernetes` (infra/k8s/gpu-work-pool.json) and the
 training deployment on it; the pipeline flow (download, prepare, train, evaluate) in its own process, reading the
 pool's job variables and submitting with the official `kubernetes` client through a kubeconfig; and each TrainJob
-node as `python -m tuneflow.k8s node` with Kubeflow's PET_* variables: 2 nodes x 1 process on loopback (gloo),
+node as `tuneflow k8s node` with Kubeflow's PET_* variables: 2 nodes x 1 process on loopback (gloo),
 fetching the model from the Hub (olah) and the data from MLflow, training into the stage's MLflow run.
 
 What is a STAND-IN, because no Kubernetes cluster can run here: the API server and Kubeflow Trainer's controller
@@ -163,7 +163,7 @@ def test_a_killed_node_fails_its_attempt_naming_it_and_the_trainjob_is_deleted(p
     first, second = (j["metadata"]["name"] for j in k8s.submitted)
     error = mlflow.get_run(pipeline["request"]["mlflow_run_id"]).data.tags["attempt_1_error"]
     pod1 = k8s.history[first].pods[1].name
-    assert f"node 1 (pod {pod1} on stand-in): exit code 1 (Error): tuneflow.k8s node 1 failed: WorkerFailed" in error, error
+    assert f"node 1 (pod {pod1} on stand-in): exit code 1 (Error): tuneflow k8s node 1 failed: WorkerFailed" in error, error
     assert "rank 1: exit code -9 (SIGKILL)" in error, error
     assert k8s.deleted == [first]  # the failed attempt's TrainJob is deleted, the completed one is kept
     assert all(p.proc.poll() is not None for p in k8s.history[first].pods)  # every node of it has stopped
@@ -190,7 +190,7 @@ def test_the_relaunch_trains_on_two_nodes_into_one_mlflow_run(pipeline):
 
 def test_cluster_problems_are_one_line_errors_that_say_what_to_do(k8s, tmp_path, monkeypatch):
     from tuneflow.core.config import load_config
-    from tuneflow.trainjob import KubernetesError, TrainJobApi, manifest_for, run_trainjob
+    from tuneflow.placement.kubernetes.trainjob import KubernetesError, TrainJobApi, manifest_for, run_trainjob
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["train.nnodes=2", "train.nproc_per_node=1"])
     manifest = manifest_for(cfg, {"image": IMAGE, "namespace": "tuneflow"}, "setup-check", "{}", {})
@@ -219,7 +219,7 @@ def test_cluster_problems_are_one_line_errors_that_say_what_to_do(k8s, tmp_path,
 
 
 def test_the_pool_settings_are_its_defaults_overridden_by_the_deployment(prefect_api):
-    from tuneflow.trainjob import pool_settings
+    from tuneflow.placement.kubernetes.trainjob import pool_settings
 
     kubernetes_pool("k8s-settings", "k8s-settings", {"image": IMAGE, "gpu_count": 8, "env": {"HF_ENDPOINT": "http://hub"}})
     settings = pool_settings("tuneflow-train/k8s-settings")
@@ -242,7 +242,7 @@ def test_the_pool_settings_are_its_defaults_overridden_by_the_deployment(prefect
 def test_node_states_come_from_the_pods_as_jobset_labels_them():
     """What a real cluster can show that the stand-in does not: a container restarted in place after an error (its
     failure is in lastState), a pod that cannot be scheduled, the rank only as a label."""
-    from tuneflow.trainjob import read_nodes
+    from tuneflow.placement.kubernetes.trainjob import read_nodes
 
     restarted = {"metadata": {"name": "job-node-0-0-abc", "creationTimestamp": "2026-01-01T00:00:01Z",
                               "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},

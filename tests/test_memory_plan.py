@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from tuneflow.core.config import TuneflowConfig, parse_size
-from tuneflow.memory.plan import (
-    GiB, ModelShape, add_plan_command, largest_batch_that_fits, lora_param_count, nf4_bytes, plan, plan_problems,
-    zero_setup,
-)
+from tuneflow.cli.plan import add_plan_command
+from tuneflow.memory.auto import largest_batch_that_fits, plan_problems
+from tuneflow.memory.estimate import plan, zero_setup
+from tuneflow.memory.shape import GiB, ModelShape, lora_param_count, nf4_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,7 +252,7 @@ def test_shapes_from_qwen_and_mistral_configs():
                                       "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                                       "vocab_size": 32000, "head_dim": None})
     assert mistral.total_params() == pytest.approx(7.24e9, rel=0.01)  # Mistral-7B
-    from tuneflow.memory.plan import PlanError
+    from tuneflow.memory.shape import PlanError
 
     with pytest.raises(PlanError, match="mixture of experts"):
         ModelShape.from_config({**LLAMA_7B, "num_local_experts": 8})
@@ -356,7 +356,7 @@ def test_config_json_comes_from_the_hub_alone(tmp_path, hub_mirror):
     cache = tmp_path / "hf-cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub_mirror.endpoint, HF_HUB_CACHE=str(cache))
-    done = subprocess.run([sys.executable, "-m", "tuneflow.memory.plan", "--config", str(path), "--json"],
+    done = subprocess.run([sys.executable, "-m", "tuneflow.cli.main", "plan", "--config", str(path), "--json"],
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["per_rank"]["quantized_weights"] > 0
@@ -365,7 +365,7 @@ def test_config_json_comes_from_the_hub_alone(tmp_path, hub_mirror):
 
 
 def test_the_module_imports_fast():
-    code = "import sys, tuneflow.memory.plan; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
+    code = "import sys, tuneflow.cli.plan; sys.exit(any(m in sys.modules for m in ('torch', 'transformers')))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -380,7 +380,7 @@ def test_docs_explain_every_line():
 
 
 def test_auto_picks_the_largest_that_fits_and_says_so():
-    from tuneflow.memory.plan import largest_tokens_that_fit, resolve_auto_batches
+    from tuneflow.memory.auto import largest_tokens_that_fit, resolve_auto_batches
 
     gpu = parse_size("24GiB")
     cfg = config(per_device_batch_size="auto", tokens_per_batch="auto", cutoff_len=2048, deepspeed="zero2")
@@ -402,11 +402,11 @@ def test_auto_picks_the_largest_that_fits_and_says_so():
 
 
 def test_auto_without_any_gpu_memory_says_what_it_picked(monkeypatch):
-    import tuneflow.memory.plan as memory_plan
+    import tuneflow.memory.auto as memory_auto
 
-    monkeypatch.setattr(memory_plan, "visible_gpu_memory", lambda: None)  # this machine may have a GPU; CI has none
+    monkeypatch.setattr(memory_auto, "visible_gpu_memory", lambda: None)  # this machine may have a GPU; CI has none
     cfg = config(per_device_batch_size="auto", tokens_per_batch="auto", cutoff_len=512)
-    resolved, notes = memory_plan.resolve_auto_batches(cfg, LLAMA_7B, world_size=1)
+    resolved, notes = memory_auto.resolve_auto_batches(cfg, LLAMA_7B, world_size=1)
     assert (resolved.train.per_device_batch_size, resolved.train.tokens_per_batch) == (4, 2048)
     assert notes[0].startswith("train.per_device_batch_size: auto -> 4: no GPU memory to size it by (no GPU visible "
                                "and train.gpu_memory unset")

@@ -23,7 +23,7 @@ COPY tasks ./tasks
 COPY infra ./infra
 COPY deployments ./deployments
 COPY configs ./configs
-RUN pip install --no-build-isolation . && python -c "import tuneflow.config, flows.finetune"
+RUN pip install --no-build-isolation . && python -c "import tuneflow.core.config, flows.finetune"
 
 # Flow runs execute as this unprivileged user; /cache holds the Hub and tuneflow caches (a volume in Compose).
 RUN useradd --create-home --uid 10001 tuneflow && mkdir -p /cache && chown tuneflow:tuneflow /cache

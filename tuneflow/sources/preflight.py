@@ -87,7 +87,8 @@ def memory_problems(model_dir: Path, cfg: TuneflowConfig) -> list[str]:
     """The memory plan against train.gpu_memory (or the local GPU): a config that cannot fit is refused here,
     before any weights are downloaded or a GPU is booked."""
     from tuneflow.core.config import parse_size
-    from tuneflow.memory.plan import plan_problems, visible_gpu_memory
+    from tuneflow.memory.auto import plan_problems
+    from tuneflow.memory.estimate import visible_gpu_memory
 
     gpu = parse_size(cfg.train.gpu_memory) if cfg.train.gpu_memory else visible_gpu_memory()
     config_file = model_dir / "config.json"

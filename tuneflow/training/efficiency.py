@@ -24,7 +24,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 def flops_per_token(cfg, model_config: dict) -> float | None:
     """Model FLOPs per trained token (see above); None for a model the memory plan cannot read."""
-    from tuneflow.memory.plan import ModelShape, PlanError, lora_param_count
+    from tuneflow.memory.shape import ModelShape, PlanError, lora_param_count
 
     try:
         shape = ModelShape.from_config(model_config)

@@ -145,7 +145,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
     from datasets import load_from_disk
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
-    from tuneflow.memory.plan import resolve_auto_batches
+    from tuneflow.memory.auto import resolve_auto_batches
     from tuneflow.modeling.load import load_tokenizer
     from tuneflow.training.deepspeed import deepspeed_config
     from tuneflow.training.trainer import TuneflowTrainer

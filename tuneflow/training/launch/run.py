@@ -20,7 +20,7 @@ from typing import Callable
 
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.sources.hub import fetch
-from tuneflow.memory.plan import resolve_auto_batches
+from tuneflow.memory.auto import resolve_auto_batches
 from tuneflow.modeling.precision import resolved as resolve_precision
 from tuneflow.core.results import TrainRequest, TrainResult
 from tuneflow.tracking.runs import log_params

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 from tuneflow.core.config import ConfigError, load_config
-from tuneflow.memory.plan import add_plan_command
-from tuneflow.servers import add_worker_command
+from tuneflow.cli.plan import add_plan_command
+from tuneflow.cli.k8s import add_k8s_command
+from tuneflow.cli.worker import add_worker_command
 
 
 def _config(args) -> object:
@@ -62,8 +63,8 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _config(args)  # every config problem is reported here, before Prefect or any model starts
-    from tasks.train import placement_problem
-    from tuneflow.servers import ServerRefused, check_servers
+    from tuneflow.placement.pool import placement_problem
+    from tuneflow.tracking.servers import ServerRefused, check_servers
 
     problem = placement_problem(cfg, None)  # `tuneflow run` trains on this machine only
     if problem:
@@ -118,8 +119,8 @@ def cmd_submit(args) -> int:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
-    from tasks.train import placement_problem
-    from tuneflow.servers import ServerRefused, check_prefect
+    from tuneflow.placement.pool import placement_problem
+    from tuneflow.tracking.servers import ServerRefused, check_prefect
 
     if not PREFECT_API_URL.value():
         print("tuneflow: submit sends the run to a Prefect server: set PREFECT_API_URL and PREFECT_API_AUTH_STRING "
@@ -233,7 +234,7 @@ def cmd_retrain(args) -> int:
     cfg = _config(args)
     from flows.retrain import retrain
     from tuneflow.tracking.registry import Registry, RegistryProblem
-    from tuneflow.servers import ServerRefused, check_servers
+    from tuneflow.tracking.servers import ServerRefused, check_servers
 
     try:
         check_servers(cfg.tracking.uri)  # refused credentials, no registry.model_name, a store without a registry:
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=cmd_cache_prune)
     add_plan_command(sub)
     add_worker_command(sub)
+    add_k8s_command(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

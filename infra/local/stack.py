@@ -1,10 +1,10 @@
 """The local team stack, without Docker: PostgreSQL, a Prefect server and an MLflow server on it, both
 authenticated, the deployments, and one process worker per pool, everything under one folder.
 
-    make stack                 # python -m tuneflow.stack start   (again: starts only what is not running)
+    make stack                 # python -m infra.local.stack start   (again: starts only what is not running)
     source .stack/env          # PREFECT_API_URL, PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_URI, MLFLOW_TRACKING_*
-    make stack-stop            # python -m tuneflow.stack stop    (stops exactly what `start` started)
-    python -m tuneflow.stack status
+    make stack-stop            # python -m infra.local.stack stop    (stops exactly what `start` started)
+    python -m infra.local.stack status
 
 Settings (environment): STACK_DIR (default .stack), STACK_HOST (what Prefect and MLflow bind, default 127.0.0.1),
 STACK_PREFECT_PORT (default 4200), STACK_MLFLOW_PORT (default 5000), STACK_PG_PORT (default 5433; PostgreSQL only
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # prefect, mlflow and tuneflow of this environment
 PG_BIN = Path(os.environ.get("STACK_PG_BIN", "/usr/lib/postgresql/15/bin"))
 DEFAULT_PORTS = {"pg": 5433, "prefect": 4200, "mlflow": 5000}
@@ -412,7 +412,7 @@ class Stack:
         self.start_postgres(state, creds)
         self.start_prefect(state, creds)
         self.start_mlflow(state, creds)
-        from tuneflow.servers import check_mlflow, check_prefect
+        from tuneflow.tracking.servers import check_mlflow, check_prefect
 
         check_prefect(client["PREFECT_API_URL"], client["PREFECT_API_AUTH_STRING"])
         os.environ.update({k: v for k, v in client.items() if k.startswith("MLFLOW_")})
@@ -467,13 +467,13 @@ Stop it: make stack-stop""", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuneflow.stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m infra.local.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--dir", default=os.environ.get("STACK_DIR") or ".stack",
                         help="the stack folder (default: $STACK_DIR or .stack)")
     args = parser.parse_args(argv)
     stack = Stack(Path(args.dir).absolute())
-    from tuneflow.servers import ServerRefused
+    from tuneflow.tracking.servers import ServerRefused
 
     try:
         if args.command == "start":

@@ -1,7 +1,7 @@
 """Multi-node training on a Kubernetes `gpu` pool: the train stage submits a Kubeflow Trainer `TrainJob` and follows it.
 
 When the training deployment (`tuneflow-train/gpu`) is on a Prefect work pool of type `kubernetes` and
-train.nnodes > 1, an attempt is one TrainJob (`tuneflow.k8s.render_trainjob`) instead of one flow run per node:
+train.nnodes > 1, an attempt is one TrainJob (`tuneflow.placement.kubernetes.manifest.render_trainjob`) instead of one flow run per node:
 
     settings = pool_settings("tuneflow-train/gpu")        # None: not a Kubernetes pool
     run_trainjob(manifest, TrainJobApi.connect(), timeout_s, join_timeout, logger)
@@ -75,7 +75,7 @@ def pool_settings(deployment: str) -> dict[str, Any] | None:
 
 def manifest_for(config, settings: dict[str, Any], name: str, request_json: str, labels: dict[str, str]) -> dict:
     """The TrainJob of one attempt, from the config and the pool's settings."""
-    from tuneflow.k8s import render_trainjob
+    from tuneflow.placement.kubernetes.manifest import render_trainjob
 
     manifest = render_trainjob(
         config, settings["image"], name=name, namespace=settings.get("namespace") or "tuneflow",
@@ -275,7 +275,7 @@ def read_nodes(pods: list[dict], nnodes: int, container: str) -> list[Node]:
 
 def _last_error_line(log: str) -> str:
     lines = [line.strip() for line in log.splitlines() if line.strip()]
-    marked = [line for line in lines if line.startswith("tuneflow.k8s node")]
+    marked = [line for line in lines if line.startswith("tuneflow k8s node")]
     return (marked or lines or [""])[-1][:1500]
 
 
@@ -314,7 +314,7 @@ class Progress:
 def run_trainjob(manifest: dict, api: TrainJobApi, timeout_s: float, join_timeout: float, logger) -> None:
     """Create the TrainJob and wait for it; TrainJobFailed naming the node(s) that failed or did not start,
     TimeoutError after ``timeout_s``. The TrainJob is deleted unless it completed."""
-    from tuneflow.k8s import NODE_CONTAINER
+    from tuneflow.placement.kubernetes.manifest import NODE_CONTAINER
 
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     trainer = manifest["spec"]["trainer"]

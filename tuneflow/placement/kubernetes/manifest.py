@@ -1,12 +1,12 @@
 """Multi-node training on Kubernetes as a Kubeflow Trainer v2 `TrainJob` (trainer.kubeflow.org/v1alpha1).
 
-    python -m tuneflow.k8s render --config configs/qwen2.5-7b-qlora-zero2.yaml --image REGISTRY/tuneflow-gpu:TAG \\
+    tuneflow k8s render --config configs/qwen2.5-7b-qlora-zero2.yaml --image REGISTRY/tuneflow-gpu:TAG \\
         --gpus-per-node 8 --nnodes 2 > trainjob.yaml          # infra/k8s/trainjob.example.yaml is this output
 
 `render_trainjob` is a pure function of the config: train.nnodes (or `nnodes`) becomes `numNodes`,
 train.nproc_per_node the processes and `nvidia.com/gpu` of each node. Kubeflow's `torch-distributed` runtime starts one pod per node and
 gives each the rendezvous in PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (node 0's address,
-discovered by the runtime, never typed by hand). Each pod runs `python -m tuneflow.k8s node`: it reads the
+discovered by the runtime, never typed by hand). Each pod runs `tuneflow k8s node` (`tuneflow.placement.kubernetes.node`): it reads the
 training request from TUNEFLOW_TRAIN_REQUEST, takes its node's place in the rendezvous from the PET_* variables,
 and runs the training attempt (`tuneflow.training.launch.run.train_once`, which launches the training worker under
 torchrun). The request holds references only (config, pinned model, prepared-data artifact, MLflow run); the Hub
@@ -17,10 +17,7 @@ This module imports pydantic and the config only, like `tuneflow.core.config`.
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
-import sys
 from typing import Any
 
 from tuneflow.core.config import TuneflowConfig
@@ -163,7 +160,7 @@ def render_trainjob(
             "runtimeRef": {"name": runtime, "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"},
             "trainer": {
                 "image": image,
-                "command": ["python", "-m", "tuneflow.k8s", "node"],
+                "command": ["tuneflow", "k8s", "node"],
                 "numNodes": nodes,
                 "numProcPerNode": nproc,
                 "resourcesPerNode": {
@@ -181,101 +178,3 @@ def render_trainjob(
             }],
         },
     }
-
-
-def node_rendezvous(environ: dict[str, str]) -> dict[str, Any]:
-    """train.* settings of this pod's node, from the PET_* variables Kubeflow's torch runtime sets."""
-    missing = [k for k in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT") if not environ.get(k)]
-    if missing:
-        raise RuntimeError(f"{', '.join(missing)} not set: `tuneflow.k8s node` runs inside a TrainJob pod of the "
-                           f"{RUNTIME} runtime, which sets them")
-    return {
-        "nnodes": int(environ["PET_NNODES"]),
-        "node_rank": int(environ["PET_NODE_RANK"]),
-        "master_addr": environ["PET_MASTER_ADDR"],
-        "master_port": int(environ["PET_MASTER_PORT"]),
-    }
-
-
-def _node() -> int:
-    """One TrainJob pod: this node's part of the training attempt described by TUNEFLOW_TRAIN_REQUEST. A failure ends
-    with one line `tuneflow.k8s node N failed: ...` on stderr and in the termination message."""
-    import logging
-    from pathlib import Path
-
-    raw = os.environ.get(REQUEST_ENV)
-    if not raw:
-        print(f"tuneflow.k8s node: {REQUEST_ENV} is not set: the train stage puts the training request there "
-              "(a TrainJob rendered without request_json shows the job's shape only)", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logger = logging.getLogger("tuneflow.k8s")
-    rank = os.environ.get("PET_NODE_RANK", "?")
-    try:
-        from tuneflow.core.results import TrainRequest
-        from tuneflow.training.launch.rendezvous import Rendezvous
-        from tuneflow.training.launch.run import train_once
-
-        request = TrainRequest.model_validate_json(raw)
-        place = Rendezvous(**node_rendezvous(dict(os.environ)), rdzv_id=request.rendezvous_id,
-                           join_timeout=request.config.train.join_timeout)
-        # MLflow as this pod reaches it (the pool's mlflow_tracking_uri), and the Hub token from the credentials
-        # Secret (HF_TOKEN): a pod has no Prefect API to read a Secret block from.
-        config = request.config.model_copy(update={"hub": request.config.hub.model_copy(update={"token_secret": None})})
-        request = request.model_copy(update={"node_rank": place.node_rank, "config": config,
-                                             "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or request.tracking_uri})
-        logger.info("node %d of %d, rendezvous at %s:%d", place.node_rank, place.nnodes, place.master_addr,
-                    place.master_port)
-        folder = Path(os.environ.get(NODE_DIR_ENV) or DEFAULT_NODE_DIR) / request.run_folder
-        train_once(request, folder, logger, join=lambda nproc: place)
-    except Exception as exc:  # noqa: BLE001 - one line for the train stage's error message, then the traceback
-        said = " / ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-        line = f"tuneflow.k8s node {rank} failed: {type(exc).__name__}: {said}"
-        logger.exception("training failed on this node")
-        if os.path.exists(TERMINATION_LOG):
-            with open(TERMINATION_LOG, "w") as out:
-                out.write(line[:4000])
-        print(line, file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
-def _render(args: argparse.Namespace) -> int:
-    import yaml
-
-    from tuneflow.core.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.set)
-        manifest = render_trainjob(config, args.image, name=args.name, namespace=args.namespace,
-                                   gpus_per_node=args.gpus_per_node, nnodes=args.nnodes,
-                                   tracking_uri=args.tracking_uri)
-    except (ConfigError, ValueError) as exc:
-        print(f"tuneflow.k8s render: {exc}", file=sys.stderr)
-        return 2
-    if args.header:
-        print(args.header.rstrip())
-    print(yaml.safe_dump(manifest, sort_keys=False, width=120), end="")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tuneflow.k8s", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    render = sub.add_parser("render", help="print the TrainJob for a config as YAML")
-    render.add_argument("--config", required=True, help="a tuneflow YAML config")
-    render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    render.add_argument("--image", required=True, help="the tuneflow GPU image as the cluster pulls it")
-    render.add_argument("--gpus-per-node", type=int, default=None, help="required when train.nproc_per_node is auto")
-    render.add_argument("--nnodes", type=int, default=None, help="nodes (default: train.nnodes)")
-    render.add_argument("--name", default=None, help="TrainJob name (default: from run_name)")
-    render.add_argument("--namespace", default="tuneflow")
-    render.add_argument("--tracking-uri", default=None, help="MLflow as the pods reach it")
-    render.add_argument("--header", default=None, help=argparse.SUPPRESS)
-    sub.add_parser("node", help="run one TrainJob node (inside the pod)")
-    args = parser.parse_args(argv)
-    return _render(args) if args.command == "render" else _node()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
