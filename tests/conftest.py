@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import add_repo, olah_server, prefect_server
-from tests.servers import mlflow_server as start_mlflow
+from tests.support.servers import add_repo, olah_server, prefect_server
+from tests.support.servers import mlflow_server as start_mlflow
 
 
 
@@ -51,7 +51,7 @@ class HubMirror:
     dataset_id: str
     dataset_sha: str
     broken: dict[str, str] = field(default_factory=dict)  # what is wrong -> model repo id
-    mirror: Path | None = None  # the repos' folder: tests that need a new commit add one (tests.servers.add_repo)
+    mirror: Path | None = None  # the repos' folder: tests that need a new commit add one (tests.support.servers.add_repo)
 
 
 def broken_model(model: Path, out: Path, fault: str) -> Path:

@@ -8,7 +8,7 @@ rows); and the Trainer counts the same real tokens in both modes (what tokens/s 
 import pytest
 import torch
 
-from tests.fp32 import rows, tiny_model
+from tests.support.fp32 import rows, tiny_model
 from tuneflow.training.batching import collator
 
 

@@ -7,7 +7,7 @@ olah (https://github.com/vtuber-plan/olah, PyPI ``olah``) serves git repos laid 
 ``huggingface_hub.snapshot_download`` works against it unchanged once ``HF_ENDPOINT`` points at it, and the
 snapshot folder is named after the git commit SHA of the served revision.
 
-    from tests.servers import add_repo, olah_server
+    from tests.support.servers import add_repo, olah_server
 
     sha = add_repo(mirror, "model", "tiny-org/tiny-llama", "demo/assets/model")
     with olah_server(mirror) as endpoint:            # http://127.0.0.1:<free port>
@@ -37,7 +37,7 @@ from tuneflow.training.launch.launcher import free_port
 
 VENV_BIN = Path(sys.executable).parent  # the project virtualenv's bin (prefect, mlflow, tuneflow)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OLAH_VENV_ENV = "TUNEFLOW_OLAH_VENV"
 REPO_TYPES = {"model": "models", "dataset": "datasets"}
 

@@ -39,9 +39,9 @@ from urllib.parse import parse_qs, urlparse
 
 import yaml
 
+from tests.support.trainjob_schema import strict_trainjob_validator
 from tuneflow.training.launch.launcher import free_port
 
-CRD = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
 TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 POD_LOG = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
@@ -51,17 +51,6 @@ JOBSET = "jobset.sigs.k8s.io/jobset-name"
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def crd_validator():
-    """The TrainJob CRD's schema, strict (tests/test_infra.py's strict_crd_schema)."""
-    import jsonschema
-
-    from tests.test_infra import strict_crd_schema
-
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    return jsonschema.Draft7Validator(strict_crd_schema(version["schema"]["openAPIV3Schema"]))
 
 
 @dataclass
@@ -100,7 +89,7 @@ class StandIn:
 
     def __init__(self, root: Path, secrets: dict[str, dict[str, str]], token: str = "stand-in-token"):
         self.root, self.secrets, self.token = Path(root), secrets, token
-        self.validator = crd_validator()
+        self.validator = strict_trainjob_validator()
         self.crd_installed, self.allowed = True, True
         self.jobs: dict[tuple[str, str], Job] = {}
         self.submitted: list[dict] = []  # every TrainJob as received, valid or not

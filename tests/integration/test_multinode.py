@@ -1,6 +1,6 @@
 """Multi-node training from one pipeline run, on loopback: 2 nodes x 1 process (gloo on the CPU).
 
-The team of tests/test_team.py (a Prefect server, an MLflow server, `make deploy`, process workers each on its own
+The team of tests/integration/test_team.py (a Prefect server, an MLflow server, `make deploy`, process workers each on its own
 "machine" that sees no other's folders), with the training deployment allowed two runs at once and two `gpu`
 workers: the train stage starts one flow run per node, node 0 publishes its address through the Prefect API and
 node 1 joins it. A node that never joins, or dies, fails the attempt naming it; a retry relaunches the whole group.
@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.servers import training_rank_pid
-from tests.test_team import (Team, mlflow_runs, start_team, submit, summary_of, tiny_config, training_runs,
+from tests.support.servers import training_rank_pid
+from tests.support.team import (Team, mlflow_runs, start_team, submit, summary_of, tiny_config, training_runs,
                              wait_final, worker, worker_log)
 
 
@@ -165,7 +165,7 @@ def test_tuneflow_run_refuses_several_nodes_without_a_deployment(tmp_path):
     tuneflow = Path(sys.executable).parent / "tuneflow"
     done = subprocess.run([str(tuneflow), "run", "--config", "configs/demo.yaml", "--set", "train.nnodes=2",
                            "--set", f"output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 2, done.stdout + done.stderr
     assert "train.nnodes=2" in done.stderr and "tuneflow-train/gpu" in done.stderr, done.stderr
     assert "docs/infrastructure.md" in done.stderr and "Traceback" not in done.stderr

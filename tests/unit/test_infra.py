@@ -23,12 +23,13 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from tests.support.trainjob_schema import assert_valid_trainjob, strict_trainjob_validator
 from tuneflow.core.config import load_config
 from tuneflow.cli.main import main as tuneflow_main
 from tuneflow.placement.kubernetes.manifest import render_trainjob
 from tuneflow.placement.kubernetes.node import node_rendezvous
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 COMPOSE = INFRA / "compose.yaml"
 ENV_EXAMPLE = INFRA / ".env.example"
@@ -286,37 +287,9 @@ def test_mlflow_image_has_the_auth_app_the_database_driver_and_s3():
 
 # --- Kubernetes -----------------------------------------------------------------------------------------------
 
-def strict_crd_schema(node):
-    """The CRD schema with unknown fields refused, as `kubectl apply --validate=strict` refuses them."""
-    node = copy.deepcopy(node)
-
-    def walk(n):
-        if isinstance(n, dict):
-            if n.get("type") == "object" and "properties" in n and "additionalProperties" not in n \
-                    and not n.get("x-kubernetes-preserve-unknown-fields"):
-                n["additionalProperties"] = False
-            for v in n.values():
-                walk(v)
-        elif isinstance(n, list):
-            for v in n:
-                walk(v)
-    walk(node)
-    return node
-
-
 @pytest.fixture(scope="module")
 def trainjob_validator():
-    crd = yaml.safe_load((K8S / "crds" / "trainer.kubeflow.org_trainjobs.yaml").read_text())
-    assert crd["spec"]["names"]["kind"] == "TrainJob" and crd["spec"]["group"] == "trainer.kubeflow.org"
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    assert version["served"] and version["storage"]
-    return jsonschema.Draft7Validator(strict_crd_schema(version["schema"]["openAPIV3Schema"]))
-
-
-def assert_valid_trainjob(validator, doc):
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-    assert not errors, errors
-    assert doc["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and doc["kind"] == "TrainJob"
+    return strict_trainjob_validator()
 
 
 def test_worker_manifests_pass_strict_kubernetes_validation():

@@ -7,7 +7,7 @@ node as `tuneflow k8s node` with Kubeflow's PET_* variables: 2 nodes x 1 process
 fetching the model from the Hub (olah) and the data from MLflow, training into the stage's MLflow run.
 
 What is a STAND-IN, because no Kubernetes cluster can run here: the API server and Kubeflow Trainer's controller
-(tests/k8s_standin.py: TrainJob create/get/delete, pod list and logs, played on loopback; it checks each TrainJob
+(tests/support/k8s_standin.py: TrainJob create/get/delete, pod list and logs, played on loopback; it checks each TrainJob
 against the vendored CRD and starts the nodes as local processes).
 """
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s_standin import stand_in
-from tests.servers import training_rank_pid
+from tests.support.k8s_standin import stand_in
+from tests.support.servers import training_rank_pid
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POOL, DEPLOYMENT = "k8s-gpu", "tuneflow-train/k8s-gpu"  # not `gpu`: the team tests' process pool has that name
 IMAGE = "registry.example.com/tuneflow-gpu:test"
 SECRETS = {"tuneflow-credentials": {"MLFLOW_TRACKING_USERNAME": "pipeline",
@@ -133,7 +133,7 @@ def pipeline(k8s, prefect_api, mlflow_server, hub_mirror, tmp_path_factory):
 
 @pytest.mark.slow
 def test_each_attempt_submits_one_trainjob_that_matches_the_crd(pipeline):
-    from tests.test_infra import assert_valid_trainjob
+    from tests.support.trainjob_schema import assert_valid_trainjob
 
     k8s = pipeline["k8s"]
     assert pipeline["state"] == "COMPLETED", f"{pipeline['message']}\n{pipeline['context']()}"

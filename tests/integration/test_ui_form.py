@@ -28,7 +28,7 @@ from tuneflow.core.config import TuneflowConfig
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "tuneflow-finetune/on-demand"
 SCREENSHOT = REPO / "test-output" / "prefect-run-form.png"
 TIMEOUT_MS = 60_000  # a 2-core CI machine renders the Vue app slowly

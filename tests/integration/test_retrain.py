@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.servers import add_repo
+from tests.support.servers import add_repo
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TUNEFLOW = Path(sys.executable).parent / "tuneflow"
 NAME = "tiny-assistant"
 DATASET = "tiny-org/retrain-data"

@@ -22,7 +22,7 @@ from tuneflow.memory.auto import largest_batch_that_fits, plan_problems
 from tuneflow.memory.estimate import plan, zero_setup
 from tuneflow.memory.shape import GiB, ModelShape, lora_param_count, nf4_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(**train) -> TuneflowConfig:

@@ -9,7 +9,7 @@ Trainer passes it. The model's forward never projects more than one chunk of pos
 import pytest
 import torch
 
-from tests.fp32 import rows, tiny_model
+from tests.support.fp32 import rows, tiny_model
 from tuneflow.training.batching import collator
 from tuneflow.training.loss import chunked_causal_lm_loss, supports_chunked_loss
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tuneflow.training.launch.launcher import WorkerFailed, launch
-from tests.servers import training_rank_pid
+from tests.support.servers import training_rank_pid
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.prepare import build as prepare
 from tuneflow.modeling.demo import build

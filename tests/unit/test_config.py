@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from tuneflow.core.config import ConfigError, TuneflowConfig, load_config, parse_size
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs").glob("*.yml")])
 SCHEDULERS = [
     "linear",

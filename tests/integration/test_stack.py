@@ -22,14 +22,14 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from tests.test_team import PIPELINE, STAGES, tiny_config
+from tests.support.team import PIPELINE, STAGES, tiny_config
 from tuneflow.training.launch.launcher import free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/usr/lib/postgresql/15/bin/initdb").is_file(),
                                  reason="PostgreSQL 15 is not installed (/usr/lib/postgresql/15/bin)")]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CLIENT_VARS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
                "MLFLOW_TRACKING_PASSWORD")

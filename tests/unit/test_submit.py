@@ -1,6 +1,6 @@
 """`tuneflow submit` refuses, in one line and before anything is created, what cannot run on the team's server.
 
-The happy path (submitted through `make stack`, followed with --wait to the metrics) is in tests/test_stack.py.
+The happy path (submitted through `make stack`, followed with --wait to the metrics) is in tests/integration/test_stack.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TUNEFLOW = Path(sys.executable).parent / "tuneflow"
 
 

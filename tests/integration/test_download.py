@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import add_repo, start_olah, stop
+from tests.support.servers import add_repo, start_olah, stop
 from tuneflow.training.launch.launcher import free_port
 
 pytestmark = pytest.mark.slow
