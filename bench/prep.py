@@ -31,7 +31,7 @@ from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 
-from tests.test_prepare import reference_encode
+from tests.support.reference import reference_encode
 from tuneflow.data.formats import load_conversations
 from tuneflow.data.prepare import default_num_proc, encode_rows, usable_cores
 from tuneflow.data.tokenize import prompt_and_reference

@@ -5,6 +5,7 @@ import json
 import pytest
 from datasets import Dataset, load_from_disk
 
+from tests.support.reference import reference_encode
 from tuneflow.modeling.demo import build as build_assets, make_rows
 from tasks.prepare import cache_key
 from tuneflow.core.config import TuneflowConfig
@@ -95,26 +96,6 @@ def test_cache_key_follows_every_input(model_dir, tmp_path):
 
 
 # --- the batched, multi-process path against the plain per-row one ------------------------------------------
-
-
-def reference_encode(tokenizer, messages, cutoff_len):
-    """How a row was encoded before batching: three template renders per answer, one row at a time."""
-    def render(turns, add_generation_prompt):
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    text, spans = render(messages, False), []
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            before, upto = render(messages[:i], True), render(messages[: i + 1], False)
-            if not (text.startswith(upto) and upto.startswith(before)):
-                raise TemplateError("the chat template does not render earlier turns unchanged")
-            spans.append((len(before), len(upto)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    starts = [start for start, _ in enc["offset_mapping"]]
-    labels = [t if any(s <= start < e for s, e in spans) else -100 for t, start in zip(ids, starts)]
-    return {"input_ids": ids[:cutoff_len], "labels": labels[:cutoff_len], "length": min(len(ids), cutoff_len),
-            "full_length": len(ids)}
 
 
 def reference_build(cfg, model_dir, data_file):
