@@ -11,7 +11,6 @@ model is what the registry's versions point to, and `models:/<id>` is how any ma
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -20,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.artifacts import materialize
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.files import staged
 from tuneflow.sources.hub import fetch
 from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, ExportResult, TrainResult
 from tuneflow.tracking.runs import log_metrics, log_model
@@ -57,13 +57,10 @@ Fine-tuned with tuneflow ({cfg.train.method}) from `{cfg.model.name_or_path}` on
 def write_export(merged, tokenizer, card: str, final: Path, max_shard_size: str) -> list[str]:
     """Write the model, tokenizer and card to a temporary folder beside ``final``, then rename it into place:
     a kill at any moment leaves either no export or a complete one at ``final``, never a half-written one."""
-    staging = final.parent / f".{final.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an attempt that was killed
-    merged.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(card, encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    with staged(final) as staging:  # a staging folder left by an attempt that was killed is cleared first
+        merged.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(card, encoding="utf-8")
     return sorted(p.name for p in final.glob("*.safetensors"))
 
 

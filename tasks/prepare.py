@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.artifacts import cache_root, publish, register
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.files import staged
 from tuneflow.sources.hub import fetch
 from tuneflow.core.results import ArtifactRef, DownloadResult, PrepareResult
 from tuneflow.tracking.runs import log_metrics, log_params
@@ -50,17 +50,10 @@ def build_entry(cfg: TuneflowConfig, downloaded: DownloadResult, final: Path, lo
     from tuneflow.data.prepare import build
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.partial"
-    try:
+    with staged(final, keep_existing=True) as staging:  # a concurrent flow may finish the same entry first
         tokenizer_dir = fetch(downloaded.model, cfg, logger, weights=False)
         stats = build(cfg, tokenizer_dir, fetch(downloaded.dataset, cfg, logger), staging)
         logger.info("prepare: %s", json.dumps(stats))
-        try:
-            staging.rename(final)
-        except OSError:  # a concurrent flow finished the same entry first: theirs is identical
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def published(final: Path, client, tracking_uri: str) -> ArtifactRef | None:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import psutil
 
+from tuneflow.core.ports import free_port, port_free
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # prefect, mlflow and tuneflow of this environment
 PG_BIN = Path(os.environ.get("STACK_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -49,22 +51,6 @@ class StackError(RuntimeError):
 
 def say(message: str) -> None:
     print(f"stack: {message}", flush=True)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_private(path: Path, text: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.servers import add_repo, start_olah, stop
-from tuneflow.training.launch.launcher import free_port
+from tuneflow.core.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from tests.support.team import PIPELINE, STAGES, tiny_config
-from tuneflow.training.launch.launcher import free_port
+from tuneflow.core.ports import free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/usr/lib/postgresql/15/bin/initdb").is_file(),

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlparse
 import yaml
 
 from tests.support.trainjob_schema import strict_trainjob_validator
-from tuneflow.training.launch.launcher import free_port
+from tuneflow.core.ports import free_port
 
 TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")

@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from tuneflow.training.launch.launcher import free_port
+from tuneflow.core.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent  # the project virtualenv's bin (prefect, mlflow, tuneflow)
 

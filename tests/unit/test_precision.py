@@ -74,7 +74,8 @@ def test_this_machine_reads_torch():
 def test_nodes_that_resolve_differently_fail_before_training(tmp_path, tiny_assets):
     """Two nodes on loopback (gloo) whose train stages resolved 'auto' to bf16 and fp32: every rank refuses, naming
     each node's result, before the model is built (the data folder does not even exist)."""
-    from tuneflow.training.launch.launcher import WorkerFailed, free_port, launch
+    from tuneflow.core.ports import free_port
+    from tuneflow.training.launch.launcher import WorkerFailed, launch
 
     port, rdzv = free_port(), uuid.uuid4().hex[:8]
     errors: dict[int, str] = {}

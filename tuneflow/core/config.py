@@ -24,7 +24,12 @@ LrScheduler = Literal[
     "inverse_sqrt",
     "reduce_lr_on_plateau",
 ]
-DEEPSPEED_PRESETS = ("none", "zero0", "zero1", "zero2", "zero3", "zero3_offload")
+# train.deepspeed presets: name -> (ZeRO stage, optimizer and parameters offloaded to the CPU); None: no DeepSpeed.
+# tuneflow.training.deepspeed builds their configs, tuneflow.memory.estimate plans them.
+DEEPSPEED_PRESETS: dict[str, tuple[int, bool] | None] = {
+    "none": None, "zero0": (0, False), "zero1": (1, False), "zero2": (2, False), "zero3": (3, False),
+    "zero3_offload": (3, True),
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -146,7 +151,7 @@ class TrainConfig(Section):
     )
     deepspeed: str = Field(
         "zero2",
-        description="none | zero0 | zero1 | zero2 | zero3 | zero3_offload, or the path of a DeepSpeed JSON file.",
+        description=" | ".join(DEEPSPEED_PRESETS) + ", or the path of a DeepSpeed JSON file.",
     )
     nproc_per_node: Union[Literal["auto"], int] = Field(
         "auto", description="Training processes on this node: 'auto' = number of GPUs (1 on a CPU)."

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.config import DEEPSPEED_PRESETS, TuneflowConfig
 from tuneflow.memory.shape import LINEAR_NAMES, GiB, ModelShape, lora_param_count, lora_targets, nf4_bytes
 
 # The margin: CUDA context + cuBLAS workspace + NCCL buffers (fixed), and allocator fragmentation (a fraction).
@@ -52,11 +52,10 @@ class ZeroSetup:
 
 def zero_setup(preset: str) -> ZeroSetup:
     """What a ``train.deepspeed`` value means for memory (the presets of tuneflow.training.deepspeed, or a JSON)."""
-    if preset == "none":
-        return ZeroSetup(False)
     if not preset.endswith(".json"):
-        stage = int(preset[4])
-        offload = preset == "zero3_offload"
+        if DEEPSPEED_PRESETS[preset] is None:
+            return ZeroSetup(False)
+        stage, offload = DEEPSPEED_PRESETS[preset]
         return ZeroSetup(True, stage, offload, offload)
     try:
         ds = json.loads(Path(preset).read_text())
@@ -107,14 +106,18 @@ class Settings:
                    loss_chunk=t.loss_chunk_tokens)
 
 
-def resolve_world_size(cfg: TuneflowConfig) -> int:
-    """Ranks taking part: nnodes x nproc_per_node ('auto' = the GPUs visible here, 1 without one)."""
-    n = cfg.train.nproc_per_node
-    if n == "auto":
-        import torch
+def resolve_nproc(nproc: int | str) -> int:
+    """train.nproc_per_node on this machine: 'auto' = the GPUs visible here, 1 without one."""
+    if nproc != "auto":
+        return max(1, int(nproc))
+    import torch
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 1
-    return max(1, int(n)) * cfg.train.nnodes
+    return max(1, torch.cuda.device_count())
+
+
+def resolve_world_size(cfg: TuneflowConfig) -> int:
+    """Ranks taking part: nnodes x nproc_per_node."""
+    return resolve_nproc(cfg.train.nproc_per_node) * cfg.train.nnodes
 
 
 def visible_gpu_memory() -> int | None:

@@ -15,15 +15,14 @@ no run has used lately.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneflow.core.files import install, is_staging, staging_path
 from tuneflow.core.results import ArtifactRef
 
 CHUNK = 1 << 20
@@ -53,10 +52,6 @@ def _entry(value: str) -> Path:
     return folder / value.removeprefix("sha256:")
 
 
-def _staging(entry: Path) -> Path:
-    return entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.partial")
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -66,7 +61,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def _discard(path: Path) -> None:
     """Remove a cache entry: renamed away first (one atomic step for readers), then deleted."""
-    trash = _staging(path)
+    trash = staging_path(path, unique=True)
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -81,11 +76,7 @@ def _install(staging: Path, entry: Path) -> None:
     """Rename a complete staging folder into place; when another process got there first, theirs is identical."""
     if entry.is_symlink():  # an entry of an older tuneflow: a pointer into a folder the cache did not own
         _discard(entry)
-    try:
-        os.rename(staging, entry)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
+    install(staging, entry, keep_existing=True)
 
 
 def _verified(entry: Path, value: str) -> bool:
@@ -108,7 +99,7 @@ def register(value: str, folder: Path) -> Path:
     entry = _entry(value)
     if _verified(entry, value):
         return entry
-    staging = _staging(entry)
+    staging = staging_path(entry, unique=True)
     try:
         shutil.copytree(folder, staging, copy_function=_link_or_copy)
         found = digest(staging)
@@ -135,7 +126,7 @@ def materialize(ref: ArtifactRef, tracking_uri: str) -> Path:
     entry = _entry(ref.digest)
     if _verified(entry, ref.digest):
         return entry
-    staging = _staging(entry)
+    staging = staging_path(entry, unique=True)
     try:
         download_artifacts(artifact_uri=ref.uri, dst_path=str(staging), tracking_uri=tracking_uri)
         got = staging / Path(ref.path).name
@@ -172,7 +163,7 @@ def materialize_model(uri: str, tracking_uri: str) -> Path:
         os.utime(entry)  # last use, for `tuneflow cache prune`
         return entry
     entry.parent.mkdir(exist_ok=True)
-    staging = _staging(entry)
+    staging = staging_path(entry, unique=True)
     try:
         location = client.get_logged_model(model_id).artifact_location  # e.g. mlflow-artifacts:/… (proxied)
         got = Path(download_artifacts(artifact_uri=location, dst_path=str(staging / "dl"), tracking_uri=tracking_uri))
@@ -211,7 +202,7 @@ def prune(keep_days: float, dry_run: bool = False) -> Pruned:
                 used = path.lstat().st_mtime
             except FileNotFoundError:
                 continue
-            staging = path.name.startswith(".") and path.name.endswith(".partial")
+            staging = is_staging(path)
             if used >= (min(cutoff, now - STAGING_GRACE_S) if staging else cutoff):
                 continue
             files = [path] if path.is_symlink() or path.is_file() else [p for p in path.rglob("*") if p.is_file()]

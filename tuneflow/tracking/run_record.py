@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from tuneflow.tracking.context import RunContext
 from tuneflow.core.config import TuneflowConfig, config_hash, flatten
+from tuneflow.core.files import staged
 from tuneflow.core.results import DownloadResult, EvalResult, ExportResult, PrepareResult, SourceRef, TrainResult
 from tuneflow.tracking.runs import experiment_id, log_dataset, log_metrics, log_params, run_url, tracking_uri
 
@@ -163,9 +164,8 @@ class RunRecord:
 
     def write_summary(self) -> Path:
         path = self.folder / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2))
-        tmp.replace(path)
+        with staged(path) as tmp:
+            tmp.write_text(json.dumps(self.summary, indent=2))
         return path
 
     def finish(self) -> dict:

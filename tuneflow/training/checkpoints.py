@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from tuneflow.core.files import install, remove, staged, staging_path
+
 COMPLETE = "tuneflow-complete"  # written into checkpoint-N once every rank has finished writing it
 
 
@@ -46,9 +48,8 @@ def commit_checkpoint(folder: Path, keep: int) -> None:
     """Check the adapter, mark ``folder`` complete (atomically), then delete older checkpoints beyond ``keep``
     and any incomplete ones: the newest complete checkpoint is never deleted before its successor is marked."""
     verify_adapter(folder)
-    tmp = folder / f".{COMPLETE}.tmp"
-    tmp.write_text(str(checkpoint_step(folder)))
-    tmp.rename(folder / COMPLETE)
+    with staged(folder / COMPLETE) as marker:
+        marker.write_text(str(checkpoint_step(folder)))
     others = sorted((p for p in folder.parent.glob("checkpoint-*") if p != folder), key=checkpoint_step)
     complete = [p for p in others if (p / COMPLETE).is_file()]
     stale = complete[: max(0, len(complete) - (keep - 1))] + [p for p in others if p not in complete]
@@ -110,13 +111,14 @@ def restore_checkpoint(client, run_id: str, tracking_uri: str, folder: Path) -> 
             return None
         if COMPLETE not in {Path(a.path).name for a in client.list_artifacts(run_id, _artifact_dir(step))}:
             continue  # its upload was cut short
-        staging = folder / f".restore-{step}"
-        shutil.rmtree(staging, ignore_errors=True)
-        download_artifacts(run_id=run_id, artifact_path=_artifact_dir(step), dst_path=str(staging),
-                           tracking_uri=tracking_uri)
         target = folder / f"checkpoint-{step}"
-        shutil.rmtree(target, ignore_errors=True)
-        (staging / target.name).rename(target)
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = staging_path(target)
+        remove(staging)
+        try:  # the download lands in staging/checkpoint-<step>
+            download_artifacts(run_id=run_id, artifact_path=_artifact_dir(step), dst_path=str(staging),
+                               tracking_uri=tracking_uri)
+            install(staging / target.name, target)
+        finally:
+            remove(staging)
         return step
     return None

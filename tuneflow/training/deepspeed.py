@@ -9,22 +9,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+from tuneflow.core.config import DEEPSPEED_PRESETS
+
 
 
 def deepspeed_config(preset: str) -> dict | None:
     """The DeepSpeed config dict for a preset name or a JSON path; None for 'none'."""
-    if preset == "none":
-        return None
     if preset.endswith(".json"):
         return json.loads(Path(preset).read_text())
+    if DEEPSPEED_PRESETS[preset] is None:
+        return None
     from accelerate.utils import DeepSpeedPlugin
 
-    offload = "cpu" if preset == "zero3_offload" else "none"
+    stage, offload = DEEPSPEED_PRESETS[preset]
     plugin = DeepSpeedPlugin(
-        zero_stage=STAGES[preset],
-        offload_optimizer_device=offload,
-        offload_param_device=offload,
+        zero_stage=stage,
+        offload_optimizer_device="cpu" if offload else "none",
+        offload_param_device="cpu" if offload else "none",
         # Gather sharded weights into one 16-bit copy on save (full and freeze under ZeRO-3; the Trainer gathers
         # a PEFT adapter itself).
         zero3_save_16bit_model=True,

@@ -20,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+from tuneflow.core.files import install, staging_path
 from tuneflow.training.batching import CountingCollator, TokenBudgetBatches, collator
 from tuneflow.training.checkpoints import (
     COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
@@ -282,13 +283,12 @@ def train(spec: TrainSpec) -> TrainOutcome:
 
     # Write the final weights beside their final name, then rename: no half-written adapter is ever visible.
     final = out / ("adapter" if t.method in ("qlora", "lora") else "model")
-    staging = out / f".{final.name}.partial"
+    staging = staging_path(final)
     trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
     if IS_RANK_ZERO:
         verify_adapter(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        install(staging, final)
         plot_loss(trainer.state.log_history, out / "loss_curve.png")
     return TrainOutcome(weights_dir=str(final), global_step=trainer.state.global_step,
                         train_loss=result.training_loss, resumed_from_step=resumed_from,

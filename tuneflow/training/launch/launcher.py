@@ -15,25 +15,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from tuneflow.core.ports import free_port
+
 RDZV_BACKEND = "bound"  # torchrun's static rendezvous, its store bound to the master address (training/torchrun.py)
 
 
 class WorkerFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def resolve_nproc(nproc: int | str) -> int:
-    if nproc != "auto":
-        return int(nproc)
-    import torch
-
-    return max(1, torch.cuda.device_count())
 
 
 def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, node_rank: int = 0,

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from tuneflow.core.ports import free_port
+
 NODE_ADDR_ENV = "TUNEFLOW_NODE_ADDR"
 POLL_SECONDS = 1.0
 
@@ -63,13 +65,6 @@ def node_address(api_url: str | None = None) -> str:
         return s.getsockname()[0]
 
 
-def free_port_on(addr: str) -> int:
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
-
 def publish(rdzv_id: str, addr: str, port: int, nproc: int) -> None:
     from prefect.variables import Variable
 
@@ -103,7 +98,7 @@ def join(nnodes: int, node_rank: int, rdzv_id: str, nproc: int, master_port: int
     """This node's place: node 0 publishes its address and port; the others wait for them."""
     if node_rank == 0:
         addr = node_address()
-        port = master_port or free_port_on(addr)
+        port = master_port or free_port(addr)
         publish(rdzv_id, addr, port, nproc)
         logger.info("node 0 of %d: rendezvous at %s:%d (published as Prefect Variable %s)", nnodes, addr, port,
                     variable_name(rdzv_id))

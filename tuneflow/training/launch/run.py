@@ -25,7 +25,8 @@ from tuneflow.modeling.precision import resolved as resolve_precision
 from tuneflow.core.results import TrainRequest, TrainResult
 from tuneflow.tracking.runs import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
-from tuneflow.training.launch.launcher import launch, resolve_nproc
+from tuneflow.memory.estimate import resolve_nproc
+from tuneflow.training.launch.launcher import launch
 from tuneflow.training.launch.rendezvous import Rendezvous
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
