@@ -180,12 +180,12 @@ def _follow(flow_run_id, cfg) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    seen: dict[str, str] = {}
+    from tuneflow.core.progress import StateLog
+
+    log = StateLog(lambda text: print(f"{time.strftime('%H:%M:%S')} {text}", flush=True))
 
     def show(what: str, state: str) -> None:
-        if seen.get(what) != state:
-            seen[what] = state
-            print(f"{time.strftime('%H:%M:%S')} {what}: {state}", flush=True)
+        log.note(what, f"{what}: {state}")
 
     with get_client(sync_client=True) as client:
         while True:

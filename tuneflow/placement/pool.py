@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.progress import StateLog
 from tuneflow.core.results import TrainRequest, TrainResult
+from tuneflow.placement.group import POLL_SECONDS, GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
 
-POLL_SECONDS = 5
-FAILURE_GRACE_SECONDS = 20  # after a node fails, how long the others get to end on their own (their errors count)
 DEPLOYMENTS_HINT = ("README 'Run it on a team's Prefect server': make deploy, a `tuneflow worker --pool gpu` on "
                     "each GPU machine, then submit the pipeline with train_deployment=tuneflow-train/gpu; or train on "
                     "Kubernetes as a TrainJob (docs/infrastructure.md)")
@@ -42,15 +42,13 @@ def run_on_pool(deployment: str, request: TrainRequest, timeout_s: float, logger
     child = run_deployment(deployment, parameters={"request": request.model_dump(mode="json")}, timeout=0,
                            as_subflow=True)
     logger.info("training runs as flow run %s of %s (pool %s)", child.name, deployment, child.work_pool_name)
-    deadline, last = time.monotonic() + timeout_s, None
+    deadline, log = time.monotonic() + timeout_s, StateLog(lambda text: logger.info("%s", text))
     with get_client(sync_client=True) as client:
         try:
             while True:
                 child = client.read_flow_run(child.id)
                 state = child.state
-                if state.name != last:
-                    logger.info("training run %s: %s", child.name, state.name)
-                    last = state.name
+                log.note(child.id, f"training run {child.name}: {state.name}")
                 if state.is_final():
                     break
                 if time.monotonic() > deadline:
@@ -126,7 +124,6 @@ def run_group_on_pool(deployment: str, request: TrainRequest, rdzv_id: str, time
                                    as_subflow=True))
     logger.info("training on %d nodes: flow runs %s of %s (pool %s), rendezvous %s", t.nnodes,
                 ", ".join(r.name for r in runs), deployment, runs[0].work_pool_name, rdzv_id)
-    deadline, first_running, failed_at, last = time.monotonic() + timeout_s, None, None, {}
     with get_client(sync_client=True) as client:
 
         def cancel_unfinished(message: str) -> None:
@@ -134,47 +131,33 @@ def run_group_on_pool(deployment: str, request: TrainRequest, rdzv_id: str, time
                 if not run.state.is_final():
                     client.set_flow_run_state(run.id, Cancelling(message=message), force=True)
 
+        def read() -> GroupStatus:
+            runs[:] = [client.read_flow_run(r.id) for r in runs]
+            return GroupStatus([NodeStatus(rank, _node_label(rank, r), r.state.name,
+                                           started=r.state.is_running() or r.state.is_final(), ended=r.state.is_final(),
+                                           failed=r.state.is_final() and not r.state.is_completed(),
+                                           ended_at=str(r.state.timestamp), source=r) for rank, r in enumerate(runs)])
+
+        watch = GroupWatch(read, t.join_timeout, timeout_s, logger)
         try:
-            while True:
-                runs = [client.read_flow_run(r.id) for r in runs]
-                for rank, run in enumerate(runs):
-                    if run.state.name != last.get(rank):
-                        logger.info("%s: %s", _node_label(rank, run), run.state.name)
-                        last[rank] = run.state.name
-                now = time.monotonic()
-                if first_running is None and any(r.state.is_running() or r.state.is_final() for r in runs):
-                    first_running = now
-                bad = [(rank, r) for rank, r in enumerate(runs) if r.state.is_final() and not r.state.is_completed()]
-                if bad and failed_at is None:
-                    failed_at = now
-                if all(r.state.is_final() for r in runs) or (failed_at and now - failed_at > FAILURE_GRACE_SECONDS):
-                    break
-                if first_running is not None and now - first_running > t.join_timeout and failed_at is None:
-                    late = [(rank, r) for rank, r in enumerate(runs) if not (r.state.is_running() or r.state.is_final())]
-                    if late:
-                        cancel_unfinished("a node did not join")
-                        raise TrainingRunFailed("; ".join(
-                            f"{_node_label(rank, r)} did not join within train.join_timeout={t.join_timeout:g}s "
-                            f"(state {r.state.name}: is a gpu worker free for every node?)" for rank, r in late)
-                            + "; the other nodes were cancelled")
-                if now > deadline:
-                    raise TimeoutError(f"multi-node training did not finish within train.timeout_hours="
-                                       f"{timeout_s / 3600:g}; its node runs were cancelled")
-                time.sleep(1 if failed_at else POLL_SECONDS)
+            watch.follow("multi-node training", "its node runs were cancelled")
+        except NodesLate as exc:
+            cancel_unfinished("a node did not join")
+            raise TrainingRunFailed("; ".join(
+                f"{n.label} did not join within train.join_timeout={t.join_timeout:g}s (state {n.state}: is a gpu "
+                "worker free for every node?)" for n in exc.late) + "; the other nodes were cancelled") from None
+        except NodesFailed as exc:
+            cancel_unfinished("another node failed")
+            ended = exc.status.failed
+            if all(n.source.state.is_cancelled() for n in ended):  # by a person, on purpose: not retried
+                raise RuntimeError("; ".join(f"{n.label} was cancelled: {n.source.state.message or 'no message'}"
+                                             for n in ended)) from None
+            raise TrainingRunFailed("multi-node training failed: " + "; ".join(
+                f"{n.label} {n.state}: {n.source.state.message or 'no message'}"
+                for n in ended if not n.source.state.is_cancelled()) + "; the other nodes were cancelled") from None
         except BaseException:  # timeout, or this pipeline cancelled / interrupted: every node stops
             cancel_unfinished("the pipeline run stopped waiting")
             raise
         finally:
             rendezvous.remove(rdzv_id)
-        if failed_at is not None:
-            cancel_unfinished("another node failed")
-            ended = sorted((r.state.timestamp, rank, r) for rank, r in enumerate(runs)
-                           if r.state.is_final() and not r.state.is_completed())
-            if all(r.state.is_cancelled() for _, _, r in ended):  # by a person, on purpose: not retried
-                raise RuntimeError("; ".join(f"{_node_label(rank, r)} was cancelled: {r.state.message or 'no message'}"
-                                             for _, rank, r in ended))
-            failures = [f"{_node_label(rank, r)} {r.state.name}: {r.state.message or 'no message'}"
-                        for _, rank, r in ended if not r.state.is_cancelled()]
-            raise TrainingRunFailed("multi-node training failed: " + "; ".join(failures)
-                                    + "; the other nodes were cancelled")
     return result_from_mlflow(request)

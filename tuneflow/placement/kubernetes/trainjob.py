@@ -9,8 +9,8 @@ train.nnodes > 1, an attempt is one TrainJob (`tuneflow.placement.kubernetes.man
 `pool_settings` reads the pool's base job template variables (their defaults, overridden by the deployment's
 job_variables): image, namespace, gpu_count, node_selector, tolerations, secret_name, mlflow_tracking_uri, env.
 `run_trainjob` creates the TrainJob with the official `kubernetes` client (in-cluster credentials in a pod, else the
-kubeconfig), logs each node's pod state as it changes, and returns when the TrainJob's `Complete` condition is
-True. A `Failed` condition, or a node pod whose container ended with an error, fails the attempt naming the node
+kubeconfig), and follows it by the rules of `tuneflow.placement.group`: it logs each node's pod state as it
+changes, and returns when the TrainJob's `Complete` condition is True. A `Failed` condition, or a node pod whose container ended with an error, fails the attempt naming the node
 (its rank is the pod's `batch.kubernetes.io/job-completion-index`, which the runtime also gives it as
 PET_NODE_RANK), its exit code, reason and last error line; a node not running train.join_timeout seconds after the
 first one started fails it too. On failure, timeout, cancellation or interrupt the TrainJob is deleted, so that
@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from tuneflow.placement.group import GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet puts it on every pod; the JobSet is named as the TrainJob
 NODE_INDEX_KEY = "batch.kubernetes.io/job-completion-index"  # the node rank (annotation; also a label since k8s 1.28)
-POLL_SECONDS = 2
-FAILURE_GRACE_SECONDS = 10  # after a node fails, how long the others get to end on their own (their errors count)
 INSTALL_HINT = "install Kubeflow Trainer as docs/infrastructure.md says (Kubernetes, step 1)"
 RBAC = ("get, list, watch, create and delete on trainjobs.trainer.kubeflow.org and get, list on pods and pods/log "
         "(infra/k8s/prefect-worker.yaml: Role tuneflow-trainjobs, bound to the pipeline's service account)")
-POOL_VARIABLES = ("image", "namespace", "gpu_count", "node_selector", "tolerations", "secret_name",
-                  "mlflow_tracking_uri", "env")
 
 
 class TrainJobFailed(RuntimeError):
@@ -298,19 +295,6 @@ def _condition(job: dict | None, kind: str) -> dict | None:
     return None
 
 
-@dataclass
-class Progress:
-    """Logs a change of the TrainJob's or a node's state once."""
-
-    logger: Any
-    seen: dict = field(default_factory=dict)
-
-    def note(self, key: str, text: str) -> None:
-        if self.seen.get(key) != text:
-            self.seen[key] = text
-            self.logger.info("%s", text)
-
-
 def run_trainjob(manifest: dict, api: TrainJobApi, timeout_s: float, join_timeout: float, logger) -> None:
     """Create the TrainJob and wait for it; TrainJobFailed naming the node(s) that failed or did not start,
     TimeoutError after ``timeout_s``. The TrainJob is deleted unless it completed."""
@@ -323,45 +307,36 @@ def run_trainjob(manifest: dict, api: TrainJobApi, timeout_s: float, join_timeou
     logger.info("TrainJob %s/%s submitted to %s: %d nodes x %d processes, image %s (kubectl -n %s get trainjob %s; "
                 "pods: kubectl -n %s get pods -l %s=%s)", ns, name, api.host, nnodes, trainer["numProcPerNode"],
                 trainer["image"], ns, name, ns, JOBSET_NAME_LABEL, name)
-    progress = Progress(logger)
-    deadline, first_running, failed_at = time.monotonic() + timeout_s, None, None
-    try:
-        while True:
-            job = api.get(ns, name)
-            if job is None:
-                raise TrainJobFailed(f"TrainJob {ns}/{name} was deleted while it ran")
-            nodes = read_nodes(api.pods(ns, name), nnodes, NODE_CONTAINER)
-            for node in nodes:
-                progress.note(f"node{node.rank}", f"TrainJob {name}: {node.label()}: {node.state}")
-            now = time.monotonic()
-            if _condition(job, "Complete"):
-                progress.note("job", f"TrainJob {name}: Complete")
-                return
-            failed = [n for n in nodes if n.failure]
-            condition = _condition(job, "Failed")
-            if (failed or condition) and failed_at is None:
-                failed_at = now
-            if failed_at is not None and (now - failed_at >= FAILURE_GRACE_SECONDS
-                                          or all(n.failure or n.succeeded for n in nodes)):
-                failed.sort(key=lambda n: (n.failure or {}).get("finishedAt") or "~")
-                reasons = [describe_failure(n, api, ns, NODE_CONTAINER) for n in failed]
-                if condition and not failed:
-                    reasons.append(f"TrainJob {condition.get('reason')}: {condition.get('message') or 'no message'}")
-                raise TrainJobFailed(f"multi-node training failed (TrainJob {ns}/{name}): " + "; ".join(reasons)
-                                     + "; the TrainJob was deleted")
-            if first_running is None and any(n.running or n.succeeded or n.failure for n in nodes):
-                first_running = now
-            if first_running is not None and failed_at is None and now - first_running > join_timeout:
-                late = [n for n in nodes if not (n.running or n.succeeded or n.failure)]
-                if late:
-                    raise TrainJobFailed("; ".join(
-                        f"{n.label()} did not start within train.join_timeout={join_timeout:g}s of the first node "
-                        f"({n.state})" for n in late) + f"; TrainJob {ns}/{name} was deleted")
-            if now > deadline:
-                raise TimeoutError(f"TrainJob {ns}/{name} did not finish within train.timeout_hours="
-                                   f"{timeout_s / 3600:g}; it was deleted")
-            time.sleep(1 if failed_at else POLL_SECONDS)
-    except BaseException:  # failure, timeout, or this pipeline cancelled / interrupted: every node stops
+
+    def read() -> GroupStatus:
+        job = api.get(ns, name)
+        if job is None:
+            raise TrainJobFailed(f"TrainJob {ns}/{name} was deleted while it ran")
+        nodes = read_nodes(api.pods(ns, name), nnodes, NODE_CONTAINER)
+        condition = _condition(job, "Failed")
+        return GroupStatus([NodeStatus(n.rank, n.label(), n.state, started=n.running or n.succeeded or bool(n.failure),
+                                       ended=n.succeeded or bool(n.failure), failed=bool(n.failure),
+                                       ended_at=(n.failure or {}).get("finishedAt") or "", source=n) for n in nodes],
+                           complete=bool(_condition(job, "Complete")),
+                           failure=condition and f"TrainJob {condition.get('reason')}: "
+                                                 f"{condition.get('message') or 'no message'}")
+
+    watch = GroupWatch(read, join_timeout, timeout_s, logger, prefix=f"TrainJob {name}: ")
+    try:  # TrainJobFailed, a timeout, or this pipeline cancelled / interrupted: the TrainJob is deleted
+        try:
+            watch.follow(f"TrainJob {ns}/{name}", "it was deleted")
+            logger.info("TrainJob %s: Complete", name)
+        except NodesLate as exc:
+            raise TrainJobFailed("; ".join(
+                f"{n.label} did not start within train.join_timeout={join_timeout:g}s of the first node ({n.state})"
+                for n in exc.late) + f"; TrainJob {ns}/{name} was deleted") from None
+        except NodesFailed as exc:
+            reasons = [describe_failure(n.source, api, ns, NODE_CONTAINER) for n in exc.status.failed]
+            if exc.status.failure and not reasons:
+                reasons.append(exc.status.failure)
+            raise TrainJobFailed(f"multi-node training failed (TrainJob {ns}/{name}): " + "; ".join(reasons)
+                                 + "; the TrainJob was deleted") from None
+    except BaseException:
         try:
             api.delete(ns, name)
         except Exception as exc:  # noqa: BLE001 - the first error is the one to report
