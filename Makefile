@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m tuneflow.modeling.demo --out demo/assets
+	$(BIN)/tuneflow demo-assets --out demo/assets
 	$(BIN)/tuneflow run --config configs/demo.yaml
 
 # The tests serve tiny repos from a local Hub mirror (olah); it needs a newer fastapi than Prefect, so its own venv.
@@ -62,7 +62,7 @@ bench: install
 # authentication, the deployments and one worker per pool, under STACK_DIR. Credentials: source $(STACK_DIR)/env
 STACK_DIR ?= .stack
 stack: install
-	STACK_DIR=$(STACK_DIR) $(BIN)/python -m infra.local.stack start
+	STACK_DIR=$(STACK_DIR) $(BIN)/tuneflow stack start
 
 stack-stop:
-	STACK_DIR=$(STACK_DIR) $(BIN)/python -m infra.local.stack stop
+	STACK_DIR=$(STACK_DIR) $(BIN)/tuneflow stack stop

@@ -1,10 +1,10 @@
 """The local team stack, without Docker: PostgreSQL, a Prefect server and an MLflow server on it, both
 authenticated, the deployments, and one process worker per pool, everything under one folder.
 
-    make stack                 # python -m infra.local.stack start   (again: starts only what is not running)
+    make stack                 # tuneflow stack start   (again: starts only what is not running)
     source .stack/env          # PREFECT_API_URL, PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_URI, MLFLOW_TRACKING_*
-    make stack-stop            # python -m infra.local.stack stop    (stops exactly what `start` started)
-    python -m infra.local.stack status
+    make stack-stop            # tuneflow stack stop    (stops exactly what `start` started)
+    tuneflow stack status
 
 Settings (environment): STACK_DIR (default .stack), STACK_HOST (what Prefect and MLflow bind, default 127.0.0.1),
 STACK_PREFECT_PORT (default 4200), STACK_MLFLOW_PORT (default 5000), STACK_PG_PORT (default 5433; PostgreSQL only
@@ -16,7 +16,6 @@ TUNEFLOW_CACHE, PREFECT_WORKER_QUERY_SECONDS, ...) plus the stack's URLs and cre
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import psutil
 
 from tuneflow.core.ports import free_port, port_free
+from tuneflow.core.errors import TuneflowError
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # prefect, mlflow and tuneflow of this environment
@@ -45,7 +45,7 @@ CLIENT_VARS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_UR
                "MLFLOW_TRACKING_PASSWORD")
 
 
-class StackError(RuntimeError):
+class StackError(TuneflowError, RuntimeError):
     """Something the user must fix; the message says what."""
 
 
@@ -450,31 +450,3 @@ Stop it: make stack-stop""", flush=True)
         urls = self.urls(state)
         print(f"Prefect {urls['prefect']}   MLflow {urls['mlflow']}   env: {self.env_file}")
         return 0 if all(up.values()) else 3
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.local.stack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--dir", default=os.environ.get("STACK_DIR") or ".stack",
-                        help="the stack folder (default: $STACK_DIR or .stack)")
-    args = parser.parse_args(argv)
-    stack = Stack(Path(args.dir).absolute())
-    from tuneflow.tracking.servers import ServerRefused
-
-    try:
-        if args.command == "start":
-            stack.start()
-        elif args.command == "stop":
-            stack.stop()
-        else:
-            return stack.status()
-    except (StackError, ServerRefused) as exc:
-        print(f"stack: {exc}", file=sys.stderr)
-        if args.command == "start":
-            print("stack: what did start is still running; make stack-stop ends it", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

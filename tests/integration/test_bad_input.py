@@ -103,9 +103,8 @@ def test_config_errors_come_before_any_heavy_import(tmp_path):
     """A typo costs a second, not a Prefect engine start or a model load."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(merge(base_config("m", "d.json"), {"train.lora.rnak": 8})))
-    probe = ("import sys\nfrom tuneflow.cli.main import main\ntry:\n    main(['run', '--config', sys.argv[1]])\n"
-             "except SystemExit as e:\n    print(e.code, sorted(m for m in ('prefect', 'torch', 'transformers', "
-             "'mlflow') if m in sys.modules))")
+    probe = ("import sys\nfrom tuneflow.cli.main import main\ncode = main(['run', '--config', sys.argv[1]])\n"
+             "print(code, sorted(m for m in ('prefect', 'torch', 'transformers', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "2 []", done.stdout + done.stderr
     assert "train.lora.rnak: unknown key (did you mean 'train.lora.rank'?)" in done.stderr

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tuneflow.core.config import TuneflowConfig, parse_size
-from tuneflow.cli.plan import add_plan_command
+from tuneflow.cli.main import main
 from tuneflow.memory.auto import largest_batch_that_fits, plan_problems
 from tuneflow.memory.estimate import plan, zero_setup
 from tuneflow.memory.shape import GiB, ModelShape, lora_param_count, nf4_bytes
@@ -299,12 +299,7 @@ def test_unknown_target_modules_are_reported():
 
 
 def run_plan(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="tuneflow")
-    add_plan_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *argv])
-    return args.fn(args)
+    return main(["plan", *argv])
 
 
 def write_config(tmp_path: Path, model, **train) -> Path:

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import yaml
 
-from tuneflow.core.config import ConfigError, load_config
+from tuneflow.cli.common import add_config_arguments
+from tuneflow.core.config import load_config
 from tuneflow.placement.kubernetes.manifest import render_trainjob
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.set)
-        manifest = render_trainjob(config, args.image, name=args.name, namespace=args.namespace,
-                                   gpus_per_node=args.gpus_per_node, nnodes=args.nnodes,
-                                   tracking_uri=args.tracking_uri)
-    except (ConfigError, ValueError) as exc:
-        print(f"tuneflow k8s render: {exc}", file=sys.stderr)
-        return 2
+    manifest = render_trainjob(load_config(args.config, args.set), args.image, name=args.name,
+                               namespace=args.namespace, gpus_per_node=args.gpus_per_node, nnodes=args.nnodes,
+                               tracking_uri=args.tracking_uri)
     if args.header:
         print(args.header.rstrip())
     print(yaml.safe_dump(manifest, sort_keys=False, width=120), end="")
@@ -36,8 +31,7 @@ def add_k8s_command(sub) -> None:
     k8s = sub.add_parser("k8s", help="multi-node training as a Kubeflow TrainJob (docs/infrastructure.md)")
     k8s = k8s.add_subparsers(dest="action", required=True)
     render = k8s.add_parser("render", help="print the TrainJob for a config as YAML")
-    render.add_argument("--config", required=True, help="a tuneflow YAML config")
-    render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(render)
     render.add_argument("--image", required=True, help="the tuneflow GPU image as the cluster pulls it")
     render.add_argument("--gpus-per-node", type=int, default=None, help="required when train.nproc_per_node is auto")
     render.add_argument("--nnodes", type=int, default=None, help="nodes (default: train.nnodes)")

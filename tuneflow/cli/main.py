@@ -11,6 +11,9 @@
     tuneflow generate --model <base> --adapter runs/<run>/train/adapter --prompt "..."
     tuneflow cache prune --keep-days 14 [--dry-run]   # this machine's $TUNEFLOW_CACHE
     tuneflow worker --pool cpu          # checks the Prefect and MLflow credentials, then `prefect worker start`
+    tuneflow stack start|stop|status    # the local team stack (make stack)
+    tuneflow k8s render --config ... --image ...   # the Kubeflow TrainJob of a config
+    tuneflow demo-assets --out demo/assets         # the tiny offline model and dataset of make demo
 """
 
 from __future__ import annotations
@@ -21,40 +24,28 @@ import os
 import sys
 from pathlib import Path
 
-from tuneflow.core.config import ConfigError, load_config
-from tuneflow.cli.plan import add_plan_command
+from tuneflow.cli.common import add_config_arguments, load
+from tuneflow.cli.demo import add_demo_command
 from tuneflow.cli.k8s import add_k8s_command
+from tuneflow.cli.plan import add_plan_command
+from tuneflow.cli.stack import add_stack_command
 from tuneflow.cli.worker import add_worker_command
-
-
-def _config(args) -> object:
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        sys.exit(2)
-    for ignored in cfg.ignored_settings():
-        print(f"tuneflow: warning: {ignored}", file=sys.stderr)
-    return cfg
+from tuneflow.core.errors import TuneflowError
 
 
 def cmd_validate(args) -> int:
-    cfg = _config(args)
+    cfg = load(args)
     print(f"{args.config}: config valid ({cfg.train.method}, deepspeed {cfg.train.deepspeed})", flush=True)
     if args.config_only:
         return 0
     import logging
 
-    from tuneflow.sources.preflight import PreflightError, preflight
+    from tuneflow.sources.preflight import preflight
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger = logging.getLogger("tuneflow.sources.preflight")
     logger.setLevel(logging.INFO)
-    try:
-        checked = preflight(cfg, logger)
-    except PreflightError as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
+    checked = preflight(cfg, logger)
     where = {s.key: "local" if s.local else f"commit {s.sha}" if s.sha else "cached" for s in (checked.model, checked.dataset)}
     print(f"ready to run: model {cfg.model.name_or_path} ({where['model']}), "
           f"dataset {cfg.dataset.name_or_path} ({where['dataset']})")
@@ -62,20 +53,14 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    cfg = _config(args)  # every config problem is reported here, before Prefect or any model starts
+    cfg = load(args)  # every config problem is reported here, before Prefect or any model starts
     from tuneflow.placement.pool import placement_problem
-    from tuneflow.tracking.servers import ServerRefused, check_servers
+    from tuneflow.tracking.servers import check_servers
 
     problem = placement_problem(cfg, None)  # `tuneflow run` trains on this machine only
     if problem:
-        print(f"tuneflow: {problem}", file=sys.stderr)
-        return 2
-
-    try:
-        check_servers(cfg.tracking.uri)  # a server that refuses our credentials: one line, before any work
-    except ServerRefused as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
+        raise TuneflowError(problem)
+    check_servers(cfg.tracking.uri)  # a server that refuses our credentials: one line, before any work
     from flows.finetune import finetune
 
     try:
@@ -115,28 +100,21 @@ TRAIN_DEPLOYMENT = "tuneflow-train/gpu"
 
 def cmd_submit(args) -> int:
     """Send the pipeline to the team's Prefect server as a flow run of its deployment; with --wait, follow it."""
-    cfg = _config(args)
+    cfg = load(args)
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
     from tuneflow.placement.pool import placement_problem
-    from tuneflow.tracking.servers import ServerRefused, check_prefect
+    from tuneflow.tracking.servers import check_prefect
 
     if not PREFECT_API_URL.value():
-        print("tuneflow: submit sends the run to a Prefect server: set PREFECT_API_URL and PREFECT_API_AUTH_STRING "
-              "(`source .stack/env` after `make stack`), or run it on this machine with `tuneflow run`",
-              file=sys.stderr)
-        return 2
+        raise TuneflowError("submit sends the run to a Prefect server: set PREFECT_API_URL and PREFECT_API_AUTH_STRING "
+                            "(`source .stack/env` after `make stack`), or run it on this machine with `tuneflow run`")
     train = args.train_deployment or None
     problem = placement_problem(cfg, train)
     if problem:
-        print(f"tuneflow: {problem}", file=sys.stderr)
-        return 2
-    try:
-        check_prefect()
-    except ServerRefused as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
+        raise TuneflowError(problem)
+    check_prefect()
     from prefect.deployments import run_deployment
 
     config, notes = _portable(cfg)
@@ -144,9 +122,8 @@ def cmd_submit(args) -> int:
         flow_run = run_deployment(args.deployment, parameters={"config": config, "train_deployment": train},
                                   timeout=0)
     except ObjectNotFound:
-        print(f"tuneflow: no deployment {args.deployment} on {PREFECT_API_URL.value()}: `make deploy` registers it",
-              file=sys.stderr)
-        return 2
+        raise TuneflowError(f"no deployment {args.deployment} on {PREFECT_API_URL.value()}: `make deploy` "
+                            "registers it") from None
     url = f"{PREFECT_UI_URL.value()}/runs/flow-run/{flow_run.id}"
     print(f"submitted flow run {flow_run.name} of {args.deployment} (pool {flow_run.work_pool_name}"
           f"{', training on ' + train if train else ''}): {url}", flush=True)
@@ -231,7 +208,7 @@ def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
 
 
 def cmd_retrain(args) -> int:
-    cfg = _config(args)
+    cfg = load(args)
     from flows.retrain import retrain
     from tuneflow.tracking.registry import Registry, RegistryProblem
     from tuneflow.tracking.servers import ServerRefused, check_servers
@@ -240,9 +217,8 @@ def cmd_retrain(args) -> int:
         check_servers(cfg.tracking.uri)  # refused credentials, no registry.model_name, a store without a registry:
         Registry(cfg)                    # one line each, before Prefect starts
         decision = retrain(cfg, refreeze_eval_set=args.refreeze_eval_set)
-    except (ServerRefused, RegistryProblem) as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
+    except (ServerRefused, RegistryProblem):
+        raise
     except Exception as exc:
         print(f"tuneflow: retrain failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -259,9 +235,8 @@ def cmd_emit_dataset_updated(args) -> int:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        print("tuneflow: set PREFECT_API_URL to the Prefect server the retrain deployment is on, e.g. "
-              "http://127.0.0.1:4200/api", file=sys.stderr)
-        return 2
+        raise TuneflowError("set PREFECT_API_URL to the Prefect server the retrain deployment is on, e.g. "
+                            "http://127.0.0.1:4200/api")
     event = Event(event="tuneflow.dataset.updated",
                   resource={"prefect.resource.id": f"tuneflow.dataset.{args.dataset}",
                             "prefect.resource.name": args.dataset},
@@ -340,15 +315,12 @@ def main(argv: list[str] | None = None) -> int:
                            ("retrain", cmd_retrain, "retrain if anything changed, register, promote the winner; "
                             "prints the decision as JSON on the last line")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+        add_config_arguments(p)
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--run-dir", help="use this run folder instead of a new one")
     p = sub.add_parser("submit", help="run the pipeline on the team's Prefect server (PREFECT_API_URL): a flow run "
                        f"of {PIPELINE_DEPLOYMENT}, training on {TRAIN_DEPLOYMENT}")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--deployment", default=PIPELINE_DEPLOYMENT, help="the pipeline deployment (default: %(default)s)")
     p.add_argument("--train-deployment", default=TRAIN_DEPLOYMENT,
                    help="where training runs (default: %(default)s); '' trains on the pipeline's own worker")
@@ -387,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     add_plan_command(sub)
     add_worker_command(sub)
     add_k8s_command(sub)
+    add_stack_command(sub)
+    add_demo_command(sub)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except TuneflowError as exc:  # a problem the user can fix, in one line
+        print(f"tuneflow: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

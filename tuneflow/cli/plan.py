@@ -7,11 +7,12 @@ import argparse
 import json
 import sys
 
-from tuneflow.core.config import ConfigError, load_config, parse_size
+from tuneflow.cli.common import add_config_arguments
+from tuneflow.core.config import load_config, parse_size
 from tuneflow.memory.auto import largest_batch_that_fits, largest_tokens_that_fit, plan_problems, resolve_auto_batches
 from tuneflow.memory.estimate import Settings, estimate, resolve_world_size, visible_gpu_memory
 from tuneflow.memory.render import render
-from tuneflow.memory.shape import ModelShape, PlanError, read_model_config
+from tuneflow.memory.shape import ModelShape, read_model_config
 
 
 def _size(text: str) -> int:
@@ -27,9 +28,7 @@ def add_plan_command(subparsers) -> argparse.ArgumentParser:
                               description="Estimate the peak GPU memory per training rank from the model's "
                                           "config.json alone; see docs/memory.md for the formulas. Exit status 1 "
                                           "when it does not fit the GPU.")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.per_device_batch_size=8 (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--gpu-memory", type=_size, metavar="SIZE",
                    help="memory of one GPU, e.g. 24GiB or 80GB (default: train.gpu_memory, else the visible GPU's, "
                         "via torch.cuda)")
@@ -39,17 +38,9 @@ def add_plan_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_plan(args) -> int:
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
-    try:
-        model_config = read_model_config(cfg)
-        shape = ModelShape.from_config(model_config)
-    except PlanError as exc:
-        print(f"tuneflow: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
+    model_config = read_model_config(cfg)
+    shape = ModelShape.from_config(model_config)
     gpu_memory = args.gpu_memory
     if gpu_memory is None:
         gpu_memory = parse_size(cfg.train.gpu_memory) if cfg.train.gpu_memory else visible_gpu_memory()

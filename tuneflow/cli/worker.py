@@ -6,17 +6,13 @@ import argparse
 import os
 import sys
 
-from tuneflow.tracking.servers import ServerRefused, check_servers
+from tuneflow.tracking.servers import check_servers
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """`tuneflow worker --pool X [--name N] [--run-once] [--limit K]`: check both servers, then exec
     `prefect worker start` with the same options."""
-    try:
-        check_servers()
-    except ServerRefused as exc:
-        print(f"tuneflow worker: {exc}", file=sys.stderr)
-        return 2
+    check_servers()  # ServerRefused: one line, exit status 2 (tuneflow.cli.main)
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
     argv = [prefect, "worker", "start", "--pool", args.pool]
     argv += ["--name", args.name] if args.name else []

@@ -13,6 +13,7 @@ import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tuneflow.core.errors import TuneflowError
 
 LrScheduler = Literal[
     "linear",
@@ -355,7 +356,7 @@ class TuneflowConfig(Section):
 # Loading: YAML/dict + dotted overrides -> validated config, with every problem reported at once.
 
 
-class ConfigError(ValueError):
+class ConfigError(TuneflowError, ValueError):
     """A config that cannot run; the message lists every problem with the key it belongs to."""
 
 

@@ -14,6 +14,7 @@ import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
+from tuneflow.core.errors import TuneflowError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 SHAREGPT_ROLES = {
@@ -30,7 +31,7 @@ SHAREGPT_ROLES = {
 MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 
 
-class DatasetError(ValueError):
+class DatasetError(TuneflowError, ValueError):
     """A dataset that cannot be used; the message names the file, row and field."""
 
 

@@ -13,11 +13,12 @@ needs (each text once: up to the last answer is the full text) and one fast-toke
 from __future__ import annotations
 
 from bisect import bisect_right
+from tuneflow.core.errors import TuneflowError
 
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(TuneflowError, ValueError):
     pass
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.errors import TuneflowError
 
 GiB = 2**30
 
@@ -30,7 +31,7 @@ LINEAR_PATHS = {n: ("self_attn." if n.endswith(("q_proj", "k_proj", "v_proj", "o
 KNOWN_LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class PlanError(ValueError):
+class PlanError(TuneflowError, ValueError):
     """The model or config cannot be planned (an unknown layout, a config.json that cannot be read)."""
 
 

@@ -4,12 +4,11 @@ The model is a real transformers architecture (Llama or Qwen2) with random weigh
 byte-level BPE tokenizer trained with `tokenizers` on the dataset, carrying a ChatML chat template. The dataset is
 a small synthetic instruction set with answers a model can learn in a few dozen steps.
 
-    python -m tuneflow.modeling.demo --out demo/assets           # writes demo/assets/{model,data/train.json}
+    tuneflow demo-assets --out demo/assets           # writes demo/assets/{model,data/train.json}
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -123,18 +122,3 @@ def build(out: Path, n_rows: int = 240, lang: str = "en", arch: str = "llama", s
     tokenizer = build_tokenizer(texts, model_dir)
     build_model(model_dir, tokenizer, arch, seed)
     return {"model": model_dir, "data": data_dir / "train.json"}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", type=int, default=240)
-    parser.add_argument("--lang", choices=["en", "zh"], default="en")
-    parser.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
-    args = parser.parse_args()
-    paths = build(args.out, args.rows, args.lang, args.arch)
-    print(json.dumps({k: str(v) for k, v in paths.items()}))
-
-
-if __name__ == "__main__":
-    main()

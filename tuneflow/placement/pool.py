@@ -14,13 +14,14 @@ from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.progress import StateLog
 from tuneflow.core.results import TrainRequest, TrainResult
 from tuneflow.placement.group import POLL_SECONDS, GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
+from tuneflow.core.errors import RunFailed
 
 DEPLOYMENTS_HINT = ("README 'Run it on a team's Prefect server': make deploy, a `tuneflow worker --pool gpu` on "
                     "each GPU machine, then submit the pipeline with train_deployment=tuneflow-train/gpu; or train on "
                     "Kubernetes as a TrainJob (docs/infrastructure.md)")
 
 
-class TrainingRunFailed(RuntimeError):
+class TrainingRunFailed(RunFailed):
     """A training attempt that ended without a result; the message is the training run's own."""
 
 

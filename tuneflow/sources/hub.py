@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.formats import DATA_SUFFIXES
 from tuneflow.core.results import SourceRef
+from tuneflow.core.errors import TuneflowError
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
 MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
@@ -25,7 +26,7 @@ RETRY_WITHIN_S = 120  # transient failures are retried for this long
 FULL_HASH_LIMIT = 64 * 2**20
 
 
-class Problem(Exception):
+class Problem(TuneflowError):
     """One thing that stops the run, worded for the user."""
 
 

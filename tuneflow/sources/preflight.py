@@ -18,12 +18,13 @@ from tuneflow.core.config import TuneflowConfig
 from tuneflow.sources.hub import (
     DATASET_PATTERNS, WEIGHTS, Problem, Source, hub_token, locate, model_patterns, snapshot,
 )
+from tuneflow.core.errors import TuneflowError
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(TuneflowError, RuntimeError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)

@@ -21,6 +21,7 @@ from pathlib import Path
 from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
 from tuneflow.core.results import ArtifactRef, SourceRef
 from tuneflow.tracking.runs import tracking_uri
+from tuneflow.core.errors import TuneflowError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 EVAL_SET_TAG = "tuneflow.eval_set"
@@ -28,7 +29,7 @@ EVAL_SET = "frozen-eval-set"  # artifact folder; its file:
 EVAL_ROWS = "rows.jsonl"
 
 
-class RegistryProblem(Exception):
+class RegistryProblem(TuneflowError):
     """A retrain that cannot go ahead, worded for the user with what to change."""
 
 

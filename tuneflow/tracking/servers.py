@@ -19,11 +19,12 @@ import base64
 import os
 
 import httpx
+from tuneflow.core.errors import TuneflowError
 
 TIMEOUT = 10.0
 
 
-class ServerRefused(RuntimeError):
+class ServerRefused(TuneflowError, RuntimeError):
     """A server is unreachable or refused this process's credentials; the message says which and what to set."""
 
 

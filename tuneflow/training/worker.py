@@ -1,6 +1,6 @@
 """The training worker: what torchrun launches on every rank. It never imports Prefect.
 
-    torchrun --nproc_per_node 2 -m tuneflow.training.worker --spec runs/demo-1a2b3c/train/spec.json
+    torchrun --nproc_per_node 2 -m tuneflow.training.worker runs/demo-1a2b3c/train/spec.json
 
 The spec (`tuneflow.training.spec.TrainSpec`, written by `tuneflow.training.launch.run`) holds the validated config and
 the folders on this machine: base model, prepared dataset, output. Rank 0 alone writes files and logs to the MLflow
@@ -10,7 +10,6 @@ run named by MLFLOW_RUN_ID, and uploads each complete checkpoint there. A rank t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -296,10 +295,9 @@ def train(spec: TrainSpec) -> TrainOutcome:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="tuneflow training worker (launched by torchrun)")
-    parser.add_argument("--spec", required=True, type=Path, help="spec.json written by tuneflow.training.launch.run")
-    args = parser.parse_args()
-    spec = TrainSpec.model_validate_json(args.spec.read_text())
+    if len(sys.argv) != 2:
+        sys.exit("usage: torchrun ... -m tuneflow.training.worker SPEC_JSON (written by tuneflow.training.launch.run)")
+    spec = TrainSpec.model_validate_json(Path(sys.argv[1]).read_text())
     out = Path(spec.output_dir)
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.errors import TuneflowError
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"  # Kubeflow Trainer's built-in ClusterTrainingRuntime for torchrun
@@ -35,6 +36,12 @@ SECRET_KEYS = {  # env var -> (key in the credentials Secret, optional)
 }
 DEFAULT_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
 DEFAULT_TRACKING_URI = "http://mlflow.tuneflow.svc:5000"  # the MLflow Service of docs/infrastructure.md
+
+
+class ManifestError(TuneflowError, ValueError):
+    """A TrainJob that cannot be rendered as asked (a shape it cannot schedule, a name that is no DNS label)."""
+
+
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -95,22 +102,22 @@ def render_trainjob(
     t = config.train
     if t.nproc_per_node == "auto":
         if gpus_per_node is None:
-            raise ValueError("train.nproc_per_node is 'auto': pass gpus_per_node (--gpus-per-node), the GPUs of "
+            raise ManifestError("train.nproc_per_node is 'auto': pass gpus_per_node (--gpus-per-node), the GPUs of "
                              "each node, since a cluster has no local GPU count to take it from")
         nproc = gpus_per_node
     else:
         nproc = int(t.nproc_per_node)
         if gpus_per_node is not None and gpus_per_node != nproc:
-            raise ValueError(f"gpus_per_node={gpus_per_node} differs from train.nproc_per_node={nproc}: "
+            raise ManifestError(f"gpus_per_node={gpus_per_node} differs from train.nproc_per_node={nproc}: "
                              "one training process per GPU; make them equal")
     if nproc < 1:
-        raise ValueError(f"gpus_per_node must be at least 1, got {nproc}")
+        raise ManifestError(f"gpus_per_node must be at least 1, got {nproc}")
     nodes = t.nnodes if nnodes is None else nnodes
     if nodes < 1:
-        raise ValueError(f"nnodes must be at least 1, got {nodes}")
+        raise ManifestError(f"nnodes must be at least 1, got {nodes}")
     name = name or trainjob_name(config.run_name)
     if not _NAME_RE.match(name) or len(name) > 63 or not name[0].isalpha():
-        raise ValueError(f"TrainJob name {name!r} is not a DNS label (lowercase letters, digits and '-', "
+        raise ManifestError(f"TrainJob name {name!r} is not a DNS label (lowercase letters, digits and '-', "
                          "starting with a letter, at most 63 characters)")
 
     variables: list[dict[str, Any]] = [

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneflow.placement.group import GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
+from tuneflow.core.errors import RunFailed, TuneflowError
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet puts it on every pod; the JobSet is named as the TrainJob
@@ -38,11 +39,11 @@ RBAC = ("get, list, watch, create and delete on trainjobs.trainer.kubeflow.org a
         "(infra/k8s/prefect-worker.yaml: Role tuneflow-trainjobs, bound to the pipeline's service account)")
 
 
-class TrainJobFailed(RuntimeError):
+class TrainJobFailed(RunFailed):
     """The TrainJob of a training attempt failed (a node failed or never started); a retry may succeed."""
 
 
-class KubernetesError(RuntimeError):
+class KubernetesError(TuneflowError, RuntimeError):
     """The cluster could not be reached or refused the request: a setup problem that retrying does not fix."""
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from tuneflow.core.ports import free_port
+from tuneflow.core.errors import RunFailed
 
 RDZV_BACKEND = "bound"  # torchrun's static rendezvous, its store bound to the master address (training/torchrun.py)
 
 
-class WorkerFailed(RuntimeError):
+class WorkerFailed(RunFailed):
     pass
 
 
@@ -42,7 +43,7 @@ def torchrun_command(spec: Path, nproc: int, master_port: int, nnodes: int = 1, 
         "--rdzv_conf", conf,
         *(["--rdzv_id", rdzv_id] if rdzv_id else []),
         "-m", "tuneflow.training.worker",
-        "--spec", str(spec),
+        str(spec),
     ]
 
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from tuneflow.core.ports import free_port
+from tuneflow.core.errors import RunFailed
 
 NODE_ADDR_ENV = "TUNEFLOW_NODE_ADDR"
 POLL_SECONDS = 1.0
 
 
-class JoinFailed(RuntimeError):
+class JoinFailed(RunFailed):
     """This node could not take its place in the rendezvous."""
 
 

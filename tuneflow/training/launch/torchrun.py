@@ -1,7 +1,7 @@
 """torchrun whose rendezvous store listens on one address, not on every interface.
 
     python -m tuneflow.training.launch.torchrun --rdzv_backend bound --rdzv_endpoint ADDR:PORT --rdzv_conf rank=N \\
-        --nnodes M --nproc_per_node P -m tuneflow.training.worker --spec SPEC
+        --nnodes M --nproc_per_node P -m tuneflow.training.worker SPEC
 
 torchrun's static rendezvous starts its store (a c10d TCPStore) on every interface of node 0, and PyTorch has no
 setting for the address it binds. This runs torchrun with one more rendezvous backend, `bound`: torchrun's static
