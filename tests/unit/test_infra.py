@@ -26,7 +26,7 @@ from dockerfile_parse import DockerfileParser
 from tests.support.trainjob_schema import assert_valid_trainjob, strict_trainjob_validator
 from tuneflow.core.config import load_config
 from tuneflow.cli.main import main as tuneflow_main
-from tuneflow.placement.kubernetes.manifest import render_trainjob
+from tuneflow.placement.kubernetes.manifest import TEMPLATE, render_trainjob
 from tuneflow.placement.kubernetes.node import node_rendezvous
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -372,16 +372,23 @@ def test_trainjob_refuses_a_shape_it_cannot_schedule():
         render_trainjob(demo, "img", name="Not_A_Label")
 
 
-def test_trainjob_example_is_in_sync_with_the_renderer(trainjob_validator, capsys):
-    text = (K8S / "trainjob.example.yaml").read_text()
-    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    joined = re.sub(r"\\\n#\s+", "", header)
-    args = shlex.split(re.search(r"tuneflow k8s (render .*?) > infra/k8s/trainjob\.example\.yaml", joined)[1])
-    assert tuneflow_main(["k8s", *args, "--header", header]) == 0
-    assert capsys.readouterr().out == text, "regenerate with the command in infra/k8s/trainjob.example.yaml's header"
-    example = yaml.safe_load(text)
-    assert_valid_trainjob(trainjob_validator, example)
-    assert example["spec"]["trainer"]["numNodes"] == 2 and example["spec"]["trainer"]["numProcPerNode"] == 8
+def test_the_template_is_a_trainjob_and_its_command_renders_what_it_says(trainjob_validator, capsys):
+    """The manifest users read (trainjob.yaml) is valid as written; the command in its header prints it with the
+    run's values set (`# set:`), everything else as written."""
+    text = TEMPLATE.read_text()
+    template = yaml.safe_load(text)
+    assert_valid_trainjob(trainjob_validator, template)
+    header = "\n".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    args = shlex.split(re.search(r"tuneflow k8s (render .*?--nnodes \d+)", header.replace("\\\n", " "))[1])
+    assert tuneflow_main(["k8s", *args]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert_valid_trainjob(trainjob_validator, job)
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (2, 8, "REGISTRY/tuneflow-gpu:TAG")
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 8}
+    assert job["spec"]["runtimePatches"] == template["spec"]["runtimePatches"]
+    assert trainer["env"] == template["spec"]["trainer"]["env"]
+    assert trainer["command"] == template["spec"]["trainer"]["command"] == ["tuneflow", "k8s", "node"]
 
 
 def test_node_rendezvous_comes_from_the_runtime_environment():

@@ -1,9 +1,10 @@
 """Multi-node training on Kubernetes as a Kubeflow Trainer v2 `TrainJob` (trainer.kubeflow.org/v1alpha1).
 
     tuneflow k8s render --config configs/qwen2.5-7b-qlora-zero2.yaml --image REGISTRY/tuneflow-gpu:TAG \\
-        --gpus-per-node 8 --nnodes 2 > trainjob.yaml          # infra/k8s/trainjob.example.yaml is this output
+        --gpus-per-node 8 --nnodes 2 > trainjob.yaml
 
-`render_trainjob` is a pure function of the config: train.nnodes (or `nnodes`) becomes `numNodes`,
+The manifest is `trainjob.yaml` beside this module; `render_trainjob` loads it and sets what depends on the run (the
+fields marked `# set:` there), a pure function of the config: train.nnodes (or `nnodes`) becomes `numNodes`,
 train.nproc_per_node the processes and `nvidia.com/gpu` of each node. Kubeflow's `torch-distributed` runtime starts one pod per node and
 gives each the rendezvous in PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (node 0's address,
 discovered by the runtime, never typed by hand). Each pod runs `tuneflow k8s node` (`tuneflow.placement.kubernetes.node`): it reads the
@@ -12,30 +13,26 @@ and runs the training attempt (`tuneflow.training.launch.run.train_once`, which 
 torchrun). The request holds references only (config, pinned model, prepared-data artifact, MLflow run); the Hub
 token and the MLflow credentials come from a Kubernetes Secret by reference, never as values.
 
-This module imports pydantic and the config only, like `tuneflow.core.config`.
+This module imports pydantic, PyYAML and the config only.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.errors import TuneflowError
 
-API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"  # Kubeflow Trainer's built-in ClusterTrainingRuntime for torchrun
 NODE_CONTAINER = "node"  # the trainer container's name in that runtime
 REQUEST_ENV = "TUNEFLOW_TRAIN_REQUEST"
 NODE_DIR_ENV, DEFAULT_NODE_DIR = "TUNEFLOW_NODE_DIR", "/cache/train"  # the node's training folder (the cache volume)
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes shows what a container writes here as its termination message
-SECRET_KEYS = {  # env var -> (key in the credentials Secret, optional)
-    "MLFLOW_TRACKING_USERNAME": ("MLFLOW_TRACKING_USERNAME", False),
-    "MLFLOW_TRACKING_PASSWORD": ("MLFLOW_TRACKING_PASSWORD", False),
-    "HF_TOKEN": ("HF_TOKEN", True),
-}
-DEFAULT_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
-DEFAULT_TRACKING_URI = "http://mlflow.tuneflow.svc:5000"  # the MLflow Service of docs/infrastructure.md
+TEMPLATE = Path(__file__).with_name("trainjob.yaml")  # the manifest; this module sets what depends on the run
 
 
 class ManifestError(TuneflowError, ValueError):
@@ -120,68 +117,30 @@ def render_trainjob(
         raise ManifestError(f"TrainJob name {name!r} is not a DNS label (lowercase letters, digits and '-', "
                          "starting with a letter, at most 63 characters)")
 
-    variables: list[dict[str, Any]] = [
-        {"name": "MLFLOW_TRACKING_URI", "value": tracking_uri or _http_uri(config.tracking.uri) or DEFAULT_TRACKING_URI},
-        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
-        {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
-        {"name": "HF_HUB_CACHE", "value": "/cache/huggingface/hub"},
-        {"name": "TUNEFLOW_CACHE", "value": "/cache/tuneflow"},
-        {"name": NODE_DIR_ENV, "value": DEFAULT_NODE_DIR},
-    ]
-    for var, (key, optional) in SECRET_KEYS.items():
-        ref: dict[str, Any] = {"name": secret_name, "key": key}
-        if optional:
-            ref["optional"] = True
-        variables.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    job = yaml.safe_load(TEMPLATE.read_text())
+    job["metadata"].update(name=name, namespace=namespace)
+    job["metadata"]["labels"]["tuneflow/run-name"] = trainjob_name(config.run_name)
+    job["spec"]["runtimeRef"]["name"] = runtime
+    trainer = job["spec"]["trainer"]
+    trainer.update(image=image, numNodes=nodes, numProcPerNode=nproc)
+    trainer["resourcesPerNode"] = {"limits": {"nvidia.com/gpu": nproc}, "requests": {"nvidia.com/gpu": nproc}}
+    variables = trainer["env"]
+    for var in variables:
+        if var["name"] == "MLFLOW_TRACKING_URI":
+            var["value"] = tracking_uri or _http_uri(config.tracking.uri) or var["value"]
+        if "valueFrom" in var:
+            var["valueFrom"]["secretKeyRef"]["name"] = secret_name
     taken = {v["name"] for v in variables} | {REQUEST_ENV}
     variables += [{"name": k, "value": str(v)} for k, v in (env or {}).items()
                   if k not in taken and not k.startswith("PET_")]
     if request_json is not None:
         variables.append({"name": REQUEST_ENV, "value": request_json})
-
-    pod_patch = {
-        "nodeSelector": dict(node_selector if node_selector is not None else {"nvidia.com/gpu.present": "true"}),
-        "tolerations": [dict(x) for x in (tolerations if tolerations is not None else DEFAULT_TOLERATIONS)],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
-        "volumes": [
-            {"name": "cache", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and torchrun's ranks share memory here
-        ],
-        "containers": [{
-            "name": NODE_CONTAINER,
-            "volumeMounts": [{"name": "cache", "mountPath": "/cache"}, {"name": "dshm", "mountPath": "/dev/shm"}],
-            "securityContext": {"allowPrivilegeEscalation": False},
-        }],
-    }
+    (node,) = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    if node_selector is not None:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations is not None:
+        pod["tolerations"] = [dict(x) for x in tolerations]
     if service_account:
-        pod_patch["serviceAccountName"] = service_account
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "tuneflow", "tuneflow/run-name": trainjob_name(config.run_name)},
-        },
-        "spec": {
-            "runtimeRef": {"name": runtime, "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"},
-            "trainer": {
-                "image": image,
-                "command": ["tuneflow", "k8s", "node"],
-                "numNodes": nodes,
-                "numProcPerNode": nproc,
-                "resourcesPerNode": {
-                    "limits": {"nvidia.com/gpu": nproc},
-                    "requests": {"nvidia.com/gpu": nproc},
-                },
-                "env": variables,
-            },
-            "runtimePatches": [{
-                "manager": "tuneflow",
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
-                    "name": NODE_CONTAINER,
-                    "template": {"spec": {"template": {"spec": pod_patch}}},
-                }]}}},
-            }],
-        },
-    }
+        pod["serviceAccountName"] = service_account
+    return job

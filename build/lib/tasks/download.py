@@ -1,0 +1,55 @@
+"""Stage 1, download: pre-flight checks, then the model weights, from the Hugging Face Hub or a local path.
+
+First `tuneflow.sources.preflight` fetches the repo listings, the model's small files and the dataset and checks them all;
+only then come the weights. The result pins both: Hub repo + commit SHA, or a local path + content digest, which is
+what a stage on another machine needs to find the same files (`tuneflow.sources.hub.fetch`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tuneflow.tracking.context import RunContext
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import Problem, Source, cached_fraction, local_revision, model_patterns, snapshot
+from tuneflow.sources.preflight import preflight
+from tuneflow.core.results import DownloadResult, SourceRef
+from tuneflow.tracking.runs import log_params
+
+def pinned(src: Source, folder: Path) -> SourceRef:
+    if src.local is not None:
+        return SourceRef(kind=src.key, name=src.name, revision=local_revision(folder), local_path=str(folder))
+    return SourceRef(kind=src.key, name=src.name, revision=folder.name)  # snapshots/<commit sha>
+
+
+def fetch_weights(src: Source, cfg: TuneflowConfig, logger) -> Path:
+    patterns = model_patterns(cfg)
+    if src.sha:
+        cached, wanted = cached_fraction(src, patterns)
+        if cached == wanted:
+            logger.info("model %s@%s: all %d files already in the Hub cache; nothing to download",
+                        src.name, src.sha, wanted)
+        else:
+            logger.info("model %s@%s: downloading %d of %d files", src.name, src.sha, wanted - cached, wanted)
+    folder = snapshot(src, patterns, logger)
+    if src.local is None and not any(folder.glob("*.safetensors")):
+        raise Problem(f"model {src.name}: no .safetensors weights in {folder}")
+    return folder
+
+
+@task(name="download", cache_policy=NO_CACHE)
+def download(cfg: TuneflowConfig, ctx: RunContext) -> DownloadResult:
+    logger = get_run_logger()
+    with ctx.stage("download") as (client, run_id):
+        checked = preflight(cfg, logger)
+        logger.info("pre-flight checks passed: model %s, dataset %s", cfg.model.name_or_path, cfg.dataset.name_or_path)
+        model = pinned(checked.model, fetch_weights(checked.model, cfg, logger))
+        dataset = pinned(checked.dataset, checked.dataset_dir)
+        logger.info("model %s@%s; dataset %s@%s", model.name, model.revision, dataset.name, dataset.revision)
+        log_params(client, run_id, {f"{ref.kind}.{k}": v for ref in (model, dataset)
+                                    for k, v in (("name", ref.name), ("revision", ref.revision),
+                                                 ("source", ref.source))})
+        return DownloadResult(model=model, dataset=dataset, mlflow_run_id=run_id)

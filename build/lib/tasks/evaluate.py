@@ -1,0 +1,67 @@
+"""Stage 4, evaluate: held-out loss and perplexity, then greedy answers scored with BLEU-4 and ROUGE-1/2/L,
+for the base model and the tuned one, side by side.
+
+Reads the model (Hub cache by commit), the prepared eval split and the trained weights (MLflow artifacts), and logs
+`predictions/predictions.jsonl` (prompt, reference, base and tuned answers), which export reads back to check that
+the exported model answers exactly as the adapter did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tuneflow.tracking.context import RunContext
+from tuneflow.tracking.artifacts import materialize, publish
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import fetch
+from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, PrepareResult, TrainResult
+from tuneflow.tracking.runs import log_metrics
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(
+    cfg: TuneflowConfig, downloaded: DownloadResult, prepared: PrepareResult, trained: TrainResult, ctx: RunContext
+) -> EvalResult:
+    from datasets import load_from_disk
+
+    from tuneflow.modeling.metrics import measure
+    from tuneflow.modeling.load import device, load_base, load_tokenizer, load_trained
+
+    logger = get_run_logger()
+    with ctx.stage("evaluate") as (client, run_id):
+        model_dir = fetch(downloaded.model, cfg, logger)
+        weights_dir = materialize(trained.weights, ctx.tracking_uri)
+        split = load_from_disk(str(materialize(prepared.data, ctx.tracking_uri)))["eval"]
+        rows = split.select(range(min(cfg.eval.max_samples, len(split))))
+        examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+        prompts = [json.loads(p) for p in rows["prompt"]]
+        references = list(rows["reference"])
+        tokenizer = load_tokenizer(model_dir, cfg)
+        device_map = {"": device()}
+
+        base, base_metrics, base_answers = None, {}, [""] * len(prompts)
+        if cfg.eval.compare_base:
+            base = load_base(model_dir, cfg, quantized=True, device_map=device_map)
+            base_metrics, base_answers = measure(base, tokenizer, examples, prompts, references, cfg)
+            logger.info("evaluate: base %s", json.dumps(base_metrics))
+            log_metrics(client, run_id, {f"base.{k}": v for k, v in base_metrics.items()})
+        tuned = load_trained(model_dir, weights_dir, cfg, device_map=device_map, base=base)
+        metrics, answers = measure(tuned, tokenizer, examples, prompts, references, cfg)
+        logger.info("evaluate: tuned %s", json.dumps(metrics))
+        log_metrics(client, run_id, metrics)
+
+        folder = Path(ctx.run_dir) / "evaluate" / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / PREDICTIONS, "w", encoding="utf-8") as fh:
+            for p, r, b, a in zip(prompts, references, base_answers, answers):
+                fh.write(json.dumps({"prompt": p, "reference": r, "base": b, "tuned": a}, ensure_ascii=False) + "\n")
+        predictions = publish(client, run_id, folder, "predictions")
+        client.log_table(run_id, data={
+            "prompt": [p[-1]["content"] for p in prompts], "reference": references,
+            "base": base_answers, "tuned": answers,
+        }, artifact_file="predictions.json")
+        return EvalResult(metrics=metrics, base_metrics=base_metrics, predictions=predictions, mlflow_run_id=run_id)

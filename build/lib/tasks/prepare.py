@@ -1,0 +1,105 @@
+"""Stage 2, prepare: validate every row, render it with the model's chat template, tokenize, mask prompts, split.
+
+The result (`tuneflow.data.prepare.build`: an Arrow DatasetDict of train and eval, and stats.json) is cached under
+$TUNEFLOW_CACHE/prepared/<key>, where the key hashes everything it depends on (dataset revision, tokenizer
+revision, prep settings, the prep code), and logged as the `prepared` artifact of this stage's MLflow run, which is
+where training and evaluation read it from on any machine. A later run with the same inputs on the same MLflow
+server reuses both the cache entry and the artifact. Entries are written to a temporary folder and renamed, so a
+half-written one is never seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import uuid
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tuneflow.tracking.context import RunContext
+from tuneflow.tracking.artifacts import cache_root, publish, register
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.files import staged
+from tuneflow.sources.hub import fetch
+from tuneflow.core.results import ArtifactRef, DownloadResult, PrepareResult
+from tuneflow.tracking.runs import log_metrics, log_params
+
+
+def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
+    from tuneflow.data import formats, prepare, tokenize
+
+    code = "".join(inspect.getsource(m) for m in (formats, tokenize, prepare))
+    parts = {
+        "dataset": downloaded.dataset.revision,
+        "tokenizer": downloaded.model.revision,
+        "chat_template": cfg.model.chat_template,
+        "format": cfg.dataset.format,
+        "eval_size": cfg.dataset.eval_size,
+        "seed": cfg.train.seed,
+        "prep": cfg.prep.model_dump(),
+        "code": hashlib.sha256(code.encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_entry(cfg: TuneflowConfig, downloaded: DownloadResult, final: Path, logger) -> None:
+    from tuneflow.data.prepare import build
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with staged(final, keep_existing=True) as staging:  # a concurrent flow may finish the same entry first
+        tokenizer_dir = fetch(downloaded.model, cfg, logger, weights=False)
+        stats = build(cfg, tokenizer_dir, fetch(downloaded.dataset, cfg, logger), staging)
+        logger.info("prepare: %s", json.dumps(stats))
+
+
+def published(final: Path, client, tracking_uri: str) -> ArtifactRef | None:
+    """The artifact an earlier run on this MLflow server logged for this cache entry, if it is still there."""
+    record = final.with_name(final.name + ".published.json")
+    entry = json.loads(record.read_text()).get(tracking_uri) if record.is_file() else None
+    if not entry:
+        return None
+    ref = ArtifactRef.model_validate(entry)
+    try:
+        return ref if client.list_artifacts(ref.run_id, ref.path) else None
+    except Exception:  # the run was deleted
+        return None
+
+
+def remember(final: Path, tracking_uri: str, ref: ArtifactRef) -> None:
+    record = final.with_name(final.name + ".published.json")
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({**known, tracking_uri: ref.model_dump()}))
+    tmp.replace(record)
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare(cfg: TuneflowConfig, downloaded: DownloadResult, ctx: RunContext) -> PrepareResult:
+    logger = get_run_logger()
+    with ctx.stage("prepare") as (client, run_id):
+        key = cache_key(cfg, downloaded)
+        final = cache_root() / "prepared" / key
+        log_params(client, run_id, {"cache_key": key})
+        hit = (final / "stats.json").is_file()
+        if hit:
+            logger.info("prepare: reusing the tokenized dataset in %s (same inputs as an earlier run)", final)
+            os.utime(final)  # last use, for `tuneflow cache prune`
+        else:
+            build_entry(cfg, downloaded, final, logger)
+        stats = json.loads((final / "stats.json").read_text())
+        ref = published(final, client, ctx.tracking_uri)
+        if ref is None:
+            ref = publish(client, run_id, final, "prepared")
+            remember(final, ctx.tracking_uri, ref)
+        else:
+            register(ref.digest, final)
+            logger.info("prepare: the same data is already logged as %s", ref.uri)
+        log_params(client, run_id, {"data.uri": ref.uri, "data.digest": ref.digest})
+        log_metrics(client, run_id, {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        client.log_dict(run_id, stats, "prepare_stats.json")
+        client.set_tag(run_id, "cache_hit", str(hit).lower())
+        return PrepareResult(data=ref, stats=stats, cache_hit=hit, mlflow_run_id=run_id)

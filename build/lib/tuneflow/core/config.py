@@ -1,0 +1,504 @@
+"""The one typed config tree of tuneflow.
+
+This module is the YAML schema, the ``--set dotted.key=value`` override target, the Prefect flow parameter
+(rendered as a form in the Prefect UI), the params logged to MLflow and what the training worker reads.
+It imports pydantic only, so the Prefect deployment form keeps its descriptions and dropdowns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tuneflow.core.errors import TuneflowError
+
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+]
+# train.deepspeed presets: name -> (ZeRO stage, optimizer and parameters offloaded to the CPU); None: no DeepSpeed.
+# tuneflow.training.deepspeed builds their configs, tuneflow.memory.estimate plans them.
+DEEPSPEED_PRESETS: dict[str, tuple[int, bool] | None] = {
+    "none": None, "zero0": (0, False), "zero1": (1, False), "zero2": (2, False), "zero3": (3, False),
+    "zero3_offload": (3, True),
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 bytes (the units transformers' ``max_shard_size`` understands)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size such as '2GB', '500MB' or '200KB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        min_length=1,
+        description="Hugging Face Hub model repo id (org/name), or a local folder with config.json and weights.",
+    )
+    revision: str = Field(
+        "main", min_length=1, description="Branch, tag or commit of the Hub repo; the resolved commit SHA is recorded."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped in the model repo. Off unless you trust and pin the repo."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use when the tokenizer has none (or to replace its own)."
+    )
+
+
+class DatasetConfig(Section):
+    name_or_path: str = Field(
+        ..., min_length=1, description="Hub dataset repo id, or a local .json/.jsonl/.parquet/.csv file or folder."
+    )
+    revision: str = Field("main", min_length=1, description="Branch, tag or commit of the Hub dataset repo.")
+    format: Literal["alpaca", "sharegpt", "messages"] = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output[/system/history]; sharegpt: conversations of from/value; "
+        "messages: role/content lists.",
+    )
+    eval_size: float = Field(
+        0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed)."
+    )
+
+    @field_validator("eval_size")
+    @classmethod
+    def _whole_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("a count of rows (>= 1) must be a whole number, or use a fraction below 1")
+        return v
+
+
+class PrepConfig(Section):
+    cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer ones are cut.")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="A malformed row: error stops the run naming the row; drop skips it and counts it."
+    )
+    max_invalid_fraction: float = Field(
+        0.1, ge=0, le=1, description="With on_invalid=drop: fail if more than this fraction of rows is dropped."
+    )
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r (8-64 typical; 16 or 32 is a good default).")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear",
+        description="'all-linear' (what QLoRA found matches full fine-tuning) or a list of module names, "
+        "e.g. [q_proj, v_proj] or [W_pack].",
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["qlora", "lora", "full", "freeze"] = Field(
+        "qlora",
+        description="qlora: LoRA over a 4-bit NF4 base; lora: LoRA over a 16-bit base; full: every weight; "
+        "freeze: only the top freeze_trainable_layers layers.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (qlora and lora).")
+    freeze_trainable_layers: int = Field(2, ge=1, description="With method=freeze: how many top layers train.")
+    learning_rate: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate (5e-5 to 2e-4 for adapters).")
+    lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; > 0 overrides epochs.")
+    per_device_batch_size: Union[Literal["auto"], int] = Field(
+        4, description="Rows per process per micro-batch (the eval-loss batch when tokens_per_batch is set); 'auto' = "
+        "the largest the memory plan fits in train.gpu_memory (or the local GPU), 4 when neither is known."
+    )
+    tokens_per_batch: Union[Literal["auto"], int, None] = Field(
+        None, description="With packing: micro-batches of whole rows holding up to this many real tokens, instead of "
+        "per_device_batch_size rows (a row longer than the budget trains alone); 'auto' = the largest the memory plan "
+        "fits; unset = row count."
+    )
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Micro-batches per optimizer step; the loss is averaged over the labelled tokens of all of "
+        "them, so micro-batches of different sizes weigh by their tokens."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision. auto, on the machine that trains or evaluates: bf16 on a GPU that has "
+        "it (Ampere or newer), else fp16 (fp32 for full/freeze without DeepSpeed); on a CPU, bf16 where it is native "
+        "(AVX512-BF16 or AMX), else fp32 (bf16 is emulated there, 30-40x slower). qlora keeps its 4-bit NF4 weights "
+        "either way: only the compute dtype follows."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    loss_chunk_tokens: int = Field(
+        256, ge=0, le=1_048_576, description="Chunked loss: the vocabulary projection and cross-entropy run on this "
+        "many labelled tokens at a time, so the full logits are never held (same loss); 0 = the plain full-logits loss."
+    )
+    packing: bool = Field(
+        True, description="Padding-free batches: the rows of a micro-batch are concatenated (position ids restart "
+        "per row, attention never crosses rows) instead of padded to the longest; same loss, no compute on padding."
+    )
+    deepspeed: str = Field(
+        "zero2",
+        description=" | ".join(DEEPSPEED_PRESETS) + ", or the path of a DeepSpeed JSON file.",
+    )
+    nproc_per_node: Union[Literal["auto"], int] = Field(
+        "auto", description="Training processes on this node: 'auto' = number of GPUs (1 on a CPU)."
+    )
+    save_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate the held-out loss every N steps during training; 0 = off.")
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm and tokens/s every N steps.")
+    retries: int = Field(
+        1, ge=0, le=10, description="Relaunches after a failed training attempt, each resuming from the last checkpoint."
+    )
+    seed: int = Field(42, ge=0, description="Seed for every rank, the data order and the eval split.")
+    nnodes: int = Field(
+        1, ge=1, description="GPU machines that train together. Above 1 the pipeline needs a training deployment "
+        "(tuneflow-train/gpu, README 'Run it on a team's Prefect server'): the train stage starts one flow run per "
+        "node, and node 0's address reaches the others through the Prefect API. When that deployment's work pool is "
+        "of type kubernetes, the stage submits one Kubeflow Trainer TrainJob of N pods instead "
+        "(docs/infrastructure.md)."
+    )
+    join_timeout: float = Field(
+        600, gt=0, description="Multi-node: seconds every node waits for the others to join (node 0's address, "
+        "torchrun's rendezvous), counted once its own model and data are ready; a node that has not joined by then "
+        "fails the attempt, naming it."
+    )
+    gpu_memory: str | None = Field(
+        None, description="Memory of each GPU that trains, e.g. 24GiB or 80GiB: the pre-flight refuses a config whose "
+        "memory plan (tuneflow plan) does not fit it. Unset: the local GPU's, if there is one."
+    )
+    timeout_hours: float = Field(
+        48, gt=0, description="Training on a work pool: the longest the pipeline waits for a training run, queued "
+        "and running, before it cancels the run and fails."
+    )
+    master_port: int = Field(
+        0, ge=0, le=65535, description="torchrun's rendezvous port on node 0; 0 picks a free one. Set it when only "
+        "one port is open between the GPU machines."
+    )
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v: Union[str, int]) -> Union[str, int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or at least 1")
+        return v
+
+    @field_validator("per_device_batch_size", "tokens_per_batch")
+    @classmethod
+    def _batch_size(cls, v: Union[str, int, None], info) -> Union[str, int, None]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or at least 1")
+        if info.field_name == "tokens_per_batch" and isinstance(v, int) and v < 8:
+            raise ValueError("must be 'auto' or at least 8 tokens")
+        return v
+
+    @field_validator("packing")
+    @classmethod
+    def _token_budget_needs_packing(cls, v: bool, info) -> bool:
+        if not v and info.data.get("tokens_per_batch") is not None:
+            raise ValueError("must be true when train.tokens_per_batch is set (a token budget sizes packed "
+                             "micro-batches); or unset train.tokens_per_batch to pad per_device_batch_size rows")
+        return v
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory_size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_choice(cls, v: str) -> str:
+        if v not in DEEPSPEED_PRESETS and not v.endswith(".json"):
+            raise ValueError(f"must be one of {', '.join(DEEPSPEED_PRESETS)} or a path ending in .json")
+        return v
+
+
+class EvalConfig(Section):
+    max_samples: int = Field(200, ge=1, description="Held-out examples used for generation metrics.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens generated per answer (greedy).")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded).")
+    compare_base: bool = Field(True, description="Also score the untuned base model, for a base-vs-tuned table.")
+
+
+class ExportConfig(Section):
+    enabled: bool = Field(True, description="Merge the adapter into the base and write a standalone model.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 2GB (2-5GB advised), 500MB.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Weight dtype of the exported model.")
+    device: Literal["cpu", "auto"] = Field("cpu", description="Where the merge runs: cpu, or auto (GPU if any).")
+    parity_samples: int = Field(8, ge=1, description="Evaluation prompts the exported model must answer as before.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class HubConfig(Section):
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the Hugging Face token; unset: HF_TOKEN or the "
+        "token saved by `hf auth login`. The token itself never enters the config.",
+    )
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+    experiment: str = Field("tuneflow", min_length=1, description="MLflow experiment name.")
+
+
+METRIC_DIRECTIONS = {  # held-out metrics evaluate reports, and whether a greater value is better
+    "eval_loss": False, "perplexity": False, "bleu-4": True, "rouge-1": True, "rouge-2": True, "rouge-l": True,
+}
+
+
+class RegistryConfig(Section):
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120,
+        description="MLflow registered model that `tuneflow retrain` registers each new export as a version of, and "
+        "whose `champion` alias it moves when a challenger wins. Required by retrain; unused by run.",
+    )
+    metric: Literal["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l"] = Field(
+        "eval_loss", description="Held-out metric that decides between champion and challenger, scored for both on "
+        "the same frozen evaluation set.",
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a greater registry.metric is better; unset: false for eval_loss and perplexity, "
+        "true for BLEU and ROUGE.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="How much the challenger must beat the champion by on registry.metric to be promoted.",
+    )
+    eval_samples: int = Field(
+        64, ge=1, description="Rows of the frozen evaluation set, drawn once from the held-out rows the first retrain "
+        "of the name scored (at most eval.max_samples).",
+    )
+
+    @property
+    def maximize(self) -> bool:
+        return METRIC_DIRECTIONS[self.metric] if self.greater_is_better is None else self.greater_is_better
+
+
+class TuneflowConfig(Section):
+    """A whole fine-tuning run: download -> prepare -> train -> evaluate -> export."""
+
+    run_name: str = Field(
+        "run",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=80,
+        description="Name of the run; its folder is output_dir/run_name-time-suffix, unique per run.",
+    )
+    output_dir: str = Field(
+        "runs", min_length=1,
+        description="Folder that holds the run folders (prepared data and downloaded artifacts go to $TUNEFLOW_CACHE).",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    dataset: DatasetConfig = Field(..., description="The instruction dataset.")
+    prep: PrepConfig = Field(default_factory=PrepConfig, description="Tokenization.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on the held-out split.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Merged, standalone model.")
+    hub: HubConfig = Field(default_factory=HubConfig, description="Hugging Face Hub access.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="MLflow Model Registry: where `tuneflow retrain` registers and "
+        "promotes.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TuneflowConfig":
+        problems = []
+        t = self.train
+        if t.method in ("full", "freeze") and t.deepspeed == "none" and t.precision == "fp16":
+            problems.append("train.precision: fp16 without DeepSpeed needs an fp32 master copy; use bf16 or fp32")
+        if t.lr_scheduler == "reduce_lr_on_plateau" and not t.eval_steps:
+            problems.append("train.lr_scheduler: reduce_lr_on_plateau needs an eval loss; set train.eval_steps > 0")
+        if self.model.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", self.model.revision):
+            problems.append(
+                "model.revision: trust_remote_code runs code from the repo; pin model.revision to a full commit SHA"
+            )
+        if t.deepspeed == "zero3_offload" and t.method == "qlora":
+            problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def ignored_settings(self) -> list[str]:
+        """Settings that do not apply to train.method (a preset or the UI form carries them): they are ignored,
+        and the run log says so, so that switching the method never fails on them."""
+        t, ignored = self.train, []
+        if t.method not in ("qlora", "lora") and t.lora != LoraConfig():
+            ignored.append(f"train.lora applies to methods qlora and lora, not {t.method}: ignored")
+        if t.method != "freeze" and t.freeze_trainable_layers != TrainConfig.model_fields["freeze_trainable_layers"].default:
+            ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")
+        return ignored
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML/dict + dotted overrides -> validated config, with every problem reported at once.
+
+
+class ConfigError(TuneflowError, ValueError):
+    """A config that cannot run; the message lists every problem with the key it belongs to."""
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (to suggest close names for unknown keys)."""
+    model: type[BaseModel] = TuneflowConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(
+            p for p in e["loc"]
+            # pydantic adds union members to the location (int, literal['auto'], ...): not keys a user can set
+            if not (str(p).startswith(("literal[", "list[", "function-after")) or p in ("int", "float", "str", "bool"))
+        )
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _section_model(loc)
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), _known_keys(owner), n=1)
+                if close:
+                    hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+            lines.append(f"{key}: unknown key{hint}")
+        elif not loc:  # cross-field checks name their own keys
+            lines += e["msg"].removeprefix("Value error, ").splitlines()
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {json.dumps(e.get('input'), default=str)[:80]})")
+    return "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to a nested dict; the value is parsed as YAML (1e-4, true, [a, b])."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TuneflowConfig:
+    """Read a YAML file (or a dict), apply overrides, validate; raise ConfigError naming every bad key."""
+    import yaml
+
+    raw: dict[str, Any] = dict(data or {})
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        raw.update(loaded)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return TuneflowConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n{format_errors(exc)}") from None
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+    for name, value in cfg:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+# What does not change the trained model: names, folders, where things are logged, how failures and checkpoints
+# are handled, where processes meet. Every other key (new ones included) is part of the config hash.
+NOT_IN_CONFIG_HASH = (
+    "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
+    "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
+    "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
+    "train.gpu_memory", "train.master_port", "train.join_timeout",
+)
+
+
+def config_hash(cfg: TuneflowConfig) -> str:
+    """sha256 over the settings that change the trained model (the revisions are pinned separately, by commit)."""
+    import hashlib
+
+    kept = {k: v for k, v in flatten(cfg).items()
+            if not any(k == x or k.startswith(x + ".") for x in NOT_IN_CONFIG_HASH)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key with its default and description (`python -m tuneflow.core.config > docs/config.md`)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `tuneflow/core/config.py` by `python -m tuneflow.core.config > docs/config.md`; a test keeps it in sync.",
+        "",
+        "| key | default | description |",
+        "|---|---|---|",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+            bounds = [f"{label} {getattr(m, attr)}" for m in field.metadata
+                      for attr, label in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
+            extra = f" ({', '.join(bounds)})" if bounds else ""
+            lines.append(f"| `{key}` | `{default}` | {field.description}{extra} |")
+
+    walk(TuneflowConfig, "")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

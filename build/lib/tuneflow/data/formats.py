@@ -1,0 +1,242 @@
+"""Reading instruction datasets in the formats users bring, into one shape: a list of chat messages.
+
+alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+sharegpt: {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}], "system"?, "tools"?}
+messages: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content"}]}
+
+Every problem names the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+from tuneflow.core.errors import TuneflowError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    # Tool-use turns (glaive / LLaMA-Factory style): the call is the assistant's, the result is the tool's.
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DatasetError(TuneflowError, ValueError):
+    """A dataset that cannot be used; the message names the file, row and field."""
+
+
+def data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and ".git" not in p.parts)
+    if not files:
+        raise DatasetError(f"{path}: no {'/'.join(DATA_SUFFIXES)} files found")
+    return files
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """Yield (file, 1-based row number, row) for every row of every data file under ``path``."""
+    for file in data_files(path):
+        name = str(file)
+        if file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield name, lineno, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DatasetError(f"{name}: line {lineno}: not valid JSON ({exc.msg})") from None
+        elif file.suffix == ".json":
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{name}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
+            if not isinstance(data, list):
+                raise DatasetError(f"{name}: expected a JSON list of rows")
+            for i, row in enumerate(data, 1):
+                yield name, i, row
+        elif file.suffix == ".csv":
+            import pandas as pd
+
+            # Every cell is text: answers such as "3" or "None" must not turn into numbers or missing values.
+            table = pd.read_csv(file, dtype=str, keep_default_na=False).to_dict("records")
+            for i, row in enumerate(table, 1):
+                yield name, i, row
+        else:
+            import datasets
+
+            table = datasets.load_dataset("parquet", data_files=str(file), split="train")
+            for i, row in enumerate(table, 1):
+                yield name, i, row
+
+
+def _text(row: dict, key: str, where: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DatasetError(f"{where}: field '{key}' is missing")
+        return ""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _require_dict(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected an object, got {type(row).__name__}")
+    return row
+
+
+def alpaca_to_messages(row: Any, where: str) -> list[dict]:
+    row = _require_dict(row, where)
+    messages = []
+    system = _text(row, "system", where, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise DatasetError(f"{where}: field 'history' must be a list of [user, assistant] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DatasetError(f"{where}: field 'history[{i}]' must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    instruction = _text(row, "instruction", where)
+    extra = _text(row, "input", where, required=False)
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    if not prompt.strip():
+        raise DatasetError(f"{where}: field 'instruction' is empty")
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": _text(row, "output", where)})
+    return messages
+
+
+def sharegpt_to_messages(row: Any, where: str) -> list[dict]:
+    row = _require_dict(row, where)
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    system = _text(row, "system", where, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}: field '{field}' must be an object with 'from' and 'value'")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DatasetError(
+                f"{where}: field '{field}.from' is {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+            )
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn, "value", f"{where}: {field}")})
+    return messages
+
+
+def messages_to_messages(row: Any, where: str) -> list[dict]:
+    row = _require_dict(row, where)
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: field 'messages' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        field = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}: field '{field}' must be an object with 'role' and 'content'")
+        role = turn.get("role")
+        if role not in MESSAGE_ROLES:
+            raise DatasetError(f"{where}: field '{field}.role' is {role!r}; expected one of {sorted(MESSAGE_ROLES)}")
+        messages.append({"role": role, "content": _text(turn, "content", f"{where}: {field}")})
+    return messages
+
+
+CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "messages": messages_to_messages}
+
+
+ANSWER_FIELD = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages"}
+
+
+def check_conversation(messages: list[dict], where: str, field: str) -> None:
+    """A trainable conversation: optional system first, then user and assistant turns, ending on an answer."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in body):
+        raise DatasetError(f"{where}: field '{field}': a system message may only come first")
+    if not body or body[-1]["role"] != "assistant":
+        raise DatasetError(f"{where}: field '{field}': the conversation must end with an assistant answer")
+    if body[0]["role"] != "user":
+        raise DatasetError(f"{where}: field '{field}': the conversation must start with a user message")
+    if not body[-1]["content"].strip():
+        raise DatasetError(f"{where}: field '{field}': the assistant answer is empty")
+
+
+MAX_REPORTED = 10
+
+
+def load_conversations(path: Path, fmt: str, invalid: Counter | None = None) -> list[list[dict]]:
+    """Every row of the dataset as validated chat messages.
+
+    Bad rows raise one DatasetError that lists them all (the first MAX_REPORTED), unless ``invalid`` is given:
+    then bad rows are skipped and counted there by reason (the message without its file and row).
+    """
+    convert = CONVERTERS[fmt]
+    conversations, problems = [], []
+    for file, row_no, row in read_rows(path):
+        where = f"{file}: row {row_no}"
+        try:
+            messages = convert(row, where)
+            check_conversation(messages, where, ANSWER_FIELD[fmt])
+        except DatasetError as exc:
+            if invalid is None:
+                problems.append(str(exc))
+            else:
+                invalid[str(exc).removeprefix(f"{where}: ")] += 1
+            continue
+        conversations.append(messages)
+    if problems:
+        shown = [f"  - {p}" for p in problems[:MAX_REPORTED]]
+        if len(problems) > MAX_REPORTED:
+            shown.append(f"  - ... and {len(problems) - MAX_REPORTED} more")
+        rows = "1 invalid row" if len(problems) == 1 else f"{len(problems)} invalid rows"
+        raise DatasetError(f"{rows} for dataset.format={fmt}; fix them, or set prep.on_invalid: drop to skip "
+                           "them:\n" + "\n".join(shown))
+    if not conversations:
+        raise DatasetError(f"{path}: the dataset has no {'valid ' if invalid else ''}rows")
+    return conversations
+
+
+def load_dataset_rows(path: Path, cfg) -> tuple[list[list[dict]], Counter]:
+    """The dataset's valid conversations under cfg.prep.on_invalid, and the dropped rows counted by reason.
+
+    With on_invalid=drop it still fails when more than prep.max_invalid_fraction of the rows are invalid."""
+    invalid: Counter = Counter()
+    conversations = load_conversations(path, cfg.dataset.format, invalid if cfg.prep.on_invalid == "drop" else None)
+    dropped = sum(invalid.values())
+    if dropped / (dropped + len(conversations)) > cfg.prep.max_invalid_fraction:
+        raise DatasetError(
+            f"{path}: {dropped / (dropped + len(conversations)):.0%} of rows are invalid, more than "
+            f"prep.max_invalid_fraction={cfg.prep.max_invalid_fraction}; reasons: {dict(invalid.most_common(5))}"
+        )
+    return conversations, invalid
+
+
+def split_indices(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, eval) row indices; eval_size is a fraction below 1, else a row count."""
+    n_eval = int(eval_size) if eval_size >= 1 else max(1, round(n * eval_size))
+    if n_eval >= n:
+        raise DatasetError(f"dataset.eval_size: {eval_size:g} leaves no training rows out of {n} valid rows; lower it")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])

@@ -1,0 +1,49 @@
+"""The memory plan as the table `tuneflow plan` prints."""
+
+from __future__ import annotations
+
+from tuneflow.memory.estimate import MARGIN_FIXED, MARGIN_FRACTION, MemoryPlan
+from tuneflow.memory.shape import GiB
+
+LINES = (
+    ("quantized_weights", "4-bit NF4 weights (+ double-quant constants)"),
+    ("frozen_weights", "frozen weights"),
+    ("adapter", "trainable parameters + gradients"),
+    ("optimizer", "optimizer states"),
+    ("activations", "activations (estimate, uncalibrated)"),
+    ("logits", "loss: logits"),
+    ("margin", f"margin ({MARGIN_FIXED / GiB:.2f} GiB + {MARGIN_FRACTION:.0%})"),
+)
+
+
+def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
+    s, shape = p.settings, p.shape
+    frozen_what = {"qlora": "embeddings, lm_head, norms", "lora": "the whole base", "full": "none",
+                   "freeze": f"all but the top {min(s.freeze_layers, shape.layers)} layers"}[s.method]
+    optim = "AdamW, 2 fp32 moments" + (" + fp32 master" if s.zero.deepspeed and s.precision != "fp32" else "") \
+        if s.zero.deepspeed else "AdamW, 2 moments in the parameters' dtype"
+    labels = dict(LINES)
+    labels["frozen_weights"] += f" ({frozen_what})"
+    labels["adapter"] += f" ({p.params['trainable'] / 1e6:,.1f}M {'LoRA ' if s.method in ('qlora', 'lora') else ''}params)"
+    labels["optimizer"] += f" ({optim})"
+    labels["logits"] += (f" of {min(s.loss_chunk, s.tokens)} tokens at a time + labelled hidden states"
+                         if s.loss_chunk else " of every token, fp32")
+    micro = (f"up to {s.tokens} tokens (train.tokens_per_batch {s.tokens_per_batch}, rows of <= {s.seq})"
+             if s.tokens_per_batch is not None else f"{s.batch} x {s.seq} tokens" + (" packed" if s.packing else ""))
+    loss = f"loss chunked by {s.loss_chunk} tokens" if s.loss_chunk else "full-logits loss"
+    head = (f"memory plan per rank: {model} ({shape.model_type}, {p.params['total'] / 1e9:.2f}B params), {s.method}, "
+            f"{'auto (bf16, fp16 before Ampere)' if s.precision == 'auto' else s.precision}, {s.zero.label} over "
+            f"{s.world} rank{'s' if s.world > 1 else ''}\n"
+            f"  micro-batch {micro}, gradient checkpointing {'on' if s.checkpointing else 'off'}, {loss}")
+    width = max(len(v) for v in labels.values()) + 2
+    rows = [head] + [f"  {labels[k]:<{width}}{p.per_rank[k] / GiB:9.2f} GiB" for k, _ in LINES]
+    rows.append(f"  {'total':<{width}}{p.per_rank['total'] / GiB:9.2f} GiB")
+    if p.gpu_memory is None:
+        rows.append("GPU memory unknown (no GPU visible, train.gpu_memory unset): pass --gpu-memory, e.g. --gpu-memory 24GiB")
+    else:
+        verdict = "fits" if p.fits else "does NOT fit"
+        key = "tokens_per_batch" if s.tokens_per_batch is not None else "per_device_batch_size"
+        extra = f"; the largest {key} that fits is {largest}" if largest else ""
+        rows.append(f"GPU memory {p.gpu_memory / GiB:.2f} GiB: {verdict}{extra}")
+    rows += [f"note: {n}" for n in p.notes]
+    return "\n".join(rows)

@@ -1,0 +1,89 @@
+"""`train.precision: auto`, resolved on the machine that computes, by one rule:
+
+    CUDA with bf16 (Ampere or newer)                     -> bf16
+    older CUDA                                           -> fp16 with loss scaling (fp32 for full/freeze without
+                                                            DeepSpeed, which needs an fp32 master copy)
+    a CPU that runs bf16 matmuls natively (AVX512-BF16, AMX) -> bf16
+    any other CPU                                        -> fp32
+
+On a CPU without native bf16 (AVX2 only), bf16 is emulated and runs 30-40x slower than fp32. For qlora the weights stay
+4-bit NF4 whatever the choice: only bitsandbytes' compute dtype follows. The resolved precision changes speed, not
+the experiment, so it is no part of the config hash. The machine is passed as data (`Machine`), so every branch of
+the rule is testable without the hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+EMULATED_BF16 = "bf16 is emulated there and runs 30-40x slower than fp32"
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpu: str | None  # the CUDA device's name; None: computing on the CPU
+    gpu_bf16: bool = False
+    cpu: str = ""  # torch.backends.cpu.get_cpu_capability(), e.g. AVX2, AVX512
+    cpu_bf16: bool = False  # oneDNN runs bf16 natively: AVX512-BF16 or AMX, and oneDNN allowed to use it
+
+    def describe(self) -> str:
+        if self.gpu:
+            return f"GPU {self.gpu} ({'with' if self.gpu_bf16 else 'without'} bf16)"
+        return f"CPU {self.cpu or '?'} ({'native' if self.cpu_bf16 else 'no native'} bf16)"
+
+
+@functools.cache
+def this_machine() -> Machine:
+    import torch
+
+    if torch.cuda.is_available():
+        return Machine(gpu=torch.cuda.get_device_name(), gpu_bf16=torch.cuda.is_bf16_supported())
+    flags = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    # The CPU's flags say what the chip has; oneDNN's answer says whether the matmuls will use it (ONEDNN_MAX_CPU_ISA
+    # can forbid it). Both must agree.
+    native = bool(flags.get("avx512_bf16") or flags.get("amx_bf16")) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return Machine(gpu=None, cpu=torch.backends.cpu.get_cpu_capability(), cpu_bf16=native)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    precision: str  # bf16 | fp16 | fp32
+    reason: str  # one line: what was asked, what this machine is, what was chosen
+    warning: str | None = None  # an explicit choice that works here but slowly
+
+
+def resolve(requested: str, machine: Machine, method: str = "qlora", deepspeed: str = "none") -> Resolved:
+    """The compute precision for ``requested`` (auto | bf16 | fp16 | fp32) on ``machine``."""
+    where = machine.describe()
+    if requested != "auto":
+        warning = None
+        if requested == "bf16" and not machine.gpu and not machine.cpu_bf16:
+            warning = (f"train.precision: bf16 on {where}: {EMULATED_BF16}; it trains, but set train.precision: auto "
+                       "(fp32 here) to train fast")
+        return Resolved(requested, f"precision {requested} (set in the config) on {where}", warning)
+    if machine.gpu:
+        if machine.gpu_bf16:
+            choice = "bf16"
+        elif method in ("full", "freeze") and deepspeed == "none":
+            choice = "fp32"  # fp16 without DeepSpeed has no fp32 master copy of fully trained weights
+        else:
+            choice = "fp16"
+    else:
+        choice = "bf16" if machine.cpu_bf16 else "fp32"
+    why = "" if choice == "bf16" or machine.gpu else f"; {EMULATED_BF16}"
+    return Resolved(choice, f"precision auto -> {choice} on {where}{why}")
+
+
+def resolved(cfg, machine: Machine | None = None) -> Resolved:
+    """``cfg.train.precision`` resolved on ``machine`` (default: this one)."""
+    t = cfg.train
+    return resolve(t.precision, machine or this_machine(), t.method, t.deepspeed)
+
+
+def compute_dtype(cfg):
+    """The torch dtype models compute in on this machine for ``cfg``."""
+    from tuneflow.modeling.load import DTYPES
+
+    return DTYPES[resolved(cfg).precision]

@@ -1,0 +1,145 @@
+"""Pre-flight: everything that can be checked before model weights are downloaded or training starts.
+
+    tuneflow validate --config configs/my.yaml     # the config, then these checks, without Prefect
+
+The download stage runs the same checks first. From the Hub it fetches only the repo listing, the small files
+(config, tokenizer, chat template) and the dataset; the weights come afterwards, once nothing stands in the way.
+Every problem found is reported at once, each naming the key, file or row to change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.sources.hub import (
+    DATASET_PATTERNS, WEIGHTS, Problem, Source, hub_token, locate, model_patterns, snapshot,
+)
+from tuneflow.core.errors import TuneflowError
+
+# What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class PreflightError(TuneflowError, RuntimeError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
+        count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        super().__init__(f"{count} found before downloading weights or training:\n{lines}")
+
+
+def weights_problems(src: Source, names: list[str]) -> list[str]:
+    if any(n.endswith(".safetensors") for n in names):
+        return []
+    pickles = [n for n in names if n.endswith(PICKLE_WEIGHTS)]
+    if pickles:
+        return [f"model.name_or_path: {src.name} has only pickle weights ({', '.join(pickles[:3])}); tuneflow loads "
+                "safetensors only, since unpickling can run code: convert them, or pick a repo with .safetensors"]
+    return [f"model.name_or_path: {src.name} has no weights (no .safetensors files)"]
+
+
+def model_folder_problems(folder: Path, cfg: TuneflowConfig) -> list[str]:
+    """Checks on the model's small files: supported architecture, custom code, chat template."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    name, problems = cfg.model.name_or_path, []
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return [f"model.name_or_path: {name} has no config.json; it is not a transformers model"]
+    try:
+        config = json.loads(config_file.read_text())
+        tokenizer_config = folder / "tokenizer_config.json"
+        tok = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"model.name_or_path: {name} has a config file that is not valid JSON ({exc})"]
+    custom = config.get("auto_map") or tok.get("auto_map")
+    if custom and not cfg.model.trust_remote_code:
+        problems.append(f"model.trust_remote_code: {name} needs Python code from its repo ({sorted(custom)[0]} in "
+                        "auto_map); set model.trust_remote_code: true and pin model.revision to a commit SHA, "
+                        "or use a model that transformers supports natively")
+    elif not custom and config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        problems.append(f"model.name_or_path: {name} has model_type {config.get('model_type')!r}, which this "
+                        "transformers does not know")
+    has_template = tok.get("chat_template") or any(
+        (folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
+    if not (has_template or cfg.model.chat_template):
+        problems.append(f"model.chat_template: {name} has no chat template, and every dataset format is rendered "
+                        "as a chat; set model.chat_template to a Jinja template (or use an instruct model)")
+    return problems
+
+
+def dataset_problems(path: Path, cfg: TuneflowConfig) -> list[str]:
+    """Every row parsed and validated for dataset.format, and the eval split checked against the row count."""
+    from tuneflow.data.formats import DatasetError, load_dataset_rows, split_indices
+
+    try:
+        rows, _ = load_dataset_rows(path, cfg)
+        split_indices(len(rows), cfg.dataset.eval_size, cfg.train.seed)
+    except DatasetError as exc:
+        return [str(exc)]
+    return []
+
+
+def memory_problems(model_dir: Path, cfg: TuneflowConfig) -> list[str]:
+    """The memory plan against train.gpu_memory (or the local GPU): a config that cannot fit is refused here,
+    before any weights are downloaded or a GPU is booked."""
+    from tuneflow.core.config import parse_size
+    from tuneflow.memory.auto import plan_problems
+    from tuneflow.memory.estimate import visible_gpu_memory
+
+    gpu = parse_size(cfg.train.gpu_memory) if cfg.train.gpu_memory else visible_gpu_memory()
+    config_file = model_dir / "config.json"
+    if gpu is None or not config_file.is_file():
+        return []
+    return plan_problems(cfg, json.loads(config_file.read_text()), gpu)
+
+
+def hardware_problems(cfg: TuneflowConfig) -> list[str]:
+    import torch
+
+    if cfg.train.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return [f"train.precision: bf16 is not supported by {torch.cuda.get_device_name()}; use fp16"]
+    return []
+
+
+@dataclass
+class Checked:
+    model: Source
+    model_dir: Path  # the small files (a Hub snapshot without weights yet), or the local folder
+    dataset: Source
+    dataset_dir: Path
+
+
+def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
+    """Run every check; raise PreflightError listing all problems found."""
+    problems: list[str] = hardware_problems(cfg)
+    model = model_dir = dataset = dataset_dir = None
+    try:
+        token = hub_token(cfg)
+    except Problem as exc:
+        raise PreflightError(problems + [str(exc)]) from None
+    try:
+        model = locate(cfg.model.name_or_path, cfg.model.revision, "model", logger, token)
+        if model.sha:
+            problems += weights_problems(model, model.files)
+        small = [p for p in model_patterns(cfg) if p not in WEIGHTS]
+        model_dir = snapshot(model, small, logger)
+        if model.local is not None:
+            problems += weights_problems(model, [p.name for p in model_dir.iterdir()])
+        problems += model_folder_problems(model_dir, cfg)
+        problems += memory_problems(model_dir, cfg)
+    except Problem as exc:
+        problems.append(str(exc))
+    try:
+        dataset = locate(cfg.dataset.name_or_path, cfg.dataset.revision, "dataset", logger, token)
+        dataset_dir = snapshot(dataset, DATASET_PATTERNS, logger)
+        problems += dataset_problems(dataset_dir, cfg)
+    except Problem as exc:
+        problems.append(str(exc))
+    if problems:
+        raise PreflightError(problems)
+    return Checked(model, model_dir, dataset, dataset_dir)

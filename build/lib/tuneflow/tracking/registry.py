@@ -1,0 +1,248 @@
+"""Retraining against the MLflow Model Registry: skip what was already trained, score challenger against champion on
+one frozen evaluation set, and move the aliases.
+
+A registered version carries the fingerprint of what it was trained from: the base model's commit, the dataset's
+commit (or a local path's content digest) and the config hash (`tuneflow.core.config.config_hash`). A retrain whose
+fingerprint a version already carries is skipped. Otherwise the pipeline runs, and its export is scored, with the
+current champion and the base model, on the frozen evaluation set: rows drawn once from the held-out split of the
+first retrain of the name, stored as an MLflow artifact (by digest) and named by the registered model's
+`tuneflow.eval_set` tag, so that every later decision compares on the same rows. Aliases only (`champion`,
+`challenger`, `previous-champion`), never the deprecated stages; they move only once everything is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
+from tuneflow.core.results import ArtifactRef, SourceRef
+from tuneflow.tracking.runs import tracking_uri
+from tuneflow.core.errors import TuneflowError
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+EVAL_SET_TAG = "tuneflow.eval_set"
+EVAL_SET = "frozen-eval-set"  # artifact folder; its file:
+EVAL_ROWS = "rows.jsonl"
+
+
+class RegistryProblem(TuneflowError):
+    """A retrain that cannot go ahead, worded for the user with what to change."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    model: SourceRef
+    dataset: SourceRef
+    config_hash: str
+
+    def tags(self) -> dict[str, str]:
+        return {"tuneflow.model_sha": self.model.revision, "tuneflow.dataset_sha": self.dataset.revision,
+                "tuneflow.config_hash": self.config_hash}
+
+
+@dataclass
+class Decision:
+    decision: str  # promoted | kept | skipped
+    model_name: str
+    version: int | None
+    champion: int | None  # the champion's version after the decision
+    metric: str
+    scores: dict[str, float] = field(default_factory=dict)  # challenger, champion, base on the frozen set
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        rows = "\n".join(f"| {who} | {value:.4f} |" for who, value in self.scores.items())
+        table = f"\n\n| model | {self.metric} |\n|---|---|\n{rows}" if rows else ""
+        return (f"# {self.model_name}: {self.decision}\n\n{self.reason}\n\n"
+                f"- version: {self.version}\n- champion: {self.champion}{table}\n")
+
+
+def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> tuple[SourceRef, SourceRef]:
+    """The base model and the dataset at their current commits (local paths: content digests); nothing large is
+    downloaded."""
+    from tuneflow.sources.hub import Problem, hub_token, local_revision, locate
+
+    token, refs = hub_token(cfg), []
+    for key, section in (("model", cfg.model), ("dataset", cfg.dataset)):
+        src = locate(section.name_or_path, section.revision, key, logger, token)
+        if src.local is not None:
+            refs.append(SourceRef(kind=key, name=src.name, revision=local_revision(src.local), local_path=str(src.local)))
+        elif src.sha:
+            refs.append(SourceRef(kind=key, name=src.name, revision=src.sha))
+        else:
+            raise Problem(f"{key} {src.name}: HF_HUB_OFFLINE is set, so its current commit cannot be known; a retrain "
+                          "needs the Hub to tell whether anything changed")
+    return refs[0], refs[1]
+
+
+class Registry:
+    """The registered model a retrain works on, in the MLflow Model Registry of the configured tracking store."""
+
+    def __init__(self, cfg: TuneflowConfig):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        if not cfg.registry.model_name:
+            raise RegistryProblem("registry.model_name: a retrain registers its model under a name; set "
+                                  "registry.model_name (e.g. --set registry.model_name=my-assistant)")
+        if not cfg.export.enabled:
+            raise RegistryProblem("export.enabled: a retrain registers the exported model; set export.enabled: true")
+        self.cfg, self.name = cfg, cfg.registry.model_name
+        self.uri = tracking_uri(cfg.tracking.uri)
+        try:
+            self.client = MlflowClient(self.uri, registry_uri=self.uri)
+            self.client.search_registered_models(max_results=1)
+        except MlflowException as exc:
+            raise RegistryProblem(
+                f"tracking.uri: the MLflow store at {self.uri} cannot serve a model registry "
+                f"({str(exc).splitlines()[0][:200]}); use a database-backed store (sqlite:///mlflow.db) or an "
+                "`mlflow server` whose --backend-store-uri is a database") from None
+
+    def exists(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            return False
+        return True
+
+    def versions(self) -> list:
+        return sorted(self.client.search_model_versions(f"name = '{self.name}'"), key=lambda v: int(v.version))
+
+    def alias(self, alias: str):
+        """The version an alias points to, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def trained_from(self, fp: Fingerprint):
+        """The newest version trained from exactly this model, dataset and config, or None."""
+        wanted = fp.tags()
+        same = [v for v in self.versions() if all(v.tags.get(k) == value for k, value in wanted.items())]
+        return same[-1] if same else None
+
+    def skipped(self, version, fp: Fingerprint) -> Decision:
+        champion = self.alias(CHAMPION)
+        return Decision(
+            "skipped", self.name, int(version.version), int(champion.version) if champion else None,
+            self.cfg.registry.metric,
+            reason=f"version {version.version} of {self.name} was trained from model {fp.model.name}@"
+                   f"{fp.model.revision[:12]}, dataset {fp.dataset.name}@{fp.dataset.revision[:12]} and config "
+                   f"{fp.config_hash}: nothing changed, nothing to train")
+
+    # The frozen evaluation set --------------------------------------------------------------------------------
+
+    def eval_set_ref(self) -> ArtifactRef | None:
+        if not self.exists():
+            return None
+        tag = self.client.get_registered_model(self.name).tags.get(EVAL_SET_TAG)
+        return ArtifactRef.model_validate_json(tag) if tag else None
+
+    def frozen_rows(self) -> list[dict] | None:
+        """The frozen evaluation set's rows, or None when the name has none yet; a set that can no longer be read
+        is an error (before anything trains), never silently replaced."""
+        from tuneflow.tracking.artifacts import materialize
+
+        ref = self.eval_set_ref()
+        if ref is None:
+            return None
+        try:
+            folder = materialize(ref, self.uri)
+            return [json.loads(line) for line in (folder / EVAL_ROWS).read_text(encoding="utf-8").splitlines()]
+        except Exception as exc:
+            raise RegistryProblem(
+                f"registry.model_name {self.name}: its frozen evaluation set ({ref.uri}, tag {EVAL_SET_TAG}) can no "
+                f"longer be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); retrain "
+                "with --refreeze-eval-set (flow parameter refreeze_eval_set) to draw a new one from this run's "
+                "held-out split") from None
+
+    def freeze(self, run_id: str, rows: list[dict]) -> ArtifactRef:
+        """Store ``rows`` as the frozen evaluation set (an artifact of ``run_id``)."""
+        from tuneflow.tracking.artifacts import publish
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / EVAL_SET
+            folder.mkdir()
+            with open(folder / EVAL_ROWS, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            return publish(self.client, run_id, folder, EVAL_SET)
+
+    # Registration and aliases ---------------------------------------------------------------------------------
+
+    def register(self, model_id: str, run_id: str, tags: dict[str, str], eval_set: ArtifactRef) -> int:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                self.name, description="Fine-tuned with tuneflow; `tuneflow retrain` registers every new export and "
+                "moves the champion alias.")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        self.client.set_registered_model_tag(self.name, EVAL_SET_TAG, eval_set.model_dump_json())
+        version = self.client.create_model_version(self.name, f"models:/{model_id}", run_id=run_id, tags=tags,
+                                                   model_id=model_id)
+        return int(version.version)
+
+
+def draw_eval_set(records: list[dict], n: int) -> list[dict]:
+    """The first ``n`` held-out rows evaluate scored (its predictions, in the run's seeded order), as plain chat:
+    prompt messages and reference answer, so any model's own tokenizer and template can score them."""
+    return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records[:n]]
+
+
+def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig) -> dict[str, float]:
+    """Every held-out metric of the model in ``model_dir`` on ``rows``, with the generation settings of cfg.eval."""
+    import gc
+
+    from tuneflow.data.prepare import encode_rows
+    from tuneflow.modeling.metrics import measure
+    from tuneflow.modeling.load import DTYPES, device, load_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, cfg)
+    model = load_pretrained(model_dir, cfg, DTYPES[cfg.export.dtype], {"": device()})
+    conversations = [r["prompt"] + [{"role": "assistant", "content": r["reference"]}] for r in rows]
+    encoded = encode_rows(tokenizer, conversations, cfg.prep.cutoff_len, num_proc=1)
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(encoded["input_ids"], encoded["labels"])]
+    metrics, _ = measure(model, tokenizer, examples, [r["prompt"] for r in rows], [r["reference"] for r in rows], cfg)
+    del model
+    gc.collect()
+    return {k: v for k, v in metrics.items() if k in METRIC_DIRECTIONS}
+
+
+def decide(cfg: TuneflowConfig, challenger: float, champion: float | None, base: float) -> tuple[bool, str]:
+    """(promote?, why) from the scores of registry.metric on the frozen set."""
+    r = cfg.registry
+    better = "greater" if r.maximize else "lower"
+
+    def gain(a: float, b: float) -> float:
+        return a - b if r.maximize else b - a
+
+    if gain(challenger, base) < 0:
+        return False, (f"the challenger's {r.metric} {challenger:.4f} is worse than the base model's {base:.4f} "
+                       f"({better} is better)")
+    if champion is None:
+        return True, (f"first version with a score: no champion to beat, and its {r.metric} {challenger:.4f} is not "
+                      f"worse than the base model's {base:.4f}")
+    g = gain(challenger, champion)
+    if g > 0 and g >= r.min_delta:
+        return True, (f"the challenger's {r.metric} {challenger:.4f} beats the champion's {champion:.4f} by "
+                      f"{g:.4f} (registry.min_delta {r.min_delta}; {better} is better)")
+    return False, (f"the challenger's {r.metric} {challenger:.4f} does not beat the champion's {champion:.4f} by "
+                   f"registry.min_delta {r.min_delta} ({better} is better)")
+
+
+def fingerprint(cfg: TuneflowConfig, logger: logging.Logger) -> Fingerprint:
+    model, dataset = pinned_sources(cfg, logger)
+    return Fingerprint(model, dataset, config_hash(cfg))

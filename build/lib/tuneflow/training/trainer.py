@@ -1,0 +1,48 @@
+"""The HF Trainer with tuneflow's two additions: token-budget micro-batches and the chunked loss.
+
+- ``token_batches`` (a ``TokenBudgetBatches``, train.tokens_per_batch): the training DataLoader takes its
+  micro-batches from it instead of ``per_device_batch_size`` rows; ``accelerator.prepare`` deals them out to the
+  ranks round-robin, as it does any batch sampler.
+- ``loss_chunk_tokens`` > 0 (train.loss_chunk_tokens): ``tuneflow.training.loss.chunked_causal_lm_loss`` instead of
+  the model's full-logits loss, normalised exactly as the Trainer normalises a model's own loss (by the labelled
+  tokens of the accumulated step, across ranks), so the two give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from tuneflow.training.loss import chunked_causal_lm_loss, supports_chunked_loss
+
+
+class TuneflowTrainer(Trainer):
+    def __init__(self, *args, token_batches=None, loss_chunk_tokens: int = 0, reentrant: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_batches = token_batches
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.reentrant = reentrant
+        self.chunked_loss = loss_chunk_tokens > 0 and supports_chunked_loss(self.model)
+
+    def get_train_dataloader(self):
+        if self.token_batches is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.train_dataset, batch_sampler=self.token_batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.chunked_loss or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None  # the Trainer then divides by the accumulation steps, as for the model's loss
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        loss, outputs = chunked_causal_lm_loss(model, inputs, labels, self.loss_chunk_tokens, num_items_in_batch,
+                                               head=head, use_reentrant=self.reentrant)
+        # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
