@@ -1,10 +1,10 @@
-# tuneflow: make install | make demo | make test
+# tuneflow: make install | make demo | make test | make lint
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test clean deploy bench stack stack-stop
+.PHONY: install demo test lint clean deploy bench stack stack-stop
 OLAH_VENV ?= .venv-olah
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
@@ -29,8 +29,13 @@ $(OLAH_VENV)/.installed:
 	$(OLAH_VENV)/bin/pip install --quiet "olah>=0.5.4,<0.6"
 	touch $@
 
+# Style (ruff) and the layers of docs/architecture.md (import-linter, contracts in pyproject.toml): seconds.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 # The Prefect UI form test drives Debian's chromium (Playwright's own browser download is not used).
-test: install $(OLAH_VENV)/.installed
+test: install $(OLAH_VENV)/.installed lint
 	command -v chromium >/dev/null || test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra --durations=15
 

@@ -57,7 +57,7 @@ def main() -> None:
     import torch
     from mlflow import MlflowClient
 
-    from tuneflow.core.config import load_config
+    from tuneflow.core.loading import load_config
     from tuneflow.data.prepare import build as prepare
     from tuneflow.modeling.demo import build as demo_assets
     from tuneflow.modeling.generation import generate
@@ -94,14 +94,15 @@ def main() -> None:
         print("bench.flow: timing each stage's work without Prefect or MLflow ...", flush=True)
         work = {"download": timed(preflight, cfg, logging.getLogger("bench"))}
         prepared = iter(range(2))
-        work["prepare"] = timed(lambda: prepare(cfg, assets["model"], assets["data"], root / f"prepared{next(prepared)}"))
+        work["prepare"] = timed(lambda: prepare(cfg, assets["model"], assets["data"],
+                                                root / f"prepared{next(prepared)}"))
         work["train"] = metrics["train"]["train_runtime"]
 
         def evaluate() -> None:
             from datasets import load_from_disk
 
-            from tuneflow.modeling.metrics import measure
             from tuneflow.modeling.load import load_base, load_trained
+            from tuneflow.modeling.metrics import measure
 
             split = load_from_disk(str(root / "prepared0"))["eval"]
             rows = split.select(range(min(cfg.eval.max_samples, len(split))))

@@ -7,10 +7,10 @@ core, and TRL's own preparation when `trl` is importable.
 
 Rows are Alpaca conversations, half English and half Chinese, of varied lengths (log-normal answers, a quarter
 with one to three earlier turns, some with a system prompt); the tokenizer is a byte-level BPE trained on them
-with `tokenizers`, carrying the ChatML template of tuneflow.modeling.demo. Each variant turns the validated conversations
-into an Arrow dataset of input_ids / labels / prompt / reference; the best of --repeats runs is reported (this
-machine may be shared). Writes bench/results-prep.json with the machine, library versions and settings.
-TRL is not a dependency: `pip install --target DIR trl` and put DIR on PYTHONPATH to include it.
+with `tokenizers`, carrying the ChatML template of tuneflow.modeling.demo. Each variant turns the validated
+conversations into an Arrow dataset of input_ids / labels / prompt / reference; the best of --repeats runs is reported
+(this machine may be shared). Writes bench/results-prep.json with the machine, library versions and settings. TRL is not
+a dependency: `pip install --target DIR trl` and put DIR on PYTHONPATH to include it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tests.support.reference import reference_encode
 from tuneflow.data.formats import load_conversations
 from tuneflow.data.prepare import default_num_proc, encode_rows, usable_cores
 from tuneflow.data.tokenize import prompt_and_reference
-from tuneflow.modeling.demo import CHATML_TEMPLATE, build_tokenizer
+from tuneflow.modeling.demo import build_tokenizer
 
 RESULTS = Path(__file__).with_name("results-prep.json")
 
@@ -43,7 +43,8 @@ RESULTS = Path(__file__).with_name("results-prep.json")
 # tuneflow labels: TRL's assistant_only_loss then trains on the same tokens.
 CHATML_GENERATION_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
     "{% generation %}{{ message['content'] + '<|im_end|>' + '\\n' }}{% endgeneration %}"
     "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endif %}"

@@ -118,8 +118,6 @@ def losses(root: Path, name: str) -> list[float]:
 
 
 def generation(model_dir: Path, cfg, prompts: list[list[dict]], max_new_tokens: int) -> dict:
-    import torch
-
     from tuneflow.modeling.generation import generate
     from tuneflow.modeling.load import load_pretrained, load_tokenizer
     from tuneflow.modeling.precision import compute_dtype

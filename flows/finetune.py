@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tuneflow.tracking.run_record import RunRecord
 from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
 from tasks.train import train
-from tuneflow.placement.pool import placement_problem
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.tracking.servers import check_mlflow
+from tuneflow.placement.pool import placement_problem
+from tuneflow.tracking.run_record import RunRecord
 from tuneflow.tracking.runs import tracking_uri
+from tuneflow.tracking.servers import check_mlflow
 
 
 @flow(name="tuneflow-finetune")

@@ -2,14 +2,14 @@
 export in the MLflow Model Registry, and promote it over the champion only when it wins on the frozen evaluation set.
 
     tuneflow retrain --config configs/demo.yaml --set registry.model_name=demo   # here; decision: last stdout line
-    make deploy; prefect deployment schedule resume ...          # tuneflow-retrain/scheduled on a team's server (README)
+    make deploy; prefect deployment schedule resume ...          # tuneflow-retrain/scheduled on a team's server
     tuneflow emit-dataset-updated --dataset org/data             # the event the scheduled deployment also runs on
 
 Steps: pin the model and dataset commits and hash the config; a registered version trained from exactly those ends
 the run as `skipped`, before any download or GPU time. Otherwise the pipeline (`tuneflow-finetune`, training on the
 `gpu` pool in team mode) runs as a subflow, then `decide` scores challenger, champion and base model on the frozen
-evaluation set, registers the export as a new version and moves the aliases (`tuneflow.tracking.registry`). The decision is
-the flow's return value, a Prefect markdown artifact, and tags on the model versions and MLflow runs.
+evaluation set, registers the export as a new version and moves the aliases (`tuneflow.tracking.registry`). The decision
+is the flow's return value, a Prefect markdown artifact, and tags on the model versions and MLflow runs.
 """
 
 from __future__ import annotations
@@ -40,11 +40,20 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
     from mlflow.artifacts import download_artifacts
     from prefect.runtime import flow_run
 
-    from tuneflow.tracking.artifacts import materialize_model
-    from tuneflow.sources.hub import fetch
-    from tuneflow.tracking.registry import (CHALLENGER, CHAMPION, PREVIOUS, Decision, Fingerprint, Registry, decide,
-                                   draw_eval_set, score)
     from tuneflow.core.results import PREDICTIONS, SourceRef
+    from tuneflow.sources.hub import fetch
+    from tuneflow.tracking.artifacts import materialize_model
+    from tuneflow.tracking.registry import (
+        CHALLENGER,
+        CHAMPION,
+        PREVIOUS,
+        Decision,
+        Fingerprint,
+        Registry,
+        decide,
+        draw_eval_set,
+        score,
+    )
     from tuneflow.tracking.runs import artifact_source, child_run, log_dataset, log_metrics
 
     logger = get_run_logger()
@@ -124,8 +133,8 @@ def retrain(config: TuneflowConfig, train_deployment: str | None = None, refreez
     from prefect.artifacts import create_markdown_artifact
 
     from tuneflow.tracking.registry import Registry
-    from tuneflow.tracking.servers import check_mlflow
     from tuneflow.tracking.runs import tracking_uri
+    from tuneflow.tracking.servers import check_mlflow
 
     logger = get_run_logger()
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators

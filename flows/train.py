@@ -5,8 +5,8 @@
 
 The pipeline (`tuneflow-finetune`) starts one flow run of it per training attempt and waits for it; with
 train.nnodes > 1, one flow run per node, each with its node rank and the attempt's rendezvous id: node 0 publishes
-its address through the Prefect API and the others join it (`tuneflow.training.launch.rendezvous`). The run needs nothing
-from the pipeline's machine: the model comes from the Hub (by commit), the prepared data and any checkpoint to
+its address through the Prefect API and the others join it (`tuneflow.training.launch.rendezvous`). The run needs
+nothing from the pipeline's machine: the model comes from the Hub (by commit), the prepared data and any checkpoint to
 resume from come from the stage's MLflow run, and node 0 puts the trained weights back there.
 """
 

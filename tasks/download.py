@@ -1,7 +1,7 @@
 """Stage 1, download: pre-flight checks, then the model weights, from the Hugging Face Hub or a local path.
 
-First `tuneflow.sources.preflight` fetches the repo listings, the model's small files and the dataset and checks them all;
-only then come the weights. The result pins both: Hub repo + commit SHA, or a local path + content digest, which is
+First `tuneflow.sources.preflight` fetches the repo listings, the model's small files and the dataset and checks them
+all; only then come the weights. The result pins both: Hub repo + commit SHA, or a local path + content digest, which is
 what a stage on another machine needs to find the same files (`tuneflow.sources.hub.fetch`).
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneflow.tracking.context import RunContext
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.results import DownloadResult, SourceRef
 from tuneflow.sources.hub import Problem, Source, cached_fraction, local_revision, model_patterns, snapshot
 from tuneflow.sources.preflight import preflight
-from tuneflow.core.results import DownloadResult, SourceRef
+from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.runs import log_params
+
 
 def pinned(src: Source, folder: Path) -> SourceRef:
     if src.local is not None:

@@ -14,11 +14,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneflow.tracking.context import RunContext
-from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.sources.hub import fetch
 from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, PrepareResult, TrainResult
+from tuneflow.sources.hub import fetch
+from tuneflow.tracking.artifacts import materialize, publish
+from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.runs import log_metrics
 
 
@@ -28,8 +28,8 @@ def evaluate(
 ) -> EvalResult:
     from datasets import load_from_disk
 
-    from tuneflow.modeling.metrics import measure
     from tuneflow.modeling.load import device, load_base, load_tokenizer, load_trained
+    from tuneflow.modeling.metrics import measure
 
     logger = get_run_logger()
     with ctx.stage("evaluate") as (client, run_id):

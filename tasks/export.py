@@ -16,12 +16,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneflow.tracking.context import RunContext
-from tuneflow.tracking.artifacts import materialize
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.files import staged
-from tuneflow.sources.hub import fetch
 from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, ExportResult, TrainResult
+from tuneflow.sources.hub import fetch
+from tuneflow.tracking.artifacts import materialize
+from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.runs import log_metrics, log_model
 
 
@@ -102,7 +102,8 @@ def export(
         parity = sum(same) / len(same)
         for a, r in zip(answers, records):
             if a != r["tuned"]:
-                logger.warning("export: answer differs from base + adapter\n  adapter: %r\n  export:  %r", r["tuned"], a)
+                logger.warning("export: answer differs from base + adapter\n  adapter: %r\n  export:  %r", r["tuned"],
+                               a)
         logger.info("export: %d/%d answers identical to base + adapter", sum(same), len(same))
         log_metrics(client, run_id, {"export_parity": parity, "shards": len(shards)})
         client.log_artifact(run_id, str(final / "README.md"), "model_card")

@@ -20,12 +20,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneflow.tracking.context import RunContext
-from tuneflow.tracking.artifacts import cache_root, publish, register
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.files import staged
-from tuneflow.sources.hub import fetch
 from tuneflow.core.results import ArtifactRef, DownloadResult, PrepareResult
+from tuneflow.sources.hub import fetch
+from tuneflow.tracking.artifacts import cache_root, publish, register
+from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.runs import log_metrics, log_params
 
 

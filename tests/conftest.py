@@ -1,6 +1,7 @@
 """Shared, session-scoped test infrastructure: started once, on first use, and stopped at the end.
 
-- ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json (tuneflow.modeling.demo)
+- ``tiny_assets``:   a tiny random Llama + tokenizer (with chat template) and an alpaca train.json
+(tuneflow.modeling.demo)
 - ``hub_mirror``:    a local Hugging Face Hub (olah, offline mirror mode) serving them as
                      ``tiny-org/tiny-llama`` (model) and ``tiny-org/tiny-instruct`` (dataset), plus broken
                      variants of the model (no chat template, pickle weights only, custom code)
@@ -24,7 +25,6 @@ import pytest
 
 from tests.support.servers import add_repo, olah_server, prefect_server
 from tests.support.servers import mlflow_server as start_mlflow
-
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,7 +51,7 @@ class HubMirror:
     dataset_id: str
     dataset_sha: str
     broken: dict[str, str] = field(default_factory=dict)  # what is wrong -> model repo id
-    mirror: Path | None = None  # the repos' folder: tests that need a new commit add one (tests.support.servers.add_repo)
+    mirror: Path | None = None  # the repos' folder: a test that needs a new commit adds one (servers.add_repo)
 
 
 def broken_model(model: Path, out: Path, fault: str) -> Path:

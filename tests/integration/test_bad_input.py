@@ -70,7 +70,8 @@ CONFIG_CASES = {
     "negative learning rate": ({"train.learning_rate": -1e-4},
                                "train.learning_rate: Input should be greater than 0 (got -0.0001)"),
     "cutoff_len 0": ({"prep.cutoff_len": 0}, "prep.cutoff_len: Input should be greater than or equal to 8 (got 0)"),
-    "unknown precision": ({"train.precision": "int4"}, "train.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
+    "unknown precision": ({"train.precision": "int4"},
+                          "train.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
     "qlora with zero3_offload": ({"train.deepspeed": "zero3_offload"},
                                  "train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora"),
     "node 0's address typed by hand": ({"train.nnodes": 2, "train.master_addr": "10.0.0.1"},
@@ -121,7 +122,8 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     assert hardware_problems(cfg) == ["train.precision: bf16 is not supported by Tesla T4; use fp16"]
     for fine in ("fp16", "auto"):  # auto picks fp16 there
-        assert hardware_problems(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": fine})})) == []
+        train = cfg.train.model_copy(update={"precision": fine})
+        assert hardware_problems(cfg.model_copy(update={"train": train})) == []
 
 
 def test_hub_file_names_that_escape_the_snapshot_are_refused():

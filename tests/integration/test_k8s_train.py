@@ -7,8 +7,8 @@ node as `tuneflow k8s node` with Kubeflow's PET_* variables: 2 nodes x 1 process
 fetching the model from the Hub (olah) and the data from MLflow, training into the stage's MLflow run.
 
 What is a STAND-IN, because no Kubernetes cluster can run here: the API server and Kubeflow Trainer's controller
-(tests/support/k8s_standin.py: TrainJob create/get/delete, pod list and logs, played on loopback; it checks each TrainJob
-against the vendored CRD and starts the nodes as local processes).
+(tests/support/k8s_standin.py: TrainJob create/get/delete, pod list and logs, played on loopback; it checks each
+TrainJob against the vendored CRD and starts the nodes as local processes).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def kubernetes_pool(name: str, deployment_name: str, job_variables: dict) -> Non
         client.create_work_pool(WorkPoolCreate(name=name, type="kubernetes", base_job_template=template),
                                 overwrite=True)
         flow_id = client.create_flow_from_name("tuneflow-train")
-        client.create_deployment(flow_id, deployment_name, work_pool_name=name, entrypoint="flows.train.train_on_worker",
-                                 job_variables=job_variables)
+        client.create_deployment(flow_id, deployment_name, work_pool_name=name,
+                                 entrypoint="flows.train.train_on_worker", job_variables=job_variables)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,8 @@ def test_a_killed_node_fails_its_attempt_naming_it_and_the_trainjob_is_deleted(p
     first, second = (j["metadata"]["name"] for j in k8s.submitted)
     error = mlflow.get_run(pipeline["request"]["mlflow_run_id"]).data.tags["attempt_1_error"]
     pod1 = k8s.history[first].pods[1].name
-    assert f"node 1 (pod {pod1} on stand-in): exit code 1 (Error): tuneflow k8s node 1 failed: WorkerFailed" in error, error
+    said = f"node 1 (pod {pod1} on stand-in): exit code 1 (Error): tuneflow k8s node 1 failed: WorkerFailed"
+    assert said in error, error
     assert "rank 1: exit code -9 (SIGKILL)" in error, error
     assert k8s.deleted == [first]  # the failed attempt's TrainJob is deleted, the completed one is kept
     assert all(p.proc.poll() is not None for p in k8s.history[first].pods)  # every node of it has stopped
@@ -189,7 +190,7 @@ def test_the_relaunch_trains_on_two_nodes_into_one_mlflow_run(pipeline):
 
 
 def test_cluster_problems_are_one_line_errors_that_say_what_to_do(k8s, tmp_path, monkeypatch):
-    from tuneflow.core.config import load_config
+    from tuneflow.core.loading import load_config
     from tuneflow.placement.kubernetes.trainjob import KubernetesError, TrainJobApi, manifest_for, run_trainjob
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), ["train.nnodes=2", "train.nproc_per_node=1"])

@@ -1,9 +1,9 @@
 """Multi-node training from one pipeline run, on loopback: 2 nodes x 1 process (gloo on the CPU).
 
-The team of tests/integration/test_team.py (a Prefect server, an MLflow server, `make deploy`, process workers each on its own
-"machine" that sees no other's folders), with the training deployment allowed two runs at once and two `gpu`
-workers: the train stage starts one flow run per node, node 0 publishes its address through the Prefect API and
-node 1 joins it. A node that never joins, or dies, fails the attempt naming it; a retry relaunches the whole group.
+The team of tests/integration/test_team.py (a Prefect server, an MLflow server, `make deploy`, process workers each on
+its own "machine" that sees no other's folders), with the training deployment allowed two runs at once and two `gpu`
+workers: the train stage starts one flow run per node, node 0 publishes its address through the Prefect API and node 1
+joins it. A node that never joins, or dies, fails the attempt naming it; a retry relaunches the whole group.
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ from typing import Iterator
 import pytest
 
 from tests.support.servers import training_rank_pid
-from tests.support.team import (Team, mlflow_runs, start_team, submit, summary_of, tiny_config, training_runs,
-                             wait_final, worker, worker_log)
+from tests.support.team import (
+    Team,
+    mlflow_runs,
+    start_team,
+    submit,
+    summary_of,
+    tiny_config,
+    training_runs,
+    wait_final,
+    worker,
+    worker_log,
+)
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,8 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
     context = f"\nsummary.json: {json.dumps(summary, indent=1)[:4000]}\n{output[-10000:]}"
     assert CANARY not in output, "the Hub token appeared in the output"
     # `tuneflow run` binds nothing but loopback: torchrun's rendezvous store included (seen, so the check is real)
-    assert any("tuneflow.training.launch.torchrun" in cmd for _, cmd in sockets), f"no training listener sampled: {sockets}"
+    assert any("tuneflow.training.launch.torchrun" in cmd for _,
+               cmd in sockets), f"no training listener sampled: {sockets}"
     exposed = {(ip, cmd) for ip, cmd in sockets if ip not in ("127.0.0.1", "::1")}
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert not files_containing(Path(summary["run_dir"]), CANARY), "the Hub token was written to the run folder"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tuneflow.training.launch.launcher import WorkerFailed, launch
 from tests.support.servers import training_rank_pid
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.prepare import build as prepare
 from tuneflow.modeling.demo import build
-from tuneflow.training.spec import TrainSpec
 from tuneflow.training.checkpoints import COMPLETE, last_complete_checkpoint
+from tuneflow.training.launch.launcher import WorkerFailed, launch
+from tuneflow.training.spec import TrainSpec
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 24, 4

@@ -157,7 +157,8 @@ def test_nothing_changed_is_skipped_without_training(world, prefect_api):
     assert time.monotonic() - started < 60
     assert train_runs(world) == before and len(versions(world)) == 1
     with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tuneflow-decision"])))
+        decision = ArtifactFilter(key=ArtifactFilterKey(any_=["tuneflow-decision"]))
+        [artifact] = client.read_artifacts(artifact_filter=decision)
     assert artifact.type == "markdown" and f"{NAME}: skipped" in artifact.data and "nothing changed" in artifact.data
 
 

@@ -20,8 +20,19 @@ from typing import Iterator
 import pytest
 
 from tests.support.servers import training_rank_pid
-from tests.support.team import (STAGES, Team, mlflow_runs, start_team, submit, summary_of, tiny_config, training_runs,
-                                wait_final, worker, worker_log)
+from tests.support.team import (
+    STAGES,
+    Team,
+    mlflow_runs,
+    start_team,
+    submit,
+    summary_of,
+    tiny_config,
+    training_runs,
+    wait_final,
+    worker,
+    worker_log,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +71,6 @@ def test_pipeline_on_cpu_pool_trains_on_gpu_pool(team):
     from tuneflow.core.config import TuneflowConfig
     from tuneflow.modeling.generation import generate
     from tuneflow.modeling.load import load_pretrained, load_tokenizer
-
     from tuneflow.tracking.artifacts import materialize_model
 
     logged = mlflow.search_logged_models(experiment_ids=[children["export"].info.experiment_id],
@@ -135,7 +145,8 @@ def test_training_killed_on_one_gpu_worker_resumes_on_another(team):
     assert train["attempts"] == 2 and train["global_step"] == 60
     assert train["resumed_from_step"] is not None and train["resumed_from_step"] >= 4, train
     # gpu-2 got the checkpoint from MLflow: nothing of gpu-1's folder was visible to it.
-    assert f"restored checkpoint-{train['resumed_from_step']} from MLflow run" in worker_log(team, "gpu-2", "gpu", tail=None)
+    assert f"restored checkpoint-{train['resumed_from_step']} from MLflow run" in worker_log(team, "gpu-2", "gpu",
+                                                                                             tail=None)
     assert "rank 0: exit code -9 (SIGKILL)" in children["train"].data.tags["attempt_1_error"]
 
 

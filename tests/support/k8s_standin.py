@@ -9,7 +9,8 @@ the train stage makes, and plays Kubeflow Trainer's `torch-distributed` runtime 
 - bearer-token authentication from a kubeconfig (401 on a wrong token), and switches for a cluster without the
   TrainJob CRD (404) and an identity without the RBAC (403), with the bodies a real API server sends.
 
-Each node of a TrainJob is a "pod": the TrainJob's command (`tuneflow k8s node`, from this environment's bin folder as the image's PATH has it) run as a local process
+Each node of a TrainJob is a "pod": the TrainJob's command (`tuneflow k8s node`, from this environment's bin folder as
+the image's PATH has it) run as a local process
 with only the container's environment (`value`s, `secretKeyRef`s resolved from the `secrets` given here), the PET_*
 variables the torch runtime sets (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR=127.0.0.1,
 PET_MASTER_PORT), its own folder for each volume (paths under a volume's mountPath in the environment point there),
@@ -205,9 +206,11 @@ class StandIn:
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod.name, "namespace": job.manifest["metadata"]["namespace"], "uid": str(uuid.uuid4()),
                          "creationTimestamp": pod.created, "labels": labels, "annotations": {INDEX: str(pod.rank)}},
-            "spec": {"nodeName": "stand-in", "containers": [{"name": "node", "image": job.manifest["spec"]["trainer"]["image"]}]},
+            "spec": {"nodeName": "stand-in", "containers": [{"name": "node",
+                                                             "image": job.manifest["spec"]["trainer"]["image"]}]},
             "status": {"phase": pod.phase, "containerStatuses": [{
-                "name": "node", "image": job.manifest["spec"]["trainer"]["image"], "imageID": "", "ready": pod.phase == "Running",
+                "name": "node", "image": job.manifest["spec"]["trainer"]["image"], "imageID": "",
+                "ready": pod.phase == "Running",
                 "restartCount": 0, "state": state}]},
         }
 
@@ -259,7 +262,8 @@ class StandIn:
                 if m := TRAINJOBS.match(url.path):
                     ns, name = m.groups()
                     if not standin.crd_installed:
-                        return self.reply(404, status(404, "NotFound", "the server could not find the requested resource"))
+                        return self.reply(404, status(404, "NotFound",
+                                                      "the server could not find the requested resource"))
                     if not standin.allowed:
                         verb = {"POST": "create", "DELETE": "delete"}.get(method, "get")
                         return self.reply(403, status(403, "Forbidden",
@@ -271,7 +275,8 @@ class StandIn:
                         return self.reply(*standin._create(ns, json.loads(self.rfile.read(length))))
                     job = standin.jobs.get((ns, name))
                     if job is None:
-                        return self.reply(404, status(404, "NotFound", f'trainjobs.trainer.kubeflow.org "{name}" not found'))
+                        return self.reply(404, status(404, "NotFound",
+                                                      f'trainjobs.trainer.kubeflow.org "{name}" not found'))
                     if method == "GET":
                         return self.reply(200, standin.job_json(job))
                     if method == "DELETE":

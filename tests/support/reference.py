@@ -1,5 +1,5 @@
-"""The per-row encoding tuneflow's batched prep replaced: what its output is checked against (tests/unit/test_prepare.py)
-and timed against (bench/prep.py)."""
+"""The per-row encoding tuneflow's batched prep replaced: what its output is checked against
+(tests/unit/test_prepare.py) and timed against (bench/prep.py)."""
 
 from __future__ import annotations
 

@@ -172,7 +172,8 @@ def olah_server(mirror: str | Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve(cmd: list[str], folder: Path, health_url: str, env: dict | None = None, timeout: float = 180) -> Iterator[None]:
+def serve(cmd: list[str], folder: Path, health_url: str, env: dict | None = None,
+          timeout: float = 180) -> Iterator[None]:
     """Run a server in ``folder`` (its log: folder/server.log) until it answers ``health_url``; stop it afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "server.log"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneflow.tracking.artifacts import cache_root, digest, materialize, prune, publish
 from tuneflow.core.results import ArtifactRef
+from tuneflow.tracking.artifacts import cache_root, digest, materialize, prune, publish
 
 READER = """
 import json, sys
@@ -82,9 +82,9 @@ def test_a_damaged_or_dangling_entry_is_fetched_again_through_mlflow(cache, mlfl
 
 def test_processes_sharing_one_cache_read_and_write_an_entry_at_once(cache, mlflow_server, tmp_path):
     ref = published(mlflow_server, adapter(tmp_path / "out", size=16 << 20))
-    from tuneflow.tracking.artifacts import _entry
-
     import shutil
+
+    from tuneflow.tracking.artifacts import _entry
 
     shutil.rmtree(_entry(ref.digest))  # nothing cached: every reader downloads, all at once
     env = {**os.environ, "TUNEFLOW_CACHE": str(cache)}
@@ -113,8 +113,8 @@ def test_prune_removes_what_no_run_used_lately(cache, mlflow_server, tmp_path):
     for path in (old, prepared, crashed):
         os.utime(path, (month_ago, month_ago))
 
-    done = subprocess.run([sys.executable, "-m", "tuneflow.cli.main", "cache", "prune", "--keep-days", "14", "--dry-run"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "tuneflow.cli.main", "cache", "prune", "--keep-days", "14",
+                           "--dry-run"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "would remove 3 entries" in done.stdout and old.exists(), done.stdout
 

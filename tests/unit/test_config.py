@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from tuneflow.core.config import ConfigError, TuneflowConfig, load_config, parse_size
+from tuneflow.core.config import TuneflowConfig, parse_size
+from tuneflow.core.loading import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs").glob("*.yml")])

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneflow.core.config import TuneflowConfig, load_config
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())
@@ -31,7 +32,8 @@ def test_entrypoints_are_modules_of_the_installed_package(name):
     entrypoint = DEPLOYMENTS[name]["entrypoint"]
     assert ":" not in entrypoint and not entrypoint.endswith(".py"), entrypoint
     flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
-    assert flow.name == {"on-demand": "tuneflow-finetune", "gpu": "tuneflow-train", "scheduled": "tuneflow-retrain"}[name]
+    assert flow.name == {"on-demand": "tuneflow-finetune", "gpu": "tuneflow-train",
+                         "scheduled": "tuneflow-retrain"}[name]
 
 
 @pytest.mark.parametrize("name", [n for n, d in DEPLOYMENTS.items() if "config" in d.get("parameters", {})])

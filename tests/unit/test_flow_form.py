@@ -22,7 +22,8 @@ def test_flow_parameter_form_has_dropdowns_and_descriptions():
 
 def test_prefect_modules_do_not_import_torch():
     code = (
-        "import sys, tuneflow.core.config; assert set(sys.modules) & {'prefect', 'torch', 'mlflow'} == set(), 'config'\n"
+        "import sys, tuneflow.core.config\n"
+        "assert set(sys.modules) & {'prefect', 'torch', 'mlflow'} == set(), 'config'\n"
         "import flows.finetune; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'flow'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

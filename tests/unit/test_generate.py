@@ -2,8 +2,8 @@
 
 import pytest
 
-from tuneflow.modeling.demo import build
 from tuneflow.cli.main import main
+from tuneflow.modeling.demo import build
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneflow.core.config import TuneflowConfig, parse_size
 from tuneflow.cli.main import main
+from tuneflow.core.config import TuneflowConfig, parse_size
 from tuneflow.memory.auto import largest_batch_that_fits, plan_problems
 from tuneflow.memory.estimate import plan, zero_setup
 from tuneflow.memory.shape import GiB, ModelShape, lora_param_count, nf4_bytes
@@ -101,8 +101,8 @@ def loaded_bytes(model) -> dict[str, int]:
 @pytest.mark.parametrize(("name", "precision"), [("tiny-llama", "bf16"), ("llama-512", "bf16"), ("qwen2-256", "bf16"),
                                                ("llama-512", "fp32")])
 def test_static_lines_equal_the_bytes_of_the_loaded_nf4_model(models, name, precision):
-    from peft import get_peft_model
     from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     from tuneflow.modeling.load import load_base
 
@@ -422,7 +422,7 @@ def test_a_token_budget_too_large_names_what_fits():
 
 
 def test_config_refuses_bad_batch_values():
-    from tuneflow.core.config import ConfigError, load_config
+    from tuneflow.core.loading import ConfigError, load_config
 
     base = {"dataset": {"name_or_path": "x"}}
     for train, message in (({"per_device_batch_size": 0}, "train.per_device_batch_size: must be 'auto' or at least 1"),

@@ -5,16 +5,17 @@ import json
 import pytest
 from datasets import Dataset, load_from_disk
 
-from tests.support.reference import reference_encode
-from tuneflow.modeling.demo import build as build_assets, make_rows
 from tasks.prepare import cache_key
+from tests.support.reference import reference_encode
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.results import DownloadResult, SourceRef
 from tuneflow.data import prepare
 from tuneflow.data.formats import DatasetError, load_dataset_rows, split_indices
 from tuneflow.data.prepare import build
 from tuneflow.data.tokenize import TemplateError, prompt_and_reference
+from tuneflow.modeling.demo import build as build_assets
+from tuneflow.modeling.demo import make_rows
 from tuneflow.modeling.load import load_tokenizer
-from tuneflow.core.results import DownloadResult, SourceRef
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The promotion rule of `tuneflow retrain` (tuneflow.tracking.registry.decide): beat the champion on registry.metric by more
-than zero and at least registry.min_delta, in the metric's direction, and never be worse than the base model."""
+"""The promotion rule of `tuneflow retrain` (tuneflow.tracking.registry.decide): beat the champion on registry.metric
+by more than zero and at least registry.min_delta, in the metric's direction, and never be worse than the base model."""
 
 import pytest
 
@@ -8,7 +8,8 @@ from tuneflow.tracking.registry import decide
 
 
 def cfg(**registry) -> TuneflowConfig:
-    return TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "registry": {"model_name": "m", **registry}})
+    return TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "registry": {"model_name": "m",
+                                                                                         **registry}})
 
 
 @pytest.mark.parametrize("challenger, champion, min_delta, promoted", [

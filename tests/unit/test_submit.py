@@ -1,6 +1,7 @@
 """`tuneflow submit` refuses, in one line and before anything is created, what cannot run on the team's server.
 
-The happy path (submitted through `make stack`, followed with --wait to the metrics) is in tests/integration/test_stack.py.
+The happy path (submitted through `make stack`, followed with --wait to the metrics) is in
+tests/integration/test_stack.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tuneflow.core.config import TuneflowConfig, load_config
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.loading import load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

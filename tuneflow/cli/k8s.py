@@ -7,7 +7,7 @@ import argparse
 import yaml
 
 from tuneflow.cli.common import add_config_arguments
-from tuneflow.core.config import load_config
+from tuneflow.core.loading import load_config
 from tuneflow.placement.kubernetes.manifest import render_trainjob
 
 

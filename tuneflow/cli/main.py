@@ -46,7 +46,8 @@ def cmd_validate(args) -> int:
     logger = logging.getLogger("tuneflow.sources.preflight")
     logger.setLevel(logging.INFO)
     checked = preflight(cfg, logger)
-    where = {s.key: "local" if s.local else f"commit {s.sha}" if s.sha else "cached" for s in (checked.model, checked.dataset)}
+    where = {s.key: "local" if s.local else f"commit {s.sha}" if s.sha else "cached" for s in (checked.model,
+                                                                                               checked.dataset)}
     print(f"ready to run: model {cfg.model.name_or_path} ({where['model']}), "
           f"dataset {cfg.dataset.name_or_path} ({where['dataset']})")
     return 0
@@ -259,7 +260,6 @@ def cmd_emit_dataset_updated(args) -> int:
 def cmd_generate(args) -> int:
     from tuneflow.core.config import TuneflowConfig
     from tuneflow.modeling.generation import generate, stream
-
     from tuneflow.modeling.load import device, load_pretrained, load_tokenizer, load_trained
     from tuneflow.modeling.precision import compute_dtype
 

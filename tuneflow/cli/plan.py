@@ -8,11 +8,13 @@ import json
 import sys
 
 from tuneflow.cli.common import add_config_arguments
-from tuneflow.core.config import load_config, parse_size
+from tuneflow.core.config import parse_size
+from tuneflow.core.loading import load_config
 from tuneflow.memory.auto import largest_batch_that_fits, largest_tokens_that_fit, plan_problems, resolve_auto_batches
 from tuneflow.memory.estimate import Settings, estimate, resolve_world_size, visible_gpu_memory
 from tuneflow.memory.render import render
-from tuneflow.memory.shape import ModelShape, read_model_config
+from tuneflow.memory.shape import ModelShape
+from tuneflow.sources.model_config import read_model_config
 
 
 def _size(text: str) -> int:

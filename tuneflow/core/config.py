@@ -7,13 +7,11 @@ It imports pydantic only, so the Prefect deployment form keeps its descriptions 
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from tuneflow.core.errors import TuneflowError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LrScheduler = Literal[
     "linear",
@@ -132,8 +130,8 @@ class TrainConfig(Section):
         "fits; unset = row count."
     )
     gradient_accumulation_steps: int = Field(
-        4, ge=1, description="Micro-batches per optimizer step; the loss is averaged over the labelled tokens of all of "
-        "them, so micro-batches of different sizes weigh by their tokens."
+        4, ge=1, description="Micro-batches per optimizer step; the loss is averaged over the labelled tokens of all "
+        "of them, so micro-batches of different sizes weigh by their tokens."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute precision. auto, on the machine that trains or evaluates: bf16 on a GPU that has "
@@ -162,7 +160,8 @@ class TrainConfig(Section):
     eval_steps: int = Field(0, ge=0, description="Evaluate the held-out loss every N steps during training; 0 = off.")
     logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm and tokens/s every N steps.")
     retries: int = Field(
-        1, ge=0, le=10, description="Relaunches after a failed training attempt, each resuming from the last checkpoint."
+        1, ge=0, le=10,
+        description="Relaunches after a failed training attempt, each resuming from the last checkpoint."
     )
     seed: int = Field(42, ge=0, description="Seed for every rank, the data order and the eval split.")
     nnodes: int = Field(
@@ -347,98 +346,10 @@ class TuneflowConfig(Section):
         t, ignored = self.train, []
         if t.method not in ("qlora", "lora") and t.lora != LoraConfig():
             ignored.append(f"train.lora applies to methods qlora and lora, not {t.method}: ignored")
-        if t.method != "freeze" and t.freeze_trainable_layers != TrainConfig.model_fields["freeze_trainable_layers"].default:
+        default_layers = TrainConfig.model_fields["freeze_trainable_layers"].default
+        if t.method != "freeze" and t.freeze_trainable_layers != default_layers:
             ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")
         return ignored
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading: YAML/dict + dotted overrides -> validated config, with every problem reported at once.
-
-
-class ConfigError(TuneflowError, ValueError):
-    """A config that cannot run; the message lists every problem with the key it belongs to."""
-
-
-def _known_keys(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at ``loc`` (to suggest close names for unknown keys)."""
-    model: type[BaseModel] = TuneflowConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return None
-        model = field.annotation
-    return model
-
-
-def format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(
-            p for p in e["loc"]
-            # pydantic adds union members to the location (int, literal['auto'], ...): not keys a user can set
-            if not (str(p).startswith(("literal[", "list[", "function-after")) or p in ("int", "float", "str", "bool"))
-        )
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            owner = _section_model(loc)
-            hint = ""
-            if owner is not None:
-                close = difflib.get_close_matches(str(loc[-1]), _known_keys(owner), n=1)
-                if close:
-                    hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
-            lines.append(f"{key}: unknown key{hint}")
-        elif not loc:  # cross-field checks name their own keys
-            lines += e["msg"].removeprefix("Value error, ").splitlines()
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {json.dumps(e.get('input'), default=str)[:80]})")
-    return "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``dotted.key=value`` to a nested dict; the value is parsed as YAML (1e-4, true, [a, b])."""
-    import yaml
-
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-
-
-def load_config(path: str | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TuneflowConfig:
-    """Read a YAML file (or a dict), apply overrides, validate; raise ConfigError naming every bad key."""
-    import yaml
-
-    raw: dict[str, Any] = dict(data or {})
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-        raw.update(loaded)
-    for assignment in overrides or []:
-        apply_override(raw, assignment)
-    try:
-        return TuneflowConfig.model_validate(raw)
-    except ValidationError as exc:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{where}:\n{format_errors(exc)}") from None
 
 
 def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
@@ -473,11 +384,13 @@ def config_hash(cfg: TuneflowConfig) -> str:
 
 
 def reference_markdown() -> str:
-    """docs/config.md: every key with its default and description (`python -m tuneflow.core.config > docs/config.md`)."""
+    """docs/config.md: every key with its default and description
+    (`python -m tuneflow.core.config > docs/config.md`)."""
     lines = [
         "# Config reference",
         "",
-        "Generated from `tuneflow/core/config.py` by `python -m tuneflow.core.config > docs/config.md`; a test keeps it in sync.",
+        "Generated from `tuneflow/core/config.py` by `python -m tuneflow.core.config > docs/config.md`; "
+        "a test keeps it in sync.",
         "",
         "| key | default | description |",
         "|---|---|---|",

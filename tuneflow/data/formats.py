@@ -1,7 +1,8 @@
 """Reading instruction datasets in the formats users bring, into one shape: a list of chat messages.
 
 alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
-sharegpt: {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}], "system"?, "tools"?}
+sharegpt: {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}], "system"?,
+"tools"?}
 messages: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content"}]}
 
 Every problem names the file, the row and the field.
@@ -14,6 +15,7 @@ import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
+
 from tuneflow.core.errors import TuneflowError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")

@@ -13,6 +13,7 @@ needs (each text once: up to the last answer is the full text) and one fast-toke
 from __future__ import annotations
 
 from bisect import bisect_right
+
 from tuneflow.core.errors import TuneflowError
 
 IGNORE_INDEX = -100

@@ -71,9 +71,11 @@ def resolve_auto_batches(cfg: TuneflowConfig, model_config: dict, gpu_memory: in
             ModelShape.from_config(model_config)
         except PlanError as exc:
             why_not = f"the memory plan cannot size it ({exc})"
-    fallback = {"per_device_batch_size": AUTO_FALLBACK_ROWS, "tokens_per_batch": AUTO_FALLBACK_ROWS * cfg.prep.cutoff_len}
+    fallback = {"per_device_batch_size": AUTO_FALLBACK_ROWS,
+                "tokens_per_batch": AUTO_FALLBACK_ROWS * cfg.prep.cutoff_len}
     updates, notes = {}, []
-    for key, find in (("per_device_batch_size", largest_batch_that_fits), ("tokens_per_batch", largest_tokens_that_fit)):
+    for key, find in (("per_device_batch_size", largest_batch_that_fits), ("tokens_per_batch",
+                                                                           largest_tokens_that_fit)):
         if getattr(t, key) != "auto":
             continue
         value = None if why_not else find(cfg, model_config, gpu_memory, world_size=world_size)

@@ -24,7 +24,8 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
         if s.zero.deepspeed else "AdamW, 2 moments in the parameters' dtype"
     labels = dict(LINES)
     labels["frozen_weights"] += f" ({frozen_what})"
-    labels["adapter"] += f" ({p.params['trainable'] / 1e6:,.1f}M {'LoRA ' if s.method in ('qlora', 'lora') else ''}params)"
+    lora = "LoRA " if s.method in ("qlora", "lora") else ""
+    labels["adapter"] += f" ({p.params['trainable'] / 1e6:,.1f}M {lora}params)"
     labels["optimizer"] += f" ({optim})"
     labels["logits"] += (f" of {min(s.loss_chunk, s.tokens)} tokens at a time + labelled hidden states"
                          if s.loss_chunk else " of every token, fp32")
@@ -39,7 +40,8 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
     rows = [head] + [f"  {labels[k]:<{width}}{p.per_rank[k] / GiB:9.2f} GiB" for k, _ in LINES]
     rows.append(f"  {'total':<{width}}{p.per_rank['total'] / GiB:9.2f} GiB")
     if p.gpu_memory is None:
-        rows.append("GPU memory unknown (no GPU visible, train.gpu_memory unset): pass --gpu-memory, e.g. --gpu-memory 24GiB")
+        rows.append("GPU memory unknown (no GPU visible, train.gpu_memory unset): pass --gpu-memory, "
+                    "e.g. --gpu-memory 24GiB")
     else:
         verdict = "fits" if p.fits else "does NOT fit"
         key = "tokens_per_batch" if s.tokens_per_batch is not None else "per_device_batch_size"

@@ -1,17 +1,11 @@
-"""The model's shape from its config.json alone (read from the local folder, or that one file from the Hub), and the
-bytes of its NF4 weights and LoRA matrices: what the memory plan counts.
-
-Imports pydantic (through tuneflow.core.config) only; huggingface_hub is imported inside the function that needs it.
+"""The model's shape from its config.json alone (`tuneflow.sources.model_config` reads it), and the bytes of its NF4
+weights and LoRA matrices: what the memory plan counts. Standard library only.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.errors import TuneflowError
 
 GiB = 2**30
@@ -159,35 +153,3 @@ def lora_param_count(shape: ModelShape, rank: int, targets) -> int:
     once = {"embed_tokens", "lm_head"}
     per_layer = sum(rank * (i + o) for n, (i, o) in matched.items() if n not in once)
     return shape.layers * per_layer + sum(rank * (i + o) for n, (i, o) in matched.items() if n in once)
-
-
-def read_model_config(cfg: TuneflowConfig) -> dict:
-    """The model's config.json: from the local folder, or that one file from the Hub (revision model.revision)."""
-    name = cfg.model.name_or_path
-    local = Path(name).expanduser()
-    if local.exists():
-        path = local / "config.json" if local.is_dir() else local
-        if not path.is_file():
-            raise PlanError(f"model.name_or_path: {name} has no config.json; it is not a transformers model")
-    elif name.startswith(("/", ".", "~")):
-        raise PlanError(f"model.name_or_path: no such file or folder: {name}")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        from tuneflow.sources.hub import Problem, hub_call, hub_token, locate
-
-        logger = logging.getLogger("tuneflow.plan")
-        try:
-            token = hub_token(cfg)
-            src = locate(name, cfg.model.revision, "model", logger, token)  # an unreachable Hub is named at once
-            path = Path(hub_call(lambda: hf_hub_download(name, "config.json", revision=src.sha or src.revision,
-                                                         token=token), src, logger, retry=False))
-        except Problem as exc:
-            raise PlanError(str(exc)) from None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"model.name_or_path: {name}: config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise PlanError(f"model.name_or_path: {name}: config.json is not a JSON object")
-    return config

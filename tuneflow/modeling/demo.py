@@ -15,7 +15,8 @@ from pathlib import Path
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -49,8 +50,8 @@ def make_rows(n: int, lang: str = "en", seed: int = 0) -> list[dict]:
         else:
             subject, thing = rng.sample(words, 2)
             if lang == "zh":
-                rows.append({"instruction": "为这段话写一个标题。", "input": f"今天{subject}和{thing}一起出现在城市里。",
-                             "output": f"{subject}遇见{thing}"})
+                rows.append({"instruction": "为这段话写一个标题。",
+                             "input": f"今天{subject}和{thing}一起出现在城市里。", "output": f"{subject}遇见{thing}"})
             else:
                 rows.append({"instruction": "Write a short title for this text.",
                              "input": f"Today the {subject} met the {thing} in the city.",

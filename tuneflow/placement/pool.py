@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.errors import RunFailed
 from tuneflow.core.progress import StateLog
 from tuneflow.core.results import TrainRequest, TrainResult
 from tuneflow.placement.group import POLL_SECONDS, GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
-from tuneflow.core.errors import RunFailed
 
 DEPLOYMENTS_HINT = ("README 'Run it on a team's Prefect server': make deploy, a `tuneflow worker --pool gpu` on "
                     "each GPU machine, then submit the pipeline with train_deployment=tuneflow-train/gpu; or train on "
@@ -78,7 +78,8 @@ def result_from_mlflow(request: TrainRequest) -> TrainResult:
 
 def run_trainjob_on_pool(settings: dict, request: TrainRequest, attempt: int, timeout_s: float, logger) -> TrainResult:
     """One multi-node attempt as a Kubeflow Trainer TrainJob on the Kubernetes pool described by ``settings``
-    (`tuneflow.placement.kubernetes.trainjob.pool_settings`); raise TrainingRunFailed naming the node that failed or never started."""
+    (`tuneflow.placement.kubernetes.trainjob.pool_settings`); raise TrainingRunFailed naming the node that failed or
+    never started."""
     from tuneflow.placement.kubernetes.manifest import attempt_name
     from tuneflow.placement.kubernetes.trainjob import TrainJobApi, TrainJobFailed, manifest_for, run_trainjob
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.data.formats import DATA_SUFFIXES
-from tuneflow.core.results import SourceRef
 from tuneflow.core.errors import TuneflowError
+from tuneflow.core.results import SourceRef
+from tuneflow.data.formats import DATA_SUFFIXES
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
 MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]

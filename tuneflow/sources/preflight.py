@@ -15,10 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.sources.hub import (
-    DATASET_PATTERNS, WEIGHTS, Problem, Source, hub_token, locate, model_patterns, snapshot,
-)
 from tuneflow.core.errors import TuneflowError
+from tuneflow.sources.hub import (
+    DATASET_PATTERNS,
+    WEIGHTS,
+    Problem,
+    Source,
+    hub_token,
+    locate,
+    model_patterns,
+    snapshot,
+)
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

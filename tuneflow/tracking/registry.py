@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
+from tuneflow.core.errors import TuneflowError
 from tuneflow.core.results import ArtifactRef, SourceRef
 from tuneflow.tracking.runs import tracking_uri
-from tuneflow.core.errors import TuneflowError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 EVAL_SET_TAG = "tuneflow.eval_set"
@@ -73,7 +73,8 @@ def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> tuple[SourceR
     for key, section in (("model", cfg.model), ("dataset", cfg.dataset)):
         src = locate(section.name_or_path, section.revision, key, logger, token)
         if src.local is not None:
-            refs.append(SourceRef(kind=key, name=src.name, revision=local_revision(src.local), local_path=str(src.local)))
+            refs.append(SourceRef(kind=key, name=src.name, revision=local_revision(src.local),
+                                  local_path=str(src.local)))
         elif src.sha:
             refs.append(SourceRef(kind=key, name=src.name, revision=src.sha))
         else:
@@ -207,8 +208,8 @@ def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig) -> dict[str, f
     import gc
 
     from tuneflow.data.prepare import encode_rows
-    from tuneflow.modeling.metrics import measure
     from tuneflow.modeling.load import DTYPES, device, load_pretrained, load_tokenizer
+    from tuneflow.modeling.metrics import measure
 
     tokenizer = load_tokenizer(model_dir, cfg)
     model = load_pretrained(model_dir, cfg, DTYPES[cfg.export.dtype], {"": device()})

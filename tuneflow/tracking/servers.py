@@ -19,6 +19,7 @@ import base64
 import os
 
 import httpx
+
 from tuneflow.core.errors import TuneflowError
 
 TIMEOUT = 10.0
@@ -81,7 +82,8 @@ def check_mlflow(uri: str | None = None) -> None:
         what = ("refused MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD" if headers
                 else "requires authentication")
         raise ServerRefused(f"the MLflow server at {uri} {what} (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
-                            "MLFLOW_TRACKING_PASSWORD to a user of that server (`make stack` writes them to .stack/env)")
+                            "MLFLOW_TRACKING_PASSWORD to a user of that server (`make stack` writes them to "
+                            ".stack/env)")
     if response.status_code == 403:
         raise ServerRefused(f"the MLflow server at {uri} denied user {user!r} (HTTP 403): ask its admin for "
                             "access, or set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD to another user")

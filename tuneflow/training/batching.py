@@ -72,8 +72,8 @@ class TokenBudgetBatches:
         while len(batches) % self.world:
             splittable = [k for k, b in enumerate(batches) if len(b) > 1]
             if not splittable:
-                raise ValueError(f"{len(batches)} micro-batches of one row each cannot be shared evenly by {self.world} "
-                                 "ranks; raise train.tokens_per_batch")
+                raise ValueError(f"{len(batches)} micro-batches of one row each cannot be shared evenly by "
+                                 f"{self.world} ranks; raise train.tokens_per_batch")
             k = max(splittable, key=lambda j: sum(self.lengths[i] for i in batches[j]))
             rows = batches.pop(k)
             total, half, acc = sum(self.lengths[i] for i in rows), 0, 0

@@ -12,7 +12,6 @@ from pathlib import Path
 from tuneflow.core.config import DEEPSPEED_PRESETS
 
 
-
 def deepspeed_config(preset: str) -> dict | None:
     """The DeepSpeed config dict for a preset name or a JSON path; None for 'none'."""
     if preset.endswith(".json"):

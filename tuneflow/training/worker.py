@@ -20,11 +20,16 @@ import traceback
 from pathlib import Path
 
 from tuneflow.core.files import install, staging_path
+from tuneflow.modeling.precision import resolved
 from tuneflow.training.batching import CountingCollator, TokenBudgetBatches, collator
 from tuneflow.training.checkpoints import (
-    COMPLETE, CheckpointUploader, checkpoint_step, commit_checkpoint, last_complete_checkpoint, verify_adapter,
+    COMPLETE,
+    CheckpointUploader,
+    checkpoint_step,
+    commit_checkpoint,
+    last_complete_checkpoint,
+    verify_adapter,
 )
-from tuneflow.modeling.precision import resolved
 from tuneflow.training.efficiency import flops_per_token, peak_flops, peak_memory_of_every_rank
 from tuneflow.training.spec import TrainOutcome, TrainSpec
 
@@ -40,10 +45,9 @@ def log(msg: str) -> None:
 def build_model(cfg, model_dir: str):
     """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
     from peft import LoraConfig, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from tuneflow.modeling.load import device, load_base
-
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     # ZeRO-3 places (and shards) the weights itself and refuses a device_map.
     device_map = {"": device()} if cfg.train.method == "qlora" and not is_deepspeed_zero3_enabled() else None
@@ -260,7 +264,8 @@ def train(spec: TrainSpec) -> TrainOutcome:
         callbacks=[OnLog(), OnSave()],
     )
     trainer.remove_callback(PrinterCallback)  # OnLog prints one line per step instead
-    log(f"loss: {'chunked, ' + str(t.loss_chunk_tokens) + ' labelled tokens at a time' if trainer.chunked_loss else 'full logits'}")
+    chunked = f"chunked, {t.loss_chunk_tokens} labelled tokens at a time"
+    log(f"loss: {chunked if trainer.chunked_loss else 'full logits'}")
     resume = last_complete_checkpoint(out / "checkpoints")
     resumed_from = checkpoint_step(resume) if resume else None
     if IS_RANK_ZERO:

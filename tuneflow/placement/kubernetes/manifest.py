@@ -5,13 +5,14 @@
 
 The manifest is `trainjob.yaml` beside this module; `render_trainjob` loads it and sets what depends on the run (the
 fields marked `# set:` there), a pure function of the config: train.nnodes (or `nnodes`) becomes `numNodes`,
-train.nproc_per_node the processes and `nvidia.com/gpu` of each node. Kubeflow's `torch-distributed` runtime starts one pod per node and
-gives each the rendezvous in PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (node 0's address,
-discovered by the runtime, never typed by hand). Each pod runs `tuneflow k8s node` (`tuneflow.placement.kubernetes.node`): it reads the
-training request from TUNEFLOW_TRAIN_REQUEST, takes its node's place in the rendezvous from the PET_* variables,
-and runs the training attempt (`tuneflow.training.launch.run.train_once`, which launches the training worker under
-torchrun). The request holds references only (config, pinned model, prepared-data artifact, MLflow run); the Hub
-token and the MLflow credentials come from a Kubernetes Secret by reference, never as values.
+train.nproc_per_node the processes and `nvidia.com/gpu` of each node. Kubeflow's `torch-distributed` runtime starts one
+pod per node and gives each the rendezvous in PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (node 0's
+address, discovered by the runtime, never typed by hand). Each pod runs `tuneflow k8s node`
+(`tuneflow.placement.kubernetes.node`): it reads the training request from TUNEFLOW_TRAIN_REQUEST, takes its node's
+place in the rendezvous from the PET_* variables, and runs the training attempt
+(`tuneflow.training.launch.run.train_once`, which launches the training worker under torchrun). The request holds
+references only (config, pinned model, prepared-data artifact, MLflow run); the Hub token and the MLflow credentials
+come from a Kubernetes Secret by reference, never as values.
 
 This module imports pydantic, PyYAML and the config only.
 """

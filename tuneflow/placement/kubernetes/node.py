@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuneflow.placement.kubernetes.manifest import (DEFAULT_NODE_DIR, NODE_DIR_ENV, REQUEST_ENV, RUNTIME,
-                                                    TERMINATION_LOG)
+from tuneflow.placement.kubernetes.manifest import DEFAULT_NODE_DIR, NODE_DIR_ENV, REQUEST_ENV, RUNTIME, TERMINATION_LOG
 
 
 def node_rendezvous(environ: dict[str, str]) -> dict[str, Any]:
@@ -48,8 +47,8 @@ def run_node() -> int:
         # MLflow as this pod reaches it (the pool's mlflow_tracking_uri), and the Hub token from the credentials
         # Secret (HF_TOKEN): a pod has no Prefect API to read a Secret block from.
         config = request.config.model_copy(update={"hub": request.config.hub.model_copy(update={"token_secret": None})})
-        request = request.model_copy(update={"node_rank": place.node_rank, "config": config,
-                                             "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or request.tracking_uri})
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or request.tracking_uri
+        request = request.model_copy(update={"node_rank": place.node_rank, "config": config, "tracking_uri": tracking})
         logger.info("node %d of %d, rendezvous at %s:%d", place.node_rank, place.nnodes, place.master_addr,
                     place.master_port)
         folder = Path(os.environ.get(NODE_DIR_ENV) or DEFAULT_NODE_DIR) / request.run_folder

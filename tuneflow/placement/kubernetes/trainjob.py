@@ -1,7 +1,8 @@
 """Multi-node training on a Kubernetes `gpu` pool: the train stage submits a Kubeflow Trainer `TrainJob` and follows it.
 
 When the training deployment (`tuneflow-train/gpu`) is on a Prefect work pool of type `kubernetes` and
-train.nnodes > 1, an attempt is one TrainJob (`tuneflow.placement.kubernetes.manifest.render_trainjob`) instead of one flow run per node:
+train.nnodes > 1, an attempt is one TrainJob (`tuneflow.placement.kubernetes.manifest.render_trainjob`) instead of one
+flow run per node:
 
     settings = pool_settings("tuneflow-train/gpu")        # None: not a Kubernetes pool
     run_trainjob(manifest, TrainJobApi.connect(), timeout_s, join_timeout, logger)
@@ -10,7 +11,8 @@ train.nnodes > 1, an attempt is one TrainJob (`tuneflow.placement.kubernetes.man
 job_variables): image, namespace, gpu_count, node_selector, tolerations, secret_name, mlflow_tracking_uri, env.
 `run_trainjob` creates the TrainJob with the official `kubernetes` client (in-cluster credentials in a pod, else the
 kubeconfig), and follows it by the rules of `tuneflow.placement.group`: it logs each node's pod state as it
-changes, and returns when the TrainJob's `Complete` condition is True. A `Failed` condition, or a node pod whose container ended with an error, fails the attempt naming the node
+changes, and returns when the TrainJob's `Complete` condition is True. A `Failed` condition, or a node pod whose
+container ended with an error, fails the attempt naming the node
 (its rank is the pod's `batch.kubernetes.io/job-completion-index`, which the runtime also gives it as
 PET_NODE_RANK), its exit code, reason and last error line; a node not running train.join_timeout seconds after the
 first one started fails it too. On failure, timeout, cancellation or interrupt the TrainJob is deleted, so that
@@ -28,8 +30,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tuneflow.placement.group import GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
 from tuneflow.core.errors import RunFailed, TuneflowError
+from tuneflow.placement.group import GroupStatus, GroupWatch, NodesFailed, NodesLate, NodeStatus
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # JobSet puts it on every pod; the JobSet is named as the TrainJob
@@ -78,7 +80,8 @@ def manifest_for(config, settings: dict[str, Any], name: str, request_json: str,
     manifest = render_trainjob(
         config, settings["image"], name=name, namespace=settings.get("namespace") or "tuneflow",
         request_json=request_json, gpus_per_node=settings.get("gpu_count"),
-        tracking_uri=settings.get("mlflow_tracking_uri"), secret_name=settings.get("secret_name") or "tuneflow-credentials",
+        tracking_uri=settings.get("mlflow_tracking_uri"),
+        secret_name=settings.get("secret_name") or "tuneflow-credentials",
         node_selector=settings.get("node_selector"), tolerations=settings.get("tolerations"),
         env={k: str(v) for k, v in (settings.get("env") or {}).items() if v is not None})
     manifest["metadata"]["labels"].update(labels)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from tuneflow.core.ports import free_port
 from tuneflow.core.errors import RunFailed
+from tuneflow.core.ports import free_port
 
 RDZV_BACKEND = "bound"  # torchrun's static rendezvous, its store bound to the master address (training/torchrun.py)
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from tuneflow.core.ports import free_port
 from tuneflow.core.errors import RunFailed
+from tuneflow.core.ports import free_port
 
 NODE_ADDR_ENV = "TUNEFLOW_NODE_ADDR"
 POLL_SECONDS = 1.0

@@ -18,14 +18,14 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from tuneflow.tracking.artifacts import materialize, publish
-from tuneflow.sources.hub import fetch
-from tuneflow.memory.auto import resolve_auto_batches
-from tuneflow.modeling.precision import resolved as resolve_precision
 from tuneflow.core.results import TrainRequest, TrainResult
+from tuneflow.memory.auto import resolve_auto_batches
+from tuneflow.memory.estimate import resolve_nproc
+from tuneflow.modeling.precision import resolved as resolve_precision
+from tuneflow.sources.hub import fetch
+from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.tracking.runs import log_params
 from tuneflow.training.checkpoints import restore_checkpoint
-from tuneflow.memory.estimate import resolve_nproc
 from tuneflow.training.launch.launcher import launch
 from tuneflow.training.launch.rendezvous import Rendezvous
 from tuneflow.training.spec import TrainOutcome, TrainSpec

@@ -1,0 +1,99 @@
+"""Loading a config: a YAML file (or a dict) plus dotted `--set` overrides, validated into the typed tree of
+`tuneflow.core.config`, with every problem reported at once, each naming its key (and the key meant, for a typo)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.errors import TuneflowError
+
+
+class ConfigError(TuneflowError, ValueError):
+    """A config that cannot run; the message lists every problem with the key it belongs to."""
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (to suggest close names for unknown keys)."""
+    model: type[BaseModel] = TuneflowConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(
+            p for p in e["loc"]
+            # pydantic adds union members to the location (int, literal['auto'], ...): not keys a user can set
+            if not (str(p).startswith(("literal[", "list[", "function-after")) or p in ("int", "float", "str", "bool"))
+        )
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _section_model(loc)
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(str(loc[-1]), _known_keys(owner), n=1)
+                if close:
+                    hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+            lines.append(f"{key}: unknown key{hint}")
+        elif not loc:  # cross-field checks name their own keys
+            lines += e["msg"].removeprefix("Value error, ").splitlines()
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {json.dumps(e.get('input'), default=str)[:80]})")
+    return "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to a nested dict; the value is parsed as YAML (1e-4, true, [a, b])."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> TuneflowConfig:
+    """Read a YAML file (or a dict), apply overrides, validate; raise ConfigError naming every bad key."""
+    import yaml
+
+    raw: dict[str, Any] = dict(data or {})
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        raw.update(loaded)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return TuneflowConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n{format_errors(exc)}") from None
