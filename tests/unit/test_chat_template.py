@@ -2,21 +2,9 @@
 
 import pytest
 
+from tests.support.chat import assistant, system, user
 from tuneflow.data.tokenize import IGNORE_INDEX, TemplateError, encode, prompt_and_reference
 from tuneflow.modeling.demo import CHATML_TEMPLATE, build_tokenizer
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
 
 TEXTS = [
     "You are a helpful assistant. system user assistant",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chat import assistant, system, user
 from tuneflow.data.formats import DatasetError, load_conversations, split_indices
 
 
@@ -26,16 +27,6 @@ def load_rows(tmp_path: Path, fmt: str, rows: list) -> list[list[dict]]:
     return load_conversations(write_json(tmp_path / "rows.json", rows), fmt)
 
 
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 # --- formats -> messages -----------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-PRECISIONS = ("bf16", "fp16", "fp32")
 EMULATED_BF16 = "bf16 is emulated there and runs 30-40x slower than fp32"
 
 
