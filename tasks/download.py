@@ -13,17 +13,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.core.results import DownloadResult, SourceRef
-from tuneflow.sources.hub import Problem, Source, cached_fraction, local_revision, model_patterns, snapshot
+from tuneflow.core.results import DownloadResult
+from tuneflow.sources.hub import Problem, Source, cached_fraction, model_patterns, pinned, snapshot
 from tuneflow.sources.preflight import preflight
 from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.runs import log_params
-
-
-def pinned(src: Source, folder: Path) -> SourceRef:
-    if src.local is not None:
-        return SourceRef(kind=src.key, name=src.name, revision=local_revision(folder), local_path=str(folder))
-    return SourceRef(kind=src.key, name=src.name, revision=folder.name)  # snapshots/<commit sha>
 
 
 def fetch_weights(src: Source, cfg: TuneflowConfig, logger) -> Path:

@@ -19,7 +19,7 @@ from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, Prepa
 from tuneflow.sources.hub import fetch
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.tracking.context import RunContext
-from tuneflow.tracking.runs import log_metrics
+from tuneflow.tracking.runs import log_dataset, log_metrics
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -28,6 +28,7 @@ def evaluate(
 ) -> EvalResult:
     from datasets import load_from_disk
 
+    from tuneflow.modeling.benchmarks import score
     from tuneflow.modeling.load import device, load_base, load_tokenizer, load_trained
     from tuneflow.modeling.metrics import measure
 
@@ -42,15 +43,29 @@ def evaluate(
         references = list(rows["reference"])
         tokenizer = load_tokenizer(model_dir, cfg)
         device_map = {"": device()}
+        benchmarks = prepare_benchmarks(cfg, Path(ctx.run_dir) / "evaluate" / "benchmarks", client, run_id, logger)
 
-        base, base_metrics, base_answers = None, {}, [""] * len(prompts)
+        base, base_metrics, base_answers, base_samples = None, {}, [""] * len(prompts), {}
         if cfg.eval.compare_base:
             base = load_base(model_dir, cfg, quantized=True, device_map=device_map)
             base_metrics, base_answers = measure(base, tokenizer, examples, prompts, references, cfg)
+            if benchmarks:
+                scores, base_samples = score(base, tokenizer, benchmarks.benchmarks, benchmarks.task_dir,
+                                             cfg.eval.batch_size)
+                base_metrics.update(scores)
             logger.info("evaluate: base %s", json.dumps(base_metrics))
             log_metrics(client, run_id, {f"base.{k}": v for k, v in base_metrics.items()})
         tuned = load_trained(model_dir, weights_dir, cfg, device_map=device_map, base=base)
         metrics, answers = measure(tuned, tokenizer, examples, prompts, references, cfg)
+        if benchmarks:
+            scores, samples = score(tuned, tokenizer, benchmarks.benchmarks, benchmarks.task_dir, cfg.eval.batch_size)
+            metrics.update(scores)
+            for key, logged in samples.items():  # the per-question log, base and tuned side by side
+                table = {"task": [s["task"] for s in logged], "question": [s["question"] for s in logged],
+                         "target": [s["target"] for s in logged], "tuned_acc": [s.get("acc") for s in logged]}
+                if key in base_samples:
+                    table["base_acc"] = [s.get("acc") for s in base_samples[key]]
+                client.log_table(run_id, data=table, artifact_file=f"benchmarks/{key}.json")
         logger.info("evaluate: tuned %s", json.dumps(metrics))
         log_metrics(client, run_id, metrics)
 
@@ -65,3 +80,17 @@ def evaluate(
             "base": base_answers, "tuned": answers,
         }, artifact_file="predictions.json")
         return EvalResult(metrics=metrics, base_metrics=base_metrics, predictions=predictions, mlflow_run_id=run_id)
+
+
+def prepare_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, logger):
+    """eval.benchmarks ready to score, each team set's pinned source an evaluation input of the run; None if none."""
+    if not cfg.eval.benchmarks:
+        return None
+    from tuneflow.sources.benchmarks import prepare
+    from tuneflow.tracking.run_record import dataset_source
+
+    prepared = prepare(cfg, folder, logger)
+    for key, ref in prepared.sources.items():
+        split = next(b.split for b in cfg.eval.benchmarks if b.key == key)
+        log_dataset(client, run_id, f"bench.{key}", ref.revision, dataset_source(ref, split), "evaluation")
+    return prepared

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.multiple_choice import hub_folder
 from tests.support.servers import add_repo, olah_server, prefect_server
 from tests.support.servers import mlflow_server as start_mlflow
 
@@ -52,6 +53,8 @@ class HubMirror:
     dataset_sha: str
     broken: dict[str, str] = field(default_factory=dict)  # what is wrong -> model repo id
     mirror: Path | None = None  # the repos' folder: a test that needs a new commit adds one (servers.add_repo)
+    mc_id: str = ""  # a multiple-choice set in MMLU's layout, as a dataset repo (eval.benchmarks)
+    mc_sha: str = ""
 
 
 def broken_model(model: Path, out: Path, fault: str) -> Path:
@@ -81,6 +84,7 @@ def hub_mirror(tiny_assets, tmp_path_factory) -> HubMirror:
     mirror = tmp_path_factory.mktemp("hub-mirror")
     model_sha = add_repo(mirror, "model", "tiny-org/tiny-llama", tiny_assets["model"])
     dataset_sha = add_repo(mirror, "dataset", "tiny-org/tiny-instruct", tiny_assets["data"])
+    mc_sha = add_repo(mirror, "dataset", "tiny-org/tiny-mc", hub_folder(tmp_path_factory.mktemp("tiny-mc")))
     variants = tmp_path_factory.mktemp("broken-models")
     broken = {}
     for fault in ("no-chat-template", "pickle-only", "custom-code"):
@@ -88,7 +92,7 @@ def hub_mirror(tiny_assets, tmp_path_factory) -> HubMirror:
         add_repo(mirror, "model", broken[fault], broken_model(tiny_assets["model"], variants / fault, fault))
     with olah_server(mirror) as endpoint:
         yield HubMirror(endpoint, "tiny-org/tiny-llama", model_sha, "tiny-org/tiny-instruct", dataset_sha, broken,
-                        mirror)
+                        mirror, "tiny-org/tiny-mc", mc_sha)
 
 
 @pytest.fixture(scope="session")

@@ -178,6 +178,22 @@ def test_every_dataset_and_model_problem_at_once(tmp_path, capsys, tiny_assets):
     assert f"{rows}: row 13: field 'output' is missing" in err and f"{rows}: row 14: field 'output' must be" in err
 
 
+def test_bad_benchmarks_are_refused_before_training_each_named(tmp_path, capsys, tiny_assets):
+    bad_row = tmp_path / "mc.jsonl"
+    bad_row.write_text(json.dumps({"question": "2 + 2?", "choices": ["4", "5"], "answer": "C"}) + "\n")
+    config = merge(base_config(tiny_assets["model"], tiny_assets["data"]), {"eval.benchmarks": [
+        {"task": "hellaswagg"}, {"name": "gone", "dataset": str(tmp_path / "none.jsonl")},
+        {"name": "mine", "dataset": str(bad_row)}]})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and err.startswith("tuneflow: 3 problems found"), err
+    assert ("eval.benchmarks: 'hellaswagg' is not a task or group of lm-evaluation-harness; did you mean "
+            "hellaswag") in err
+    assert f"eval.benchmarks gone: dataset: no such file or folder: {tmp_path / 'none.jsonl'}" in err
+    assert (f"eval.benchmarks mine: 1 invalid rows in the multiple-choice set {bad_row}:" in err
+            and f"{bad_row}: row 1: field 'answer' must be the index (0 to 1) or the letter (A to B) of a choice, "
+                "got 'C'" in err), err
+
+
 def test_a_config_that_cannot_fit_the_gpu_is_refused_before_any_download(tmp_path, capsys, tiny_assets):
     """train.gpu_memory names the GPUs training will get: the memory plan is checked against it in pre-flight."""
     config = merge(base_config(tiny_assets["model"], tiny_assets["data"]),

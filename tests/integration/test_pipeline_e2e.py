@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.multiple_choice import questions, write_jsonl
 from tuneflow.core.config import parse_size
 
 pytestmark = pytest.mark.slow
@@ -63,10 +64,19 @@ def e2e_config(tmp: Path, hub, tracking_uri: str, zero: str) -> dict:
             "per_device_batch_size": 8, "gradient_accumulation_steps": 1, "precision": "bf16",
             "deepspeed": deepspeed_setting(zero, tmp), "nproc_per_node": 2, "save_steps": STEPS // 2, "retries": 0,
         },
-        "eval": {"max_samples": 16, "max_new_tokens": 16, "batch_size": 16},
+        "eval": {"max_samples": 16, "max_new_tokens": 16, "batch_size": 16, "benchmarks": benchmarks(tmp, hub, zero)},
         "export": {"max_shard_size": MAX_SHARD, "dtype": "bf16", "parity_samples": 8},
         "tracking": {"uri": tracking_uri, "experiment": f"e2e-{zero}"},
     }
+
+
+def benchmarks(tmp: Path, hub, zero: str) -> list[dict]:
+    """On one of the runs: the team's multiple-choice set as a local file and as a Hub dataset repo."""
+    if zero != "zero2":
+        return []
+    local = write_jsonl(questions(8, letters=True), tmp / "mc" / "skills.jsonl")
+    return [{"name": "local-skills", "dataset": str(local), "num_fewshot": 1},
+            {"name": "hub-skills", "dataset": hub.mc_id, "split": "test", "limit": 6}]
 
 
 def listening(pid: int) -> set[tuple[str, str]]:
@@ -192,6 +202,20 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
     for name, run in children.items():
         assert run.info.status == "FINISHED", f"{name}: {run.info.status}"
         assert run.info.run_id == summary["stages"][name]["mlflow_run_id"], name
+
+    if zero == "zero2":  # eval.benchmarks: scored for base and tuned, on the evaluate run and the parent run
+        evaluate, parent = client.get_run(children["evaluate"].info.run_id), parents[0]
+        for key, n in (("local-skills", 8), ("hub-skills", 6)):
+            for name in (f"bench.{key}.acc", f"bench.{key}.acc_norm", f"bench.{key}.acc_stderr"):
+                for run in (evaluate, parent):
+                    assert 0 <= run.data.metrics[name] <= 1 and 0 <= run.data.metrics[f"base.{name}"] <= 1, name
+                assert metrics[name] == evaluate.data.metrics[name] and name in metrics["base"], name
+            table = json.loads(Path(client.download_artifacts(evaluate.info.run_id, f"benchmarks/{key}.json",
+                                                              str(tmp_path / "bench"))).read_text())
+            assert len(table["data"]) == n and {"question", "target", "base_acc", "tuned_acc"} <= set(table["columns"])
+        inputs = {d.dataset.name: d.dataset for d in evaluate.inputs.dataset_inputs}
+        assert inputs["bench.hub-skills"].digest == hub_mirror.mc_sha[:36], inputs  # pinned by commit
+        assert "bench.local-skills" in inputs, inputs
 
     for run in runs:  # the Hub token is in no param, tag or artifact
         assert CANARY not in json.dumps([run.data.params, run.data.tags]), run.info.run_name

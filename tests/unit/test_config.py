@@ -1,6 +1,7 @@
 """The config tree: presets validate, and every mistake a user can make is reported with the key it belongs to."""
 
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
 from pydantic import BaseModel
@@ -54,6 +55,9 @@ def dotted_keys(model: type[BaseModel] = TuneflowConfig, prefix: str = "") -> se
         keys.add(prefix + name)
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             keys |= dotted_keys(field.annotation, f"{prefix}{name}.")
+        item = get_args(field.annotation)[0] if get_origin(field.annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):  # eval.benchmarks: the fields of each entry
+            keys |= dotted_keys(item, f"{prefix}{name}[].")
     return keys
 
 
@@ -227,7 +231,6 @@ def test_every_scheduler_is_one_transformers_knows(scheduler):
 
 
 def test_scheduler_list_matches_the_config():
-    from typing import get_args
 
     from tuneflow.core.config import LrScheduler
 
@@ -396,3 +399,28 @@ def test_trust_remote_code_requires_a_pinned_commit():
     sha = "0123456789abcdef0123456789abcdef01234567"
     cfg = load_config(data={**base, "model": {"name_or_path": "org/m", "trust_remote_code": True, "revision": sha}})
     assert cfg.model.revision == sha
+
+
+@pytest.mark.parametrize(("benchmarks", "key", "said"), [
+    ([{"name": "x"}], "eval.benchmarks.0", "a benchmark is either a harness task (task: mmlu) or your own set"),
+    ([{"task": "mmlu", "dataset": "d.jsonl"}], "eval.benchmarks.0", "a benchmark is either a harness task"),
+    ([{"dataset": "d.jsonl"}], "eval.benchmarks.0", "benchmark with dataset d.jsonl: name it (name: my-skills)"),
+    ([{"task": "mmlu"}, {"task": "mmlu", "num_fewshot": 5}], "eval.benchmarks",
+     "two benchmarks named mmlu: their metrics would overwrite each other"),
+    ([{"name": "my skills", "dataset": "d.jsonl"}], "eval.benchmarks.0.name", "should match pattern"),
+    ([{"task": "mmlu", "num_fewshot": 26}], "eval.benchmarks.0.num_fewshot", "less than or equal to 25"),
+    ([{"task": "mmlu"}, {"task": "arc_easy", "num_fewshots": 5}], "eval.benchmarks.1.num_fewshots",
+     "unknown key (did you mean 'eval.benchmarks.1.num_fewshot'?)"),
+])
+def test_a_benchmark_is_a_harness_task_or_a_named_set(benchmarks, key, said):
+    found = problems(config_error(with_(eval={"benchmarks": benchmarks})))
+    assert said in found[key], found
+
+
+def test_benchmarks_are_no_part_of_the_config_hash():
+    """Scoring more benchmarks changes no trained model: retrain does not train again for it."""
+    from tuneflow.core.config import config_hash
+
+    plain = load_config(data=with_())
+    scored = load_config(data=with_(eval={"benchmarks": [{"task": "mmlu", "num_fewshot": 5}]}))
+    assert [b.key for b in scored.eval.benchmarks] == ["mmlu"] and config_hash(plain) == config_hash(scored)

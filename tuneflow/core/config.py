@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal, Union
+from typing import Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -228,11 +228,56 @@ class TrainConfig(Section):
         return v
 
 
+class BenchmarkConfig(Section):
+    """One benchmark scored by lm-evaluation-harness for the base and the tuned model: a harness task, or the team's
+    own multiple-choice set."""
+
+    task: Optional[str] = Field(
+        None, description="A lm-evaluation-harness task or group, e.g. mmlu, arc_easy, cmmlu, ceval-valid (its data "
+        "comes from the Hub, through HF_ENDPOINT). Or set name and dataset instead.")
+    name: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Your own multiple-choice set: its name in the metrics, bench.<name>.acc.")
+    dataset: Optional[str] = Field(
+        None, description="Its rows: a Hub dataset repo id, or a local .jsonl/.json/.parquet/.csv file or folder. "
+        "Each row: question, choices (a list of strings), answer (the 0-based index, or the letter A, B, ...).")
+    revision: str = Field("main", description="Branch, tag or commit of a Hub dataset (pinned to its commit).")
+    split: str = Field("test", description="The split of a Hub dataset or folder: its data files named after it.")
+    num_fewshot: int = Field(0, ge=0, le=25, description="Solved examples shown before each question.")
+    limit: Optional[int] = Field(None, ge=1, description="Score at most this many questions (unset: all).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "BenchmarkConfig":
+        if (self.task is None) == (self.dataset is None):
+            raise ValueError("a benchmark is either a harness task (task: mmlu) or your own set (name and dataset)")
+        if self.dataset is not None and not self.name:
+            raise ValueError(f"benchmark with dataset {self.dataset}: name it (name: my-skills), for its metrics")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Its name in the metrics: bench.<key>.acc."""
+        return self.name or self.task
+
+
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="Held-out examples used for generation metrics.")
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens generated per answer (greedy).")
-    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded).")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded); the benchmarks' batch too.")
     compare_base: bool = Field(True, description="Also score the untuned base model, for a base-vs-tuned table.")
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=list, description="Benchmarks scored with lm-evaluation-harness for base and tuned, logged as "
+        "bench.<task or name>.acc / acc_norm (and base.bench.*); e.g. [{task: mmlu, num_fewshot: 5, limit: 100}, "
+        "{name: my-skills, dataset: data/mc.jsonl}].")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _distinct(cls, v: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        keys = [b.key for b in v]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"two benchmarks named {', '.join(twice)}: their metrics would overwrite each other")
+        return v
 
 
 class ExportConfig(Section):
@@ -359,6 +404,8 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         key = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             out.update(flatten(value, key + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            out[key] = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in value])  # eval.benchmarks
         else:
             out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
@@ -403,11 +450,14 @@ def reference_markdown() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, key + ".")
                 continue
+            item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
             default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
             bounds = [f"{label} {getattr(m, attr)}" for m in field.metadata
                       for attr, label in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
             extra = f" ({', '.join(bounds)})" if bounds else ""
             lines.append(f"| `{key}` | `{default}` | {field.description}{extra} |")
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                walk(item, key + "[].")  # the fields of each entry
 
     walk(TuneflowConfig, "")
     return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,10 +25,15 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the key at ``loc`` (to suggest close names for unknown keys)."""
     model: type[BaseModel] = TuneflowConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # an entry of a list of sections (eval.benchmarks.0)
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        annotation = field.annotation if field else None
+        if get_origin(annotation) is list and get_args(annotation):
+            annotation = get_args(annotation)[0]
+        if not isinstance(annotation, type) or not issubclass(annotation, BaseModel):
             return None
-        model = field.annotation
+        model = annotation
     return model
 
 

@@ -248,6 +248,14 @@ def local_revision(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def pinned(src: Source, folder: Path) -> SourceRef:
+    """What a stage on another machine needs to find the same files: the Hub repo at the snapshot's commit, or the
+    local path at a content digest."""
+    if src.local is not None:
+        return SourceRef(kind=src.key, name=src.name, revision=local_revision(folder), local_path=str(folder))
+    return SourceRef(kind=src.key, name=src.name, revision=folder.name)  # snapshots/<commit sha>
+
+
 def fetch(ref: SourceRef, cfg: TuneflowConfig, logger: logging.Logger, weights: bool = True) -> Path:
     """The local folder of a pinned model or dataset on this machine: the Hub cache at the recorded commit
     (downloading what it lacks), or the local path, which must exist here too."""

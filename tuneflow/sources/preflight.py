@@ -147,6 +147,10 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
         problems += dataset_problems(dataset_dir, cfg)
     except Problem as exc:
         problems.append(str(exc))
+    if cfg.eval.benchmarks:
+        from tuneflow.sources.benchmarks import benchmark_problems
+
+        problems += benchmark_problems(cfg, logger)
     if problems:
         raise PreflightError(problems)
     return Checked(model, model_dir, dataset, dataset_dir)
