@@ -14,6 +14,8 @@ is the flow's return value, a Prefect markdown artifact, and tags on the model v
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -82,13 +84,14 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
                   "base": fetch(base_ref, cfg, logger)}
         if champion is not None:
             models["champion"] = materialize_model(f"models:/{registry.name}/{champion.version}", registry.uri)
+        guarded = guard_benchmarks(cfg, Path(summary["run_dir"]) / "decide" / "benchmarks", client, run_id, logger)
         all_scores = {}
         for who, folder in models.items():
-            all_scores[who] = score(folder, frozen, cfg)
+            all_scores[who] = score(folder, frozen, cfg, guarded if who != "base" else None)
             logger.info("decide: %s on the frozen set: %s", who, json.dumps(all_scores[who]))
             log_metrics(client, run_id, {f"{who}.{k}": v for k, v in all_scores[who].items()})
         scores = {who: s[metric] for who, s in all_scores.items()}
-        promote, reason = decide(cfg, scores["challenger"], scores.get("champion"), scores["base"])
+        promote, reason, guards = decide(cfg, all_scores["challenger"], all_scores.get("champion"), all_scores["base"])
 
         trained = Fingerprint(base_ref, fp.dataset.model_copy(update={"revision": lineage["dataset_revision"]}),
                               fp.config_hash)  # the commits the pipeline trained from, which the skip check matches
@@ -97,7 +100,8 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
                 **{f"tuneflow.metric.{k}": f"{v:.6g}" for k, v in summary["metrics"].items()
                    if k in METRIC_DIRECTIONS or k == "export_parity"},
                 f"tuneflow.frozen_eval.{metric}": f"{scores['challenger']:.6g}",
-                "tuneflow.decision": "promoted" if promote else "kept", "tuneflow.reason": reason}
+                "tuneflow.decision": "promoted" if promote else "kept", "tuneflow.reason": reason,
+                **{f"tuneflow.guard.{g['metric']}": guard_tag(g) for g in guards}}
         model_id = summary["model_uri"].removeprefix("models:/")
         version = registry.register(model_id, summary["stages"]["export"]["mlflow_run_id"], tags, eval_set)
         client.set_registered_model_alias(registry.name, CHALLENGER, version)
@@ -112,12 +116,34 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
             client.set_registered_model_alias(registry.name, CHAMPION, version)
         now = registry.alias(CHAMPION)
         decision = Decision("promoted" if promote else "kept", registry.name, version,
-                            int(now.version) if now else None, metric, scores, reason)
+                            int(now.version) if now else None, metric, scores, reason,
+                            [{k: v for k, v in g.items() if k != "why"} for g in guards])
         for run in (run_id, mlflow_info["parent_run_id"]):
             for key, value in (("tuneflow.decision", decision.decision), ("tuneflow.reason", reason),
                                ("tuneflow.registered_version", str(version))):
                 client.set_tag(run, key, value)
         return decision
+
+
+def guard_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, logger):
+    """The benchmarks registry.guards name, ready to score for challenger and champion on the same data (a Hub set
+    at one commit, an evaluation input of the decide run); None when no guard is on a benchmark."""
+    keys = {g.metric.split(".")[1] for g in cfg.registry.guards if g.metric.startswith("bench.")}
+    if not keys:
+        return None
+    from tuneflow.sources.benchmarks import prepare
+    from tuneflow.tracking.run_record import log_benchmark_sources
+
+    only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+        "benchmarks": [b for b in cfg.eval.benchmarks if b.key in keys]})})
+    prepared = prepare(only, folder, logger)
+    log_benchmark_sources(client, run_id, prepared, only)
+    return prepared
+
+
+def guard_tag(g: dict) -> str:
+    figures = ", ".join(f"{who} {g[who]:.6g}" for who in ("challenger", "champion") if g[who] is not None)
+    return f"{'holds' if g['passed'] else 'fails'} ({figures}; {g['limit']})"
 
 
 @flow(name="tuneflow-retrain")

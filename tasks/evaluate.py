@@ -19,7 +19,7 @@ from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, Prepa
 from tuneflow.sources.hub import fetch
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.tracking.context import RunContext
-from tuneflow.tracking.runs import log_dataset, log_metrics
+from tuneflow.tracking.runs import log_metrics
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -87,10 +87,8 @@ def prepare_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, l
     if not cfg.eval.benchmarks:
         return None
     from tuneflow.sources.benchmarks import prepare
-    from tuneflow.tracking.run_record import dataset_source
+    from tuneflow.tracking.run_record import log_benchmark_sources
 
     prepared = prepare(cfg, folder, logger)
-    for key, ref in prepared.sources.items():
-        split = next(b.split for b in cfg.eval.benchmarks if b.key == key)
-        log_dataset(client, run_id, f"bench.{key}", ref.revision, dataset_source(ref, split), "evaluation")
+    log_benchmark_sources(client, run_id, prepared, cfg)
     return prepared

@@ -1,7 +1,7 @@
 """`tuneflow retrain` as a user runs it (the CLI, no Prefect server) against a real `mlflow server` with a model
 registry and the olah Hub mirror: promote the first version, skip when nothing changed, retrain after a new dataset
 commit, keep the champion when the challenger is worse, and refuse bad input before anything trains. Then the
-scheduled deployment and its event trigger on a real `prefect server start`.
+scheduled deployment and its event trigger on a real `prefect server start`; last, the guards of the promotion gate.
 
 The tests of this module run in order: each starts from the registry the previous one left.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.multiple_choice import questions, write_jsonl
 from tests.support.servers import add_repo
 
 pytestmark = pytest.mark.slow
@@ -281,3 +282,40 @@ def test_the_mlflow_ui_shows_each_run_with_its_data_and_model(world, chromium, t
         browser.close()
     assert "Traces" in text and "Sessions" not in text, "not the model-training view"  # GenAI nav lists Sessions
     assert f"{DATASET}#eval" in text and "Evaluation" in text
+
+
+def guarded_config(world, guards: list[dict], max_steps: int) -> Path:
+    """Trained longer than the champion (so it wins on eval_loss), scored on the team's own multiple-choice set."""
+    skills = write_jsonl(questions(8), world["folder"] / "skills.jsonl")
+    path = config(world, max_steps=max_steps)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["eval"]["benchmarks"] = [{"name": "skills", "dataset": str(skills)}]
+    cfg["registry"]["guards"] = guards
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_winner_that_fails_a_guard_keeps_the_champion_and_says_which(world):
+    before = aliases(world)["champion"]
+    decision = retrain(world, "--config", str(guarded_config(world, [
+        {"metric": "bench.skills.acc", "min": 0.0}, {"metric": "eval_loss", "max": 0.01}], max_steps=40)))
+    assert decision["decision"] == "kept" and aliases(world)["champion"] == before, decision
+    assert decision["scores"]["challenger"] < decision["scores"]["champion"], decision  # it won on eval_loss
+    bench, loss = decision["guards"]
+    assert bench["metric"] == "bench.skills.acc" and bench["passed"] is True and bench["limit"] == "min 0"
+    assert 0 <= bench["challenger"] <= 1 and 0 <= bench["champion"] <= 1, bench  # scored for both, same questions
+    assert loss == {"metric": "eval_loss", "challenger": decision["scores"]["challenger"],
+                    "champion": decision["scores"]["champion"], "limit": "max 0.01", "passed": False}
+    assert (f"but it fails guard eval_loss: the challenger's {loss['challenger']:.4f} is over max 0.01"
+            in decision["reason"]), decision["reason"]
+    version = client(world).get_model_version(NAME, str(decision["version"]))
+    assert version.tags["tuneflow.guard.eval_loss"].startswith("fails (challenger ")
+    assert version.tags["tuneflow.guard.bench.skills.acc"].startswith("holds (challenger ")
+
+
+def test_a_winner_that_keeps_every_guard_is_promoted(world):
+    decision = retrain(world, "--config", str(guarded_config(world, [
+        {"metric": "bench.skills.acc", "min": 0.0}, {"metric": "eval_loss", "max": 100}], max_steps=41)))
+    assert decision["decision"] == "promoted", decision
+    assert [g["passed"] for g in decision["guards"]] == [True, True] and "every guard holds" in decision["reason"]
+    assert aliases(world)["champion"] == decision["version"]

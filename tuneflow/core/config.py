@@ -314,6 +314,27 @@ METRIC_DIRECTIONS = {  # held-out metrics evaluate reports, and whether a greate
 }
 
 
+class GuardConfig(Section):
+    """A limit the challenger must keep to be promoted, besides winning on registry.metric."""
+
+    metric: str = Field(..., description="A held-out metric (eval_loss, rouge-l, ...) or a benchmark's, "
+                        "bench.<task or name>.acc or .acc_norm, scored for challenger and champion on the same data.")
+    max_drop: Optional[float] = Field(
+        None, ge=0, description="How far the challenger may fall behind the champion on it (in its worse direction).")
+    min: Optional[float] = Field(None, description="A floor the challenger must reach (a first version too).")
+    max: Optional[float] = Field(None, description="A ceiling the challenger must stay under, e.g. for eval_loss.")
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> "GuardConfig":
+        if self.max_drop is None and self.min is None and self.max is None:
+            raise ValueError(f"guard on {self.metric}: give it a limit, max_drop, min or max")
+        return self
+
+    @property
+    def maximize(self) -> bool:
+        return METRIC_DIRECTIONS.get(self.metric, True)  # benchmarks' accuracies: greater is better
+
+
 class RegistryConfig(Section):
     model_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120,
@@ -334,6 +355,10 @@ class RegistryConfig(Section):
     eval_samples: int = Field(
         64, ge=1, description="Rows of the frozen evaluation set, drawn once from the held-out rows the first retrain "
         "of the name scored (at most eval.max_samples).",
+    )
+    guards: list[GuardConfig] = Field(
+        default_factory=list, description="Limits a challenger must also keep to be promoted, e.g. [{metric: "
+        "bench.mmlu.acc, max_drop: 0.01}, {metric: rouge-l, min: 20}]: general skills it must not forget.",
     )
 
     @property
@@ -381,6 +406,12 @@ class TuneflowConfig(Section):
             )
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
+        benchmarks = {f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc", "acc_norm")}
+        for guard in self.registry.guards:
+            if guard.metric not in METRIC_DIRECTIONS and guard.metric not in benchmarks:
+                known = ", ".join([*METRIC_DIRECTIONS, *sorted(benchmarks)])
+                problems.append(f"registry.guards: {guard.metric} is no metric a retrain scores (add its benchmark to "
+                                f"eval.benchmarks); one of {known}")
         if problems:
             raise ValueError("\n".join(problems))
         return self

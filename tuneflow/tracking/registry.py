@@ -53,6 +53,7 @@ class Decision:
     metric: str
     scores: dict[str, float] = field(default_factory=dict)  # challenger, champion, base on the frozen set
     reason: str = ""
+    guards: list[dict] = field(default_factory=list)  # registry.guards: metric, challenger, champion, limit, passed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +61,16 @@ class Decision:
     def markdown(self) -> str:
         rows = "\n".join(f"| {who} | {value:.4f} |" for who, value in self.scores.items())
         table = f"\n\n| model | {self.metric} |\n|---|---|\n{rows}" if rows else ""
+        if self.guards:
+            table += "\n\n| guard | challenger | champion | limit | holds |\n|---|---|---|---|---|\n" + "\n".join(
+                f"| {g['metric']} | {_figure(g['challenger'])} | {_figure(g['champion'])} | {g['limit']} | "
+                f"{'yes' if g['passed'] else 'no'} |" for g in self.guards)
         return (f"# {self.model_name}: {self.decision}\n\n{self.reason}\n\n"
                 f"- version: {self.version}\n- champion: {self.champion}{table}\n")
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> tuple[SourceRef, SourceRef]:
@@ -203,11 +212,13 @@ def draw_eval_set(records: list[dict], n: int) -> list[dict]:
     return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records[:n]]
 
 
-def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig) -> dict[str, float]:
-    """Every held-out metric of the model in ``model_dir`` on ``rows``, with the generation settings of cfg.eval."""
+def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig, benchmarks=None) -> dict[str, float]:
+    """Every held-out metric of the model in ``model_dir`` on ``rows``, with the generation settings of cfg.eval;
+    and the scores of ``benchmarks`` (`tuneflow.sources.benchmarks.Prepared`, the guards' benchmarks) if given."""
     import gc
 
     from tuneflow.data.prepare import encode_rows
+    from tuneflow.modeling.benchmarks import score as score_benchmarks
     from tuneflow.modeling.load import DTYPES, device, load_pretrained, load_tokenizer
     from tuneflow.modeling.metrics import measure
 
@@ -217,31 +228,71 @@ def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig) -> dict[str, f
     encoded = encode_rows(tokenizer, conversations, cfg.prep.cutoff_len, num_proc=1)
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(encoded["input_ids"], encoded["labels"])]
     metrics, _ = measure(model, tokenizer, examples, [r["prompt"] for r in rows], [r["reference"] for r in rows], cfg)
+    metrics = {k: v for k, v in metrics.items() if k in METRIC_DIRECTIONS}
+    if benchmarks is not None and benchmarks.benchmarks:
+        metrics.update(score_benchmarks(model, tokenizer, benchmarks.benchmarks, benchmarks.task_dir,
+                                        cfg.eval.batch_size)[0])
     del model
     gc.collect()
-    return {k: v for k, v in metrics.items() if k in METRIC_DIRECTIONS}
+    return metrics
 
 
-def decide(cfg: TuneflowConfig, challenger: float, champion: float | None, base: float) -> tuple[bool, str]:
-    """(promote?, why) from the scores of registry.metric on the frozen set."""
+def decide(cfg: TuneflowConfig, challenger: dict[str, float], champion: dict[str, float] | None,
+           base: dict[str, float]) -> tuple[bool, str, list[dict]]:
+    """(promote?, why, the guards' results) from the scores on the frozen set: the challenger must win on
+    registry.metric and keep every limit of registry.guards."""
     r = cfg.registry
     better = "greater" if r.maximize else "lower"
+    mine, theirs, base_score = challenger[r.metric], champion[r.metric] if champion else None, base[r.metric]
 
     def gain(a: float, b: float) -> float:
         return a - b if r.maximize else b - a
 
-    if gain(challenger, base) < 0:
-        return False, (f"the challenger's {r.metric} {challenger:.4f} is worse than the base model's {base:.4f} "
-                       f"({better} is better)")
-    if champion is None:
-        return True, (f"first version with a score: no champion to beat, and its {r.metric} {challenger:.4f} is not "
-                      f"worse than the base model's {base:.4f}")
-    g = gain(challenger, champion)
-    if g > 0 and g >= r.min_delta:
-        return True, (f"the challenger's {r.metric} {challenger:.4f} beats the champion's {champion:.4f} by "
-                      f"{g:.4f} (registry.min_delta {r.min_delta}; {better} is better)")
-    return False, (f"the challenger's {r.metric} {challenger:.4f} does not beat the champion's {champion:.4f} by "
-                   f"registry.min_delta {r.min_delta} ({better} is better)")
+    guards = check_guards(cfg, challenger, champion)
+    if gain(mine, base_score) < 0:
+        return False, (f"the challenger's {r.metric} {mine:.4f} is worse than the base model's {base_score:.4f} "
+                       f"({better} is better)"), guards
+    if theirs is None:
+        promote, reason = True, (f"first version with a score: no champion to beat, and its {r.metric} {mine:.4f} is "
+                                 f"not worse than the base model's {base_score:.4f}")
+    elif gain(mine, theirs) > 0 and gain(mine, theirs) >= r.min_delta:
+        promote, reason = True, (f"the challenger's {r.metric} {mine:.4f} beats the champion's {theirs:.4f} by "
+                                 f"{gain(mine, theirs):.4f} (registry.min_delta {r.min_delta}; {better} is better)")
+    else:
+        return False, (f"the challenger's {r.metric} {mine:.4f} does not beat the champion's {theirs:.4f} by "
+                       f"registry.min_delta {r.min_delta} ({better} is better)"), guards
+    failed = [g for g in guards if not g["passed"]]
+    if failed:
+        return False, f"{reason}, but it fails " + "; ".join(g["why"] for g in failed), guards
+    return promote, reason + ("; every guard holds" if guards else ""), guards
+
+
+def check_guards(cfg: TuneflowConfig, challenger: dict[str, float], champion: dict[str, float] | None) -> list[dict]:
+    """Each guard of registry.guards: {metric, challenger, champion, limit, passed, why}."""
+    results = []
+    for g in cfg.registry.guards:
+        mine, theirs = challenger.get(g.metric), (champion or {}).get(g.metric)
+        limits, why = [], []
+        if g.max_drop is not None:
+            limits.append(f"max_drop {g.max_drop:g}")
+            if mine is not None and theirs is not None:
+                drop = theirs - mine if g.maximize else mine - theirs
+                if drop > g.max_drop + 1e-12:
+                    why.append(f"the challenger's {mine:.4f} is {drop:.4f} {'below' if g.maximize else 'above'} the "
+                               f"champion's {theirs:.4f}, more than max_drop {g.max_drop:g}")
+        if g.min is not None:
+            limits.append(f"min {g.min:g}")
+            if mine is not None and mine < g.min:
+                why.append(f"the challenger's {mine:.4f} is under min {g.min:g}")
+        if g.max is not None:
+            limits.append(f"max {g.max:g}")
+            if mine is not None and mine > g.max:
+                why.append(f"the challenger's {mine:.4f} is over max {g.max:g}")
+        if mine is None:
+            why.append("it was not scored for the challenger")
+        results.append({"metric": g.metric, "challenger": mine, "champion": theirs, "limit": ", ".join(limits),
+                        "passed": not why, "why": f"guard {g.metric}: " + "; ".join(why) if why else ""})
+    return results
 
 
 def fingerprint(cfg: TuneflowConfig, logger: logging.Logger) -> Fingerprint:

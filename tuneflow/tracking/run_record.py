@@ -75,6 +75,14 @@ def dataset_source(ref: SourceRef, split: str):
     return HuggingFaceDatasetSource(path=ref.name, revision=ref.revision, split=split)
 
 
+def log_benchmark_sources(client, run_id: str, prepared, cfg: TuneflowConfig) -> None:
+    """Each multiple-choice set of ``prepared`` (`tuneflow.sources.benchmarks.Prepared`), pinned, as an evaluation
+    input `bench.<name>` of the run."""
+    splits = {b.key: b.split for b in cfg.eval.benchmarks}
+    for key, ref in prepared.sources.items():
+        log_dataset(client, run_id, f"bench.{key}", ref.revision, dataset_source(ref, splits[key]), "evaluation")
+
+
 class RunRecord:
     def __init__(self, cfg: TuneflowConfig, run_dir: str | None, logger):
         from mlflow import MlflowClient
