@@ -419,7 +419,7 @@ def test_a_benchmark_is_a_harness_task_or_a_named_set(benchmarks, key, said):
 
 def test_benchmarks_are_no_part_of_the_config_hash():
     """Scoring more benchmarks changes no trained model: retrain does not train again for it."""
-    from tuneflow.core.config import config_hash
+    from tuneflow.core.params import config_hash
 
     plain = load_config(data=with_())
     scored = load_config(data=with_(eval={"benchmarks": [{"task": "mmlu", "num_fewshot": 5}]}))

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from tuneflow.core.config import reference_markdown
+from tuneflow.core.reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_reference_is_in_sync():
     assert (ROOT / "docs/config.md").read_text() == reference_markdown(), (
-        "docs/config.md is stale: run `.venv/bin/python -m tuneflow.core.config > docs/config.md`"
+        "docs/config.md is stale: run `.venv/bin/python -m tuneflow.core.reference > docs/config.md`"
     )
 
 

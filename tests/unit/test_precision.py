@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from tuneflow.core.config import config_hash
 from tuneflow.core.loading import load_config
+from tuneflow.core.params import config_hash
 from tuneflow.modeling.precision import Machine, resolve, resolved, this_machine
 
 AMPERE = Machine(gpu="NVIDIA A100", gpu_bf16=True)

@@ -7,9 +7,8 @@ It imports pydantic only, so the Prefect deployment form keeps its descriptions 
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Literal, Optional, Union, get_args, get_origin
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -426,73 +425,3 @@ class TuneflowConfig(Section):
         if t.method != "freeze" and t.freeze_trainable_layers != default_layers:
             ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")
         return ignored
-
-
-def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
-    """Dotted key -> string value, for MLflow params."""
-    out: dict[str, str] = {}
-    for name, value in cfg:
-        key = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            out.update(flatten(value, key + "."))
-        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-            out[key] = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in value])  # eval.benchmarks
-        else:
-            out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return out
-
-
-# What does not change the trained model: names, folders, where things are logged, how failures and checkpoints
-# are handled, where processes meet. Every other key (new ones included) is part of the config hash.
-NOT_IN_CONFIG_HASH = (
-    "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
-    "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
-    "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
-    "train.gpu_memory", "train.master_port", "train.join_timeout",
-)
-
-
-def config_hash(cfg: TuneflowConfig) -> str:
-    """sha256 over the settings that change the trained model (the revisions are pinned separately, by commit)."""
-    import hashlib
-
-    kept = {k: v for k, v in flatten(cfg).items()
-            if not any(k == x or k.startswith(x + ".") for x in NOT_IN_CONFIG_HASH)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def reference_markdown() -> str:
-    """docs/config.md: every key with its default and description
-    (`python -m tuneflow.core.config > docs/config.md`)."""
-    lines = [
-        "# Config reference",
-        "",
-        "Generated from `tuneflow/core/config.py` by `python -m tuneflow.core.config > docs/config.md`; "
-        "a test keeps it in sync.",
-        "",
-        "| key | default | description |",
-        "|---|---|---|",
-    ]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            key = prefix + name
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
-                continue
-            item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
-            default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
-            bounds = [f"{label} {getattr(m, attr)}" for m in field.metadata
-                      for attr, label in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
-            extra = f" ({', '.join(bounds)})" if bounds else ""
-            lines.append(f"| `{key}` | `{default}` | {field.description}{extra} |")
-            if isinstance(item, type) and issubclass(item, BaseModel):
-                walk(item, key + "[].")  # the fields of each entry
-
-    walk(TuneflowConfig, "")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")

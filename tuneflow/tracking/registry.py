@@ -2,7 +2,7 @@
 one frozen evaluation set, and move the aliases.
 
 A registered version carries the fingerprint of what it was trained from: the base model's commit, the dataset's
-commit (or a local path's content digest) and the config hash (`tuneflow.core.config.config_hash`). A retrain whose
+commit (or a local path's content digest) and the config hash (`tuneflow.core.params.config_hash`). A retrain whose
 fingerprint a version already carries is skipped. Otherwise the pipeline runs, and its export is scored, with the
 current champion and the base model, on the frozen evaluation set: rows drawn once from the held-out split of the
 first retrain of the name, stored as an MLflow artifact (by digest) and named by the registered model's
@@ -18,8 +18,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig, config_hash
+from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig
 from tuneflow.core.errors import TuneflowError
+from tuneflow.core.params import config_hash
 from tuneflow.core.results import ArtifactRef, SourceRef
 from tuneflow.tracking.runs import tracking_uri
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tuneflow.core.config import TuneflowConfig, config_hash, flatten
+from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.files import staged
+from tuneflow.core.params import config_hash, flatten
 from tuneflow.core.results import DownloadResult, EvalResult, ExportResult, PrepareResult, SourceRef, TrainResult
 from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.runs import experiment_id, log_dataset, log_metrics, log_params, run_url, tracking_uri

@@ -1,0 +1,43 @@
+"""A config as the runs record it: flat dotted params for MLflow, and the hash of the settings that change the
+trained model (what `tuneflow retrain` compares to know whether anything changed)."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from tuneflow.core.config import TuneflowConfig
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+    for name, value in cfg:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            out[key] = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in value])  # eval.benchmarks
+        else:
+            out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+# What does not change the trained model: names, folders, where things are logged, how failures and checkpoints
+# are handled, where processes meet. Every other key (new ones included) is part of the config hash.
+NOT_IN_CONFIG_HASH = (
+    "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
+    "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
+    "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
+    "train.gpu_memory", "train.master_port", "train.join_timeout",
+)
+
+
+def config_hash(cfg: TuneflowConfig) -> str:
+    """sha256 over the settings that change the trained model (the revisions are pinned separately, by commit)."""
+    import hashlib
+
+    kept = {k: v for k, v in flatten(cfg).items()
+            if not any(k == x or k.startswith(x + ".") for x in NOT_IN_CONFIG_HASH)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
