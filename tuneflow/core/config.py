@@ -236,7 +236,7 @@ class BenchmarkConfig(Section):
         "comes from the Hub, through HF_ENDPOINT). Or set name and dataset instead.")
     name: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
-        description="Your own multiple-choice set: its name in the metrics, bench.<name>.acc.")
+        description="Your own multiple-choice set: its name in the metrics, `bench.NAME.acc`.")
     dataset: Optional[str] = Field(
         None, description="Its rows: a Hub dataset repo id, or a local .jsonl/.json/.parquet/.csv file or folder. "
         "Each row: question, choices (a list of strings), answer (the 0-based index, or the letter A, B, ...).")
@@ -266,7 +266,7 @@ class EvalConfig(Section):
     compare_base: bool = Field(True, description="Also score the untuned base model, for a base-vs-tuned table.")
     benchmarks: list[BenchmarkConfig] = Field(
         default_factory=list, description="Benchmarks scored with lm-evaluation-harness for base and tuned, logged as "
-        "bench.<task or name>.acc / acc_norm (and base.bench.*); e.g. [{task: mmlu, num_fewshot: 5, limit: 100}, "
+        "`bench.NAME.acc` / `acc_norm` (and `base.bench.*`); e.g. [{task: mmlu, num_fewshot: 5, limit: 100}, "
         "{name: my-skills, dataset: data/mc.jsonl}].")
 
     @field_validator("benchmarks")
@@ -317,7 +317,8 @@ class GuardConfig(Section):
     """A limit the challenger must keep to be promoted, besides winning on registry.metric."""
 
     metric: str = Field(..., description="A held-out metric (eval_loss, rouge-l, ...) or a benchmark's, "
-                        "bench.<task or name>.acc or .acc_norm, scored for challenger and champion on the same data.")
+                        "`bench.NAME.acc` or `.acc_norm` (NAME: the task or set), scored for challenger and champion "
+                        "on the same data.")
     max_drop: Optional[float] = Field(
         None, ge=0, description="How far the challenger may fall behind the champion on it (in its worse direction).")
     min: Optional[float] = Field(None, description="A floor the challenger must reach (a first version too).")

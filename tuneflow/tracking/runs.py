@@ -78,9 +78,20 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, sourc
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    from tenacity import retry, retry_if_exception, stop_after_attempt, wait_fixed
 
     entity = MetaDataset(source=source, name=name, digest=digest.removeprefix("sha256:")[:36])._to_mlflow_entity()
-    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    inputs = [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    retry(retry=retry_if_exception(_created_meanwhile), stop=stop_after_attempt(4), wait=wait_fixed(0.5),
+          reraise=True)(client.log_inputs)(run_id, datasets=inputs)
+
+
+def _created_meanwhile(exc: BaseException) -> bool:
+    """Two runs logging the same dataset at once: the MLflow server's get-or-create of the dataset row races, and the
+    second insert fails on the row's unique key (SQLite or PostgreSQL); logged again, it finds the row."""
+    text = str(exc)
+    return "UNIQUE constraint failed: datasets." in text or (
+        "duplicate key value violates unique constraint" in text and "dataset" in text)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> None:
