@@ -56,6 +56,7 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
         draw_eval_set,
         score,
     )
+    from tuneflow.tracking.run_record import prepare_benchmarks
     from tuneflow.tracking.runs import artifact_source, child_run, log_dataset, log_metrics
 
     logger = get_run_logger()
@@ -84,7 +85,9 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
                   "base": fetch(base_ref, cfg, logger)}
         if champion is not None:
             models["champion"] = materialize_model(f"models:/{registry.name}/{champion.version}", registry.uri)
-        guarded = guard_benchmarks(cfg, Path(summary["run_dir"]) / "decide" / "benchmarks", client, run_id, logger)
+        guarded = prepare_benchmarks(cfg, Path(summary["run_dir"]) / "decide" / "benchmarks", client, run_id, logger,
+                                     keys={b.key for b in cfg.eval.benchmarks for g in cfg.registry.guards
+                                           if g.metric in (f"bench.{b.key}.acc", f"bench.{b.key}.acc_norm")})
         all_scores = {}
         for who, folder in models.items():
             all_scores[who] = score(folder, frozen, cfg, guarded if who != "base" else None)
@@ -123,22 +126,6 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
                                ("tuneflow.registered_version", str(version))):
                 client.set_tag(run, key, value)
         return decision
-
-
-def guard_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, logger):
-    """The benchmarks registry.guards name, ready to score for challenger and champion on the same data (a Hub set
-    at one commit, an evaluation input of the decide run); None when no guard is on a benchmark."""
-    keys = {g.metric.split(".")[1] for g in cfg.registry.guards if g.metric.startswith("bench.")}
-    if not keys:
-        return None
-    from tuneflow.sources.benchmarks import prepare
-    from tuneflow.tracking.run_record import log_benchmark_sources
-
-    only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
-        "benchmarks": [b for b in cfg.eval.benchmarks if b.key in keys]})})
-    prepared = prepare(only, folder, logger)
-    log_benchmark_sources(client, run_id, prepared, only)
-    return prepared
 
 
 def guard_tag(g: dict) -> str:

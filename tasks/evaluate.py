@@ -19,6 +19,7 @@ from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, Prepa
 from tuneflow.sources.hub import fetch
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.tracking.context import RunContext
+from tuneflow.tracking.run_record import prepare_benchmarks
 from tuneflow.tracking.runs import log_metrics
 
 
@@ -81,14 +82,3 @@ def evaluate(
         }, artifact_file="predictions.json")
         return EvalResult(metrics=metrics, base_metrics=base_metrics, predictions=predictions, mlflow_run_id=run_id)
 
-
-def prepare_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, logger):
-    """eval.benchmarks ready to score, each team set's pinned source an evaluation input of the run; None if none."""
-    if not cfg.eval.benchmarks:
-        return None
-    from tuneflow.sources.benchmarks import prepare
-    from tuneflow.tracking.run_record import log_benchmark_sources
-
-    prepared = prepare(cfg, folder, logger)
-    log_benchmark_sources(client, run_id, prepared, cfg)
-    return prepared

@@ -76,12 +76,22 @@ def dataset_source(ref: SourceRef, split: str):
     return HuggingFaceDatasetSource(path=ref.name, revision=ref.revision, split=split)
 
 
-def log_benchmark_sources(client, run_id: str, prepared, cfg: TuneflowConfig) -> None:
-    """Each multiple-choice set of ``prepared`` (`tuneflow.sources.benchmarks.Prepared`), pinned, as an evaluation
-    input `bench.<name>` of the run."""
-    splits = {b.key: b.split for b in cfg.eval.benchmarks}
+def prepare_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, logger,
+                       keys: set[str] | None = None):
+    """cfg.eval.benchmarks (only those named in ``keys``, if given) ready to score
+    (`tuneflow.sources.benchmarks.Prepared`), each team set's pinned source an evaluation input `bench.<name>` of the
+    run; None when there are none."""
+    benchmarks = [b for b in cfg.eval.benchmarks if keys is None or b.key in keys]
+    if not benchmarks:
+        return None
+    from tuneflow.sources.benchmarks import prepare
+
+    prepared = prepare(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": benchmarks})}),
+                       folder, logger)
+    splits = {b.key: b.split for b in benchmarks}
     for key, ref in prepared.sources.items():
         log_dataset(client, run_id, f"bench.{key}", ref.revision, dataset_source(ref, splits[key]), "evaluation")
+    return prepared
 
 
 class RunRecord:
