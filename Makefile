@@ -55,13 +55,14 @@ deploy: install
 	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name gpu --concurrency-limit $(GPU_CONCURRENCY) --collision-strategy ENQUEUE
 
 # CPU benchmarks, variants side by side in one run: bench/results-train.json, bench/results-prep.json,
-# bench/results-flow.json (docs/benchmarks.md reads them). About 15 minutes on 2 cores. TRL (the plain-script
-# baseline, the [bench] extra) is installed on first use; it changes no other package.
+# bench/results-flow.json, bench/results-scoring.json (docs/benchmarks.md reads them). About 15 minutes on 2
+# cores. TRL (the plain-script baseline, the [bench] extra) is installed on first use; it changes no other package.
 bench: install
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install --quiet "trl>=1.7,<2"
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.prep
 	$(BIN)/python -m bench.flow
+	$(BIN)/python -m bench.scoring
 
 # The local team stack without Docker (docs/stack.md): PostgreSQL, Prefect and MLflow servers on it with
 # authentication, the deployments and one worker per pool, under STACK_DIR. Credentials: source $(STACK_DIR)/env

@@ -43,8 +43,10 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
     from prefect.runtime import flow_run
 
     from tuneflow.core.results import PREDICTIONS, SourceRef
+    from tuneflow.modeling.load import device
     from tuneflow.sources.hub import fetch
     from tuneflow.tracking.artifacts import materialize_model
+    from tuneflow.tracking.judging import judge_and_log
     from tuneflow.tracking.registry import (
         CHALLENGER,
         CHAMPION,
@@ -88,11 +90,16 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
         guarded = prepare_benchmarks(cfg, Path(summary["run_dir"]) / "decide" / "benchmarks", client, run_id, logger,
                                      keys={b.key for b in cfg.eval.benchmarks for g in cfg.registry.guards
                                            if g.metric in (f"bench.{b.key}.acc", f"bench.{b.key}.acc_norm")})
-        all_scores = {}
+        all_scores, answers = {}, {}
         for who, folder in models.items():
-            all_scores[who] = score(folder, frozen, cfg, guarded if who != "base" else None)
+            all_scores[who], answers[who] = score(folder, frozen, cfg, guarded if who != "base" else None)
             logger.info("decide: %s on the frozen set: %s", who, json.dumps(all_scores[who]))
             log_metrics(client, run_id, {f"{who}.{k}": v for k, v in all_scores[who].items()})
+        if any(g.metric.startswith("judge.") for g in cfg.registry.guards):  # the champion, else the base, as opponent
+            judged = judge_and_log(cfg, client, run_id, logger, frozen, answers["challenger"],
+                                   answers["champion" if champion is not None else "base"], {"": device()})
+            all_scores["challenger"].update(judged)
+            log_metrics(client, run_id, {f"challenger.{k}": v for k, v in judged.items()})
         scores = {who: s[metric] for who, s in all_scores.items()}
         promote, reason, guards = decide(cfg, all_scores["challenger"], all_scores.get("champion"), all_scores["base"])
 

@@ -1,5 +1,6 @@
 """Stage 4, evaluate: held-out loss and perplexity, then greedy answers scored with BLEU-4 and ROUGE-1/2/L,
-for the base model and the tuned one, side by side.
+for the base model and the tuned one, side by side; the benchmarks of eval.benchmarks for both; and, with eval.judge,
+the tuned answers judged against the base answers in both orders (judge.win_rate, judge.elo, ...).
 
 Reads the model (Hub cache by commit), the prepared eval split and the trained weights (MLflow artifacts), and logs
 `predictions/predictions.jsonl` (prompt, reference, base and tuned answers), which export reads back to check that
@@ -8,6 +9,7 @@ the exported model answers exactly as the adapter did.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tuneflow.core.results import PREDICTIONS, DownloadResult, EvalResult, Prepa
 from tuneflow.sources.hub import fetch
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.tracking.context import RunContext
+from tuneflow.tracking.judging import judge_and_log
 from tuneflow.tracking.run_record import prepare_benchmarks
 from tuneflow.tracking.runs import log_metrics
 
@@ -67,6 +70,11 @@ def evaluate(
                 if key in base_samples:
                     table["base_acc"] = [s.get("acc") for s in base_samples[key]]
                 client.log_table(run_id, data=table, artifact_file=f"benchmarks/{key}.json")
+        if cfg.eval.judge and cfg.eval.compare_base:  # the judge loads once both models are gone
+            del tuned, base
+            gc.collect()
+            rows = [{"prompt": p, "reference": r} for p, r in zip(prompts, references)]
+            metrics.update(judge_and_log(cfg, client, run_id, logger, rows, answers, base_answers, device_map))
         logger.info("evaluate: tuned %s", json.dumps(metrics))
         log_metrics(client, run_id, metrics)
 

@@ -194,6 +194,23 @@ def test_bad_benchmarks_are_refused_before_training_each_named(tmp_path, capsys,
                 "got 'C'" in err), err
 
 
+def test_few_shot_prompts_longer_than_the_model_reads_are_refused(tmp_path, capsys, tiny_assets):
+    """The harness would cut such a prompt from the left without a word; the tiny model reads 2048 tokens."""
+    rows = [{"question": f"Question {i}: " + "the river and the stone " * 60 + "which is it?",
+             "choices": ["river", "stone"], "answer": i % 2} for i in range(12)]
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = merge(base_config(tiny_assets["model"], tiny_assets["data"]), {"eval.benchmarks": [
+        {"name": "long", "dataset": str(long), "num_fewshot": 8}]})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and err.startswith("tuneflow: 1 problem found"), err
+    said = err.split("eval.benchmarks long: its longest 8-shot prompt is ")[1]
+    assert int(said.split()[0]) > 2048 and "longer than the model's context of 2048; lower num_fewshot" in said, err
+    code, err = validate(tmp_path, merge(config, {"eval.benchmarks": [
+        {"name": "long", "dataset": str(long), "num_fewshot": 1}]}), capsys)
+    assert code == 0, err
+
+
 def test_a_config_that_cannot_fit_the_gpu_is_refused_before_any_download(tmp_path, capsys, tiny_assets):
     """train.gpu_memory names the GPUs training will get: the memory plan is checked against it in pre-flight."""
     config = merge(base_config(tiny_assets["model"], tiny_assets["data"]),

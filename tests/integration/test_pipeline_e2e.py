@@ -64,7 +64,9 @@ def e2e_config(tmp: Path, hub, tracking_uri: str, zero: str) -> dict:
             "per_device_batch_size": 8, "gradient_accumulation_steps": 1, "precision": "bf16",
             "deepspeed": deepspeed_setting(zero, tmp), "nproc_per_node": 2, "save_steps": STEPS // 2, "retries": 0,
         },
-        "eval": {"max_samples": 16, "max_new_tokens": 16, "batch_size": 16, "benchmarks": benchmarks(tmp, hub, zero)},
+        "eval": {"max_samples": 16, "max_new_tokens": 16, "batch_size": 16, "benchmarks": benchmarks(tmp, hub, zero),
+                 # the tiny model judges too, fetched from the Hub mirror by commit
+                 "judge": {"model": hub.model_id, "elo_rounds": 200} if zero == "zero2" else None},
         "export": {"max_shard_size": MAX_SHARD, "dtype": "bf16", "parity_samples": 8},
         "tracking": {"uri": tracking_uri, "experiment": f"e2e-{zero}"},
     }
@@ -216,6 +218,18 @@ def test_qlora_two_processes_end_to_end(zero, tmp_path, hub_mirror, prefect_api,
         inputs = {d.dataset.name: d.dataset for d in evaluate.inputs.dataset_inputs}
         assert inputs["bench.hub-skills"].digest == hub_mirror.mc_sha[:36], inputs  # pinned by commit
         assert "bench.local-skills" in inputs, inputs
+        # eval.judge: tuned vs base on the 16 held-out prompts, each pair in both orders
+        verdicts = json.loads(Path(client.download_artifacts(evaluate.info.run_id, "judge/verdicts.json",
+                                                            str(tmp_path / "judge"))).read_text())
+        rows = [dict(zip(verdicts["columns"], row)) for row in verdicts["data"]]
+        assert len(rows) == 16 and all(r["mine_first"] in "ABC" and r["theirs_first"] in "ABC" for r in rows), rows
+        for run in (evaluate, parent):
+            m = run.data.metrics
+            assert m["judge.consistency"] == pytest.approx(sum(r["consistent"] for r in rows) / 16)
+            assert m["judge.win_rate"] == pytest.approx(sum(r["outcome"] == "win" for r in rows) / 16)
+            assert m["judge.win_rate"] + m["judge.tie_rate"] + m["judge.loss_rate"] == pytest.approx(1)
+            assert m["judge.elo"] + m["judge.opponent_elo"] == pytest.approx(2000)
+        assert evaluate.data.tags["tuneflow.judge"] == f"{hub_mirror.model_id}@{hub_mirror.model_sha}"
 
     for run in runs:  # the Hub token is in no param, tag or artifact
         assert CANARY not in json.dumps([run.data.params, run.data.tags]), run.info.run_name

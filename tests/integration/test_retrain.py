@@ -285,11 +285,14 @@ def test_the_mlflow_ui_shows_each_run_with_its_data_and_model(world, chromium, t
 
 
 def guarded_config(world, guards: list[dict], max_steps: int) -> Path:
-    """Trained longer than the champion (so it wins on eval_loss), scored on the team's own multiple-choice set."""
+    """Trained longer than the champion (so it wins on eval_loss), scored on the team's own multiple-choice set, and
+    judged against the champion by the tiny model (from the Hub mirror) where a guard asks for it."""
     skills = write_jsonl(questions(8), world["folder"] / "skills.jsonl")
     path = config(world, max_steps=max_steps)
     cfg = yaml.safe_load(path.read_text())
     cfg["eval"]["benchmarks"] = [{"name": "skills", "dataset": str(skills)}]
+    if any(g["metric"].startswith("judge.") for g in guards):
+        cfg["eval"]["judge"] = {"model": world["hub"].model_id, "elo_rounds": 100}
     cfg["registry"]["guards"] = guards
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -315,7 +318,19 @@ def test_a_winner_that_fails_a_guard_keeps_the_champion_and_says_which(world):
 
 def test_a_winner_that_keeps_every_guard_is_promoted(world):
     decision = retrain(world, "--config", str(guarded_config(world, [
-        {"metric": "bench.skills.acc", "min": 0.0}, {"metric": "eval_loss", "max": 100}], max_steps=41)))
+        {"metric": "bench.skills.acc", "min": 0.0}, {"metric": "eval_loss", "max": 100},
+        {"metric": "judge.consistency", "min": 0.0}], max_steps=41)))
     assert decision["decision"] == "promoted", decision
-    assert [g["passed"] for g in decision["guards"]] == [True, True] and "every guard holds" in decision["reason"]
+    assert [g["passed"] for g in decision["guards"]] == [True] * 3 and "every guard holds" in decision["reason"]
     assert aliases(world)["champion"] == decision["version"]
+    judged = decision["guards"][2]  # the challenger against the champion, on the 8 frozen rows, both orders
+    assert judged["champion"] is None and 0 <= judged["challenger"] <= 1, judged
+    c = client(world)
+    decide = c.search_runs([c.get_experiment_by_name("retrain").experiment_id], "tags.mlflow.runName = 'decide'",
+                           order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert decide.data.metrics["challenger.judge.consistency"] == judged["challenger"]
+    assert decide.data.tags["tuneflow.judge"] == f"{world['hub'].model_id}@{world['hub'].model_sha}"
+    verdicts = json.loads(Path(c.download_artifacts(decide.info.run_id, "judge/verdicts.json",
+                                                    str(world["folder"] / "verdicts"))).read_text())
+    assert len(verdicts["data"]) == 8 and judged["challenger"] == pytest.approx(
+        sum(row[verdicts["columns"].index("consistent")] for row in verdicts["data"]) / 8)

@@ -223,3 +223,14 @@ def training_rank_pid(rank: int, in_cmdline: str = "", in_environ: str = "") -> 
                 and (not in_environ or in_environ.encode() in env)):
             return int(pid)
     return None
+
+
+@contextlib.contextmanager
+def openai_server(folder: Path) -> Iterator[str]:
+    """`transformers serve`, an OpenAI-compatible chat endpoint (as vLLM is) serving any local model folder named in
+    a request; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [str(VENV_BIN / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with serve(cmd, folder, f"http://127.0.0.1:{port}/health", env, timeout=120):
+        yield f"http://127.0.0.1:{port}/v1"

@@ -58,6 +58,9 @@ def dotted_keys(model: type[BaseModel] = TuneflowConfig, prefix: str = "") -> se
         item = get_args(field.annotation)[0] if get_origin(field.annotation) is list else None
         if isinstance(item, type) and issubclass(item, BaseModel):  # eval.benchmarks: the fields of each entry
             keys |= dotted_keys(item, f"{prefix}{name}[].")
+        for optional in get_args(field.annotation):  # eval.judge: a section that is off unless set
+            if isinstance(optional, type) and issubclass(optional, BaseModel) and item is None:
+                keys |= dotted_keys(optional, f"{prefix}{name}.")
     return keys
 
 

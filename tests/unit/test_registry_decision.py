@@ -74,6 +74,39 @@ def test_a_guard_on_a_metric_nothing_scores_is_a_config_error():
     from tuneflow.core.loading import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"registry.guards: bench.mmlu.acc is no metric a retrain scores \(add its "
-                                          r"benchmark to eval.benchmarks\); one of eval_loss, perplexity"):
+                                          r"benchmark to eval.benchmarks, or eval.judge\); one of eval_loss, "
+                                          r"perplexity"):
         load_config(data={"dataset": {"name_or_path": "-"},
                           "registry": {"guards": [{"metric": "bench.mmlu.acc", "max_drop": 0.01}]}})
+
+
+def test_a_judge_guard_needs_the_judge_and_a_floor_or_ceiling():
+    from tuneflow.core.loading import ConfigError, load_config
+
+    data = {"dataset": {"name_or_path": "-"}, "registry": {"guards": [{"metric": "judge.win_rate", "min": 0.5}]}}
+    with pytest.raises(ConfigError, match=r"judge.win_rate is no metric a retrain scores \(add its benchmark to "
+                                          r"eval.benchmarks, or eval.judge\)"):
+        load_config(data=data)
+    assert load_config(data={**data, "eval": {"judge": {"model": "org/judge"}}}).registry.guards[0].maximize
+    with pytest.raises(ConfigError, match="guard on judge.win_rate: the judge compares challenger and champion; use "
+                                          "min or max"):
+        load_config(data={**data, "eval": {"judge": {"model": "org/judge"}},
+                          "registry": {"guards": [{"metric": "judge.win_rate", "max_drop": 0.1}]}})
+    with pytest.raises(ConfigError, match=r"eval.judge judges tuned vs base answers \(set eval.compare_base true\) "
+                                          r"or, in retrain, challenger vs champion for a judge.\* guard"):
+        load_config(data={**data, "registry": {}, "eval": {"judge": {"model": "org/judge"}, "compare_base": False}})
+    load_config(data={**data, "eval": {"judge": {"model": "org/judge"}, "compare_base": False}})  # retrain judges
+
+
+def test_a_challenger_the_judge_does_not_prefer_is_kept():
+    guarded = TuneflowConfig.model_validate({
+        "dataset": {"name_or_path": "-"}, "eval": {"judge": {"model": "org/judge"}},
+        "registry": {"model_name": "m", "guards": [{"metric": "judge.win_rate", "min": 0.5},
+                                                   {"metric": "judge.loss_rate", "max": 0.2}]}})
+    promote, reason, guards = decide(guarded, scores(4.0, more={"judge.win_rate": 0.4, "judge.loss_rate": 0.3}),
+                                     scores(4.5), scores(6.0))
+    assert promote is False and [g["passed"] for g in guards] == [False, False]
+    assert "guard judge.win_rate: the challenger's 0.4000 is under min 0.5" in reason, reason
+    assert "guard judge.loss_rate: the challenger's 0.3000 is over max 0.2" in reason, reason
+    assert decide(guarded, scores(4.0, more={"judge.win_rate": 0.6, "judge.loss_rate": 0.1}), scores(4.5),
+                  scores(6.0))[0] is True

@@ -259,6 +259,22 @@ class BenchmarkConfig(Section):
         return self.name or self.task
 
 
+class JudgeConfig(Section):
+    """A judge of tuned vs base answers (in retrain: challenger vs champion) on held-out prompts, in both orders."""
+
+    model: str = Field(..., description="The judge: a Hub model id, a local folder or a models:/ URI, loaded here with "
+                       "transformers; with base_url, the model name the endpoint serves.")
+    revision: str = Field("main", description="Branch, tag or commit of a Hub judge (pinned to its commit).")
+    base_url: Optional[str] = Field(None, description="An OpenAI-compatible endpoint that serves the judge, e.g. "
+                                    "http://vllm:8000/v1; its key from the Prefect Secret api_key_secret, else "
+                                    "OPENAI_API_KEY.")
+    api_key_secret: Optional[str] = Field(None, description="A Prefect Secret block holding the endpoint's key.")
+    max_new_tokens: int = Field(512, ge=1, le=8192, description="Tokens an endpoint judge may reply with.")
+    samples: Optional[int] = Field(None, ge=1, description="Pairs judged (unset: every prompt evaluate answers).")
+    elo_rounds: int = Field(1000, ge=1, le=100000, description="Random match orders the Elo ratings are averaged "
+                            "over (seeded by train.seed).")
+
+
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="Held-out examples used for generation metrics.")
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens generated per answer (greedy).")
@@ -268,6 +284,9 @@ class EvalConfig(Section):
         default_factory=list, description="Benchmarks scored with lm-evaluation-harness for base and tuned, logged as "
         "`bench.NAME.acc` / `acc_norm` (and `base.bench.*`); e.g. [{task: mmlu, num_fewshot: 5, limit: 100}, "
         "{name: my-skills, dataset: data/mc.jsonl}].")
+    judge: Optional[JudgeConfig] = Field(None, description="Pairwise judging of tuned vs base answers (with "
+                                         "compare_base), and in retrain of challenger vs champion for a judge.* guard; "
+                                         "e.g. {model: org/judge-model}.")
 
     @field_validator("benchmarks")
     @classmethod
@@ -311,6 +330,7 @@ class TrackingConfig(Section):
 METRIC_DIRECTIONS = {  # held-out metrics evaluate reports, and whether a greater value is better
     "eval_loss": False, "perplexity": False, "bleu-4": True, "rouge-1": True, "rouge-2": True, "rouge-l": True,
 }
+JUDGE_DIRECTIONS = {"judge.win_rate": True, "judge.loss_rate": False, "judge.consistency": True, "judge.elo": True}
 
 
 class GuardConfig(Section):
@@ -328,27 +348,26 @@ class GuardConfig(Section):
     def _a_limit(self) -> "GuardConfig":
         if self.max_drop is None and self.min is None and self.max is None:
             raise ValueError(f"guard on {self.metric}: give it a limit, max_drop, min or max")
+        if self.metric in JUDGE_DIRECTIONS and self.max_drop is not None:
+            raise ValueError(f"guard on {self.metric}: the judge compares challenger and champion; use min or max")
         return self
 
     @property
     def maximize(self) -> bool:
-        return METRIC_DIRECTIONS.get(self.metric, True)  # benchmarks' accuracies: greater is better
+        return {**METRIC_DIRECTIONS, **JUDGE_DIRECTIONS}.get(self.metric, True)  # benchmarks' accuracies too
 
 
 class RegistryConfig(Section):
-    model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120,
-        description="MLflow registered model that `tuneflow retrain` registers each new export as a version of, and "
-        "whose `champion` alias it moves when a challenger wins. Required by retrain; unused by run.",
-    )
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=120, description="MLflow "
+                                   "registered model that `tuneflow retrain` registers each new export as a version "
+                                   "of, and whose `champion` alias it moves when a challenger wins. Required by "
+                                   "retrain; unused by run.")
     metric: Literal["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l"] = Field(
         "eval_loss", description="Held-out metric that decides between champion and challenger, scored for both on "
         "the same frozen evaluation set.",
     )
-    greater_is_better: bool | None = Field(
-        None, description="Whether a greater registry.metric is better; unset: false for eval_loss and perplexity, "
-        "true for BLEU and ROUGE.",
-    )
+    greater_is_better: bool | None = Field(None, description="Whether a greater registry.metric is better; unset: "
+                                           "false for eval_loss and perplexity, true for BLEU and ROUGE.")
     min_delta: float = Field(
         0.0, ge=0, description="How much the challenger must beat the champion by on registry.metric to be promoted.",
     )
@@ -406,12 +425,16 @@ class TuneflowConfig(Section):
             )
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
-        benchmarks = {f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc", "acc_norm")}
+        if self.eval.judge and not self.eval.compare_base and not any(g.metric in JUDGE_DIRECTIONS
+                                                                      for g in self.registry.guards):
+            problems.append("eval.judge judges tuned vs base answers (set eval.compare_base true) or, in retrain, "
+                            "challenger vs champion for a judge.* guard of registry.guards: neither is set")
+        scored = [*METRIC_DIRECTIONS, *sorted(f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc",
+                  "acc_norm")), *(JUDGE_DIRECTIONS if self.eval.judge else [])]
         for guard in self.registry.guards:
-            if guard.metric not in METRIC_DIRECTIONS and guard.metric not in benchmarks:
-                known = ", ".join([*METRIC_DIRECTIONS, *sorted(benchmarks)])
+            if guard.metric not in scored:
                 problems.append(f"registry.guards: {guard.metric} is no metric a retrain scores (add its benchmark to "
-                                f"eval.benchmarks); one of {known}")
+                                f"eval.benchmarks, or eval.judge); one of {', '.join(scored)}")
         if problems:
             raise ValueError("\n".join(problems))
         return self

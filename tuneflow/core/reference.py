@@ -34,6 +34,7 @@ def reference_markdown() -> str:
                 walk(ann, key + ".")
                 continue
             item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
+            optional = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
             default = "required" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
             bounds = [f"{label} {getattr(m, attr)}" for m in field.metadata
                       for attr, label in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
@@ -41,6 +42,8 @@ def reference_markdown() -> str:
             lines.append(f"| `{key}` | `{default}` | {field.description}{extra} |")
             if isinstance(item, type) and issubclass(item, BaseModel):
                 walk(item, key + "[].")  # the fields of each entry
+            elif optional is not None:
+                walk(optional, key + ".")  # a section that is off unless set, e.g. eval.judge
 
     walk(TuneflowConfig, "")
     return "\n".join(lines) + "\n"

@@ -8,12 +8,16 @@ defined for the harness through its own task-config mechanism: a task YAML in MM
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from tuneflow.core.errors import TuneflowError
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the choices' labels in the prompt
+SEED = 1234  # the harness's default seeds: the few-shot examples drawn
 METRICS = ("acc", "acc_norm")
 
 
@@ -53,19 +57,67 @@ def write_team_task(key: str, questions: Path, folder: Path) -> str:
     return task["task"]
 
 
+def task_manager(task_dir: Path | None = None):
+    """The harness's index of its tasks (and of the task YAMLs in ``task_dir``): built once per folder content, since
+    indexing the harness's thousands of task files takes seconds."""
+    files = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(task_dir).glob("*.yaml"))) if task_dir else ()
+    return _task_manager(str(task_dir) if task_dir else None, files)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(task_dir: str | None, files: tuple):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=task_dir) if task_dir else TaskManager()
+
+
+class PromptTooLong(TuneflowError):
+    pass
+
+
+def longest_prompt(b: Benchmark, manager, tokenizer, seed: int = SEED) -> int:
+    """Tokens in the longest request of ``b`` as the harness builds it: the few-shot examples, the question and an
+    answer choice."""
+    import contextlib
+    import io
+
+    longest = 0
+    with contextlib.redirect_stderr(io.StringIO()):  # the harness's and datasets' progress bars: the pre-flight's
+        tasks = list(manager.load([b.task])["tasks"].values())  # output is its problems
+        for task in tasks:
+            if task.get_config("num_fewshot") != 0:  # the harness keeps a task's explicit 0, as simple_evaluate does
+                task.set_config(key="num_fewshot", value=b.num_fewshot)
+            task.set_fewshot_seed(seed=seed)
+            task.build_all_requests(limit=b.limit)
+    for task in tasks:
+        texts = ["".join(i.args) for i in task.instances]
+        if texts:
+            ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            longest = max(longest, max(len(i) for i in ids))
+    return longest
+
+
+def check_prompts(b: Benchmark, manager, tokenizer, context: int) -> None:
+    """Refuse a benchmark whose longest prompt the model cannot read whole (the harness would cut it silently)."""
+    longest = longest_prompt(b, manager, tokenizer)
+    if longest > context:
+        raise PromptTooLong(f"eval.benchmarks {b.key}: its longest {b.num_fewshot}-shot prompt is {longest} tokens, "
+                            f"longer than the model's context of {context}; lower num_fewshot")
+
+
 def score(model, tokenizer, benchmarks: list[Benchmark], task_dir: Path | None, batch_size: int,
-          seed: int = 1234) -> tuple[dict[str, float], dict[str, list[dict]]]:
+          seed: int = SEED) -> tuple[dict[str, float], dict[str, list[dict]]]:
     """bench.<key>.acc, .acc_norm and their stderr for each benchmark (a group's, e.g. MMLU's, over its subtasks as
     the harness aggregates them); and per benchmark the per-question log (question, target, acc)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=str(task_dir)) if task_dir else TaskManager()
+    manager = task_manager(task_dir)
     metrics: dict[str, float] = {}
     samples: dict[str, list[dict]] = {}
     for b in benchmarks:
+        check_prompts(b, manager, tokenizer, lm.max_length)
         out = simple_evaluate(model=lm, tasks=[b.task], num_fewshot=b.num_fewshot, limit=b.limit,
                               task_manager=manager, log_samples=True, random_seed=seed, numpy_random_seed=seed,
                               torch_random_seed=seed, fewshot_random_seed=seed)

@@ -25,9 +25,9 @@ class Prepared:
 
 
 def harness_tasks() -> list[str]:
-    from lm_eval.tasks import TaskManager
+    from tuneflow.modeling.benchmarks import task_manager
 
-    return TaskManager().all_tasks
+    return task_manager().all_tasks
 
 
 def unknown_task(name: str, known: list[str]) -> str:
@@ -67,17 +67,46 @@ def prepare(cfg: TuneflowConfig, folder: Path, logger: logging.Logger) -> Prepar
     return prepared
 
 
-def benchmark_problems(cfg: TuneflowConfig, logger: logging.Logger) -> list[str]:
-    """Pre-flight: an unknown task (with close names), a set that is missing, unreachable or has bad rows."""
-    problems, known = [], None
-    for bench in cfg.eval.benchmarks:
-        try:
-            if bench.task:
-                known = known if known is not None else harness_tasks()
-                if bench.task not in known:
-                    problems.append(unknown_task(bench.task, known))
-            else:
-                team_rows(bench, cfg, logger)
-        except (Problem, DatasetError) as exc:
-            problems.append(f"eval.benchmarks {bench.key}: {exc}")
+def benchmark_problems(cfg: TuneflowConfig, logger: logging.Logger, model_dir: Path | None = None) -> list[str]:
+    """Pre-flight: an unknown task (with close names); a team set that is missing, unreachable or has bad rows, or
+    whose few-shot prompts the model in ``model_dir`` cannot read whole. (A harness task's prompts are measured by
+    evaluate, which fetches its data, before scoring.)"""
+    import tempfile
+
+    from tuneflow.modeling.benchmarks import PromptTooLong, check_prompts, task_manager
+
+    problems, team = [], []
+    with tempfile.TemporaryDirectory(prefix="tuneflow-bench-") as folder:
+        for bench in cfg.eval.benchmarks:
+            try:
+                if not bench.task:
+                    team += prepare(only(cfg, [bench]), Path(folder), logger).benchmarks
+            except (Problem, DatasetError) as exc:
+                problems.append(f"eval.benchmarks {bench.key}: {exc}")
+        tasks = [b.task for b in cfg.eval.benchmarks if b.task]
+        if not tasks and not (team and model_dir):
+            return problems
+        manager = task_manager(Path(folder) / "tasks" if team else None)
+        problems += [unknown_task(t, manager.all_tasks) for t in tasks if t not in manager.all_tasks]
+        if team and model_dir is not None:
+            tokenizer, context = context_length(cfg, model_dir)
+            for b in team:
+                try:
+                    check_prompts(b, manager, tokenizer, context)
+                except PromptTooLong as exc:
+                    problems.append(str(exc))
     return problems
+
+
+def only(cfg: TuneflowConfig, benchmarks: list[BenchmarkConfig]) -> TuneflowConfig:
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": benchmarks})})
+
+
+def context_length(cfg: TuneflowConfig, model_dir: Path):
+    """(the model's tokenizer, the longest input it reads in tokens, as the harness resolves it)."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig, AutoTokenizer
+
+    code = cfg.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=code)
+    return tokenizer, resolve_max_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=code), tokenizer)

@@ -150,7 +150,11 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
     if cfg.eval.benchmarks:
         from tuneflow.sources.benchmarks import benchmark_problems
 
-        problems += benchmark_problems(cfg, logger)
+        problems += benchmark_problems(cfg, logger, model_dir)
+    if cfg.eval.judge:
+        from tuneflow.sources.judge import judge_problems
+
+        problems += judge_problems(cfg, logger)
     if problems:
         raise PreflightError(problems)
     return Checked(model, model_dir, dataset, dataset_dir)

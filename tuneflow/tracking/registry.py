@@ -213,9 +213,11 @@ def draw_eval_set(records: list[dict], n: int) -> list[dict]:
     return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records[:n]]
 
 
-def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig, benchmarks=None) -> dict[str, float]:
-    """Every held-out metric of the model in ``model_dir`` on ``rows``, with the generation settings of cfg.eval;
-    and the scores of ``benchmarks`` (`tuneflow.sources.benchmarks.Prepared`, the guards' benchmarks) if given."""
+def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig,
+          benchmarks=None) -> tuple[dict[str, float], list[str]]:
+    """Every held-out metric of the model in ``model_dir`` on ``rows``, with the generation settings of cfg.eval,
+    and the scores of ``benchmarks`` (`tuneflow.sources.benchmarks.Prepared`, the guards' benchmarks) if given; and
+    its answers to ``rows``."""
     import gc
 
     from tuneflow.data.prepare import encode_rows
@@ -228,14 +230,15 @@ def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig, benchmarks=Non
     conversations = [r["prompt"] + [{"role": "assistant", "content": r["reference"]}] for r in rows]
     encoded = encode_rows(tokenizer, conversations, cfg.prep.cutoff_len, num_proc=1)
     examples = [{"input_ids": i, "labels": lab} for i, lab in zip(encoded["input_ids"], encoded["labels"])]
-    metrics, _ = measure(model, tokenizer, examples, [r["prompt"] for r in rows], [r["reference"] for r in rows], cfg)
+    metrics, answers = measure(model, tokenizer, examples, [r["prompt"] for r in rows], [r["reference"] for r in rows],
+                               cfg)
     metrics = {k: v for k, v in metrics.items() if k in METRIC_DIRECTIONS}
     if benchmarks is not None and benchmarks.benchmarks:
         metrics.update(score_benchmarks(model, tokenizer, benchmarks.benchmarks, benchmarks.task_dir,
                                         cfg.eval.batch_size)[0])
     del model
     gc.collect()
-    return metrics
+    return metrics, answers
 
 
 def decide(cfg: TuneflowConfig, challenger: dict[str, float], champion: dict[str, float] | None,

@@ -84,10 +84,9 @@ def prepare_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, l
     benchmarks = [b for b in cfg.eval.benchmarks if keys is None or b.key in keys]
     if not benchmarks:
         return None
-    from tuneflow.sources.benchmarks import prepare
+    from tuneflow.sources.benchmarks import only, prepare
 
-    prepared = prepare(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": benchmarks})}),
-                       folder, logger)
+    prepared = prepare(only(cfg, benchmarks), folder, logger)
     splits = {b.key: b.split for b in benchmarks}
     for key, ref in prepared.sources.items():
         log_dataset(client, run_id, f"bench.{key}", ref.revision, dataset_source(ref, splits[key]), "evaluation")
