@@ -271,6 +271,22 @@ def test_bad_model_on_the_hub(tmp_path, hub_mirror, tiny_assets, changes, messag
 
 
 @pytest.mark.slow
+def test_a_benchmark_set_or_a_judge_missing_from_the_hub_is_named(tmp_path, hub_mirror, tiny_assets):
+    config = merge(base_config(hub_mirror.model_id, tiny_assets["data"]), {
+        "eval.benchmarks": [{"name": "skills", "dataset": "tiny-org/no-such-mc"},
+                            {"name": "pinned", "dataset": hub_mirror.mc_id, "revision": "no-such-tag"}],
+        "eval.judge": {"model": "tiny-org/no-such-judge"}})
+    done = validate_cli(tmp_path, config, {"HF_ENDPOINT": hub_mirror.endpoint})
+    assert done.returncode == 2 and "tuneflow: 3 problems found" in done.stderr, done.stderr
+    for said in ("eval.benchmarks skills: dataset: tiny-org/no-such-mc is neither a local path nor a repo on the Hub",
+                 f"eval.benchmarks pinned: revision: 'no-such-tag' is not a branch, tag or commit of "
+                 f"{hub_mirror.mc_id}",
+                 "eval.judge.model: tiny-org/no-such-judge is neither a local path nor a repo on the Hub (models)"):
+        assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
 def test_a_configured_chat_template_stands_in_for_a_missing_one(tmp_path, hub_mirror, tiny_assets):
     from tuneflow.modeling.demo import CHATML_TEMPLATE
 

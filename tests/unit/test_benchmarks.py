@@ -71,3 +71,25 @@ def test_an_unknown_harness_task_is_named_with_close_ones():
     assert benchmark_problems(cfg, logging.getLogger("t")) == [
         "eval.benchmarks: 'arc-easy' is not a task or group of lm-evaluation-harness; did you mean arc_easy, "
         "arc_eu_easy, arc_ca_easy?"]
+
+
+@pytest.mark.slow  # the harness's task index and datasets' retries: ~40 s
+def test_a_harness_task_whose_data_cannot_be_fetched_is_named(tmp_path, tiny_assets):
+    """arc_easy's data comes from the Hub: with the Hub unreachable, scoring stops before the model runs, naming
+    the benchmark (not a stack trace from datasets)."""
+    import os
+    import subprocess
+    import sys
+
+    from tuneflow.core.ports import free_port
+
+    script = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              "from tuneflow.modeling.benchmarks import Benchmark, BenchmarkUnavailable, score\n"
+              f"m = AutoModelForCausalLM.from_pretrained({str(tiny_assets['model'])!r})\n"
+              f"t = AutoTokenizer.from_pretrained({str(tiny_assets['model'])!r})\n"
+              "try:\n    score(m, t, [Benchmark('arc', 'arc_easy', limit=2)], None, 2)\n"
+              "except BenchmarkUnavailable as exc:\n    print(exc)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("eval.benchmarks arc: its data cannot be loaded ("), done.stdout + done.stderr[-3000:]

@@ -75,6 +75,10 @@ class PromptTooLong(TuneflowError):
     pass
 
 
+class BenchmarkUnavailable(TuneflowError):
+    pass
+
+
 def longest_prompt(b: Benchmark, manager, tokenizer, seed: int = SEED) -> int:
     """Tokens in the longest request of ``b`` as the harness builds it: the few-shot examples, the question and an
     answer choice."""
@@ -83,7 +87,11 @@ def longest_prompt(b: Benchmark, manager, tokenizer, seed: int = SEED) -> int:
 
     longest = 0
     with contextlib.redirect_stderr(io.StringIO()):  # the harness's and datasets' progress bars: the pre-flight's
-        tasks = list(manager.load([b.task])["tasks"].values())  # output is its problems
+        try:  # output is its problems
+            tasks = list(manager.load([b.task])["tasks"].values())
+        except Exception as exc:  # the task's data, fetched from the Hub (HF_ENDPOINT) by datasets
+            raise BenchmarkUnavailable(f"eval.benchmarks {b.key}: its data cannot be loaded ({type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
         for task in tasks:
             if task.get_config("num_fewshot") != 0:  # the harness keeps a task's explicit 0, as simple_evaluate does
                 task.set_config(key="num_fewshot", value=b.num_fewshot)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tuneflow.core.config import BenchmarkConfig, TuneflowConfig
 from tuneflow.core.results import SourceRef
-from tuneflow.data.formats import DATA_SUFFIXES, DatasetError
+from tuneflow.data.formats import DatasetError
 from tuneflow.data.multiple_choice import load_questions, write_questions
 from tuneflow.modeling.benchmarks import Benchmark, write_team_task
-from tuneflow.sources.hub import DATASET_PATTERNS, Problem, hub_token, locate, pinned, snapshot
+from tuneflow.sources.hub import DATASET_PATTERNS, Problem, hub_token, locate, pinned, rekey, snapshot
 
 
 @dataclass
@@ -38,12 +38,16 @@ def unknown_task(name: str, known: list[str]) -> str:
 
 def team_rows(bench: BenchmarkConfig, cfg: TuneflowConfig, logger: logging.Logger) -> tuple[list[dict], SourceRef]:
     """A team set's checked rows and its pinned source."""
-    path = Path(bench.dataset).expanduser()
-    if not path.exists() and (bench.dataset.startswith(("/", ".", "~")) or bench.dataset.endswith(DATA_SUFFIXES)):
-        raise Problem(f"dataset: no such file or folder: {bench.dataset}")
-    src = locate(bench.dataset, bench.revision, "dataset", logger, hub_token(cfg))
-    folder = snapshot(src, DATASET_PATTERNS, logger)
-    return load_questions(folder, bench.split), pinned(src, folder)
+    try:
+        src = locate(bench.dataset, bench.revision, "dataset", logger, hub_token(cfg))
+        folder = snapshot(src, DATASET_PATTERNS, logger)
+    except Problem as exc:  # worded for dataset.*: said of this benchmark's keys
+        key = f"eval.benchmarks {bench.key}"
+        raise Problem(rekey(exc, "dataset", f"{key}: dataset", f"{key}: revision")) from None
+    try:
+        return load_questions(folder, bench.split), pinned(src, folder)
+    except DatasetError as exc:
+        raise DatasetError(f"eval.benchmarks {bench.key}: {exc}") from None
 
 
 def prepare(cfg: TuneflowConfig, folder: Path, logger: logging.Logger) -> Prepared:
@@ -82,7 +86,7 @@ def benchmark_problems(cfg: TuneflowConfig, logger: logging.Logger, model_dir: P
                 if not bench.task:
                     team += prepare(only(cfg, [bench]), Path(folder), logger).benchmarks
             except (Problem, DatasetError) as exc:
-                problems.append(f"eval.benchmarks {bench.key}: {exc}")
+                problems.append(str(exc))
         tasks = [b.task for b in cfg.eval.benchmarks if b.task]
         if not tasks and not (team and model_dir):
             return problems

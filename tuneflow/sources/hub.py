@@ -195,6 +195,16 @@ def locate(name_or_path: str, revision: str, key: str, logger: logging.Logger, t
     return src
 
 
+def rekey(problem: Problem, kind: str, name_key: str, revision_key: str) -> str:
+    """A Problem worded for ``kind``.name_or_path / ``kind``.revision, said of the keys that named the source
+    (e.g. eval.judge.model), so that the user knows which setting to change."""
+    said = str(problem)
+    for old, new in ((f"{kind}.name_or_path:", f"{name_key}:"), (f"{kind}.revision:", f"{revision_key}:")):
+        if said.startswith(old):
+            return new + said[len(old):]
+    return f"{name_key}: {said}"
+
+
 def snapshot(src: Source, patterns: list[str], logger: logging.Logger) -> Path:
     """The files matching ``patterns`` from the Hub cache, downloading what it lacks (atomically, per file)."""
     if src.local is not None:

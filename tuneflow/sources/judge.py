@@ -7,7 +7,7 @@ import logging
 import os
 
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.sources.hub import Problem, hub_token, locate
+from tuneflow.sources.hub import Problem, hub_token, locate, rekey
 
 
 def api_key(cfg: TuneflowConfig) -> str | None:
@@ -49,10 +49,6 @@ def judge_problems(cfg: TuneflowConfig, logger: logging.Logger) -> list[str]:
                     "eval.judge.api_key_secret to a Prefect Secret holding it)"]
         except openai.APIConnectionError:
             return [f"eval.judge.base_url: no answer from {j.base_url}; is the endpoint up and reachable from here?"]
-    except Problem as exc:  # worded for model.*: say eval.judge.*
-        said = str(exc)
-        for key in ("name_or_path", "revision"):
-            if said.startswith(f"model.{key}:"):
-                return ["eval.judge." + ("model" if key == "name_or_path" else key) + said[len(f"model.{key}"):]]
-        return [f"eval.judge: {said}"]
+    except Problem as exc:
+        return [rekey(exc, "model", "eval.judge.model", "eval.judge.revision")]
     return []
