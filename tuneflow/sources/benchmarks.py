@@ -9,7 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneflow.core.config import BenchmarkConfig, TuneflowConfig
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.evaluation import BenchmarkConfig
 from tuneflow.core.results import SourceRef
 from tuneflow.data.formats import DatasetError
 from tuneflow.data.multiple_choice import load_questions, write_questions
