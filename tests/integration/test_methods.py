@@ -1,6 +1,7 @@
 """Every fine-tuning method end to end through `tuneflow run`, as qlora runs in test_pipeline_e2e.py: lora (16-bit
-base + adapter), full (every weight) and freeze (only the top layers). Each trains, lowers the held-out loss, and
-exports a model that answers as the trained weights did; freeze leaves the lower layers exactly as they were."""
+base + adapter), full (every weight, with bitsandbytes' 8-bit AdamW) and freeze (only the top layers). Each trains,
+lowers the held-out loss, and exports a model that answers as the trained weights did; freeze leaves the lower layers
+exactly as they were."""
 
 from __future__ import annotations
 
@@ -66,11 +67,23 @@ def test_lora(tmp_path, tiny_assets, prefect_api):
     assert (Path(summary["adapter_dir"]) / "adapter_model.safetensors").is_file()
 
 
-def test_full(tmp_path, tiny_assets, prefect_api):
-    summary = run(tmp_path, tiny_assets, prefect_api, "full", learning_rate=1e-3)
+def test_full_with_an_8bit_optimizer(tmp_path, tiny_assets, prefect_api):
+    """bitsandbytes' 8-bit AdamW steps on the CPU: its checkpointed states are bytes (LoRA's small matrices would
+    keep 32-bit states: bitsandbytes quantises tensors of 4096 elements or more)."""
+    import torch
+
+    summary = run(tmp_path, tiny_assets, prefect_api, "full", learning_rate=1e-3, optimizer="adamw_8bit")
     assert summary["stages"]["train"]["weights"].endswith("/model")
     base, tuned = layer_weights(tiny_assets["model"], 0), layer_weights(Path(summary["export_dir"]), 0)
     assert all(not base[k].equal(tuned[k]) for k in base if k.endswith("proj.weight"))
+    from mlflow import MlflowClient
+
+    train_run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["stages"]["train"]["mlflow_run_id"])
+    assert train_run.data.tags["tuneflow.optimizer_class"] == "bitsandbytes.AdamW", train_run.data.tags
+    states = torch.load(next((tmp_path / "runs").rglob("checkpoint-20/optimizer.pt")), weights_only=False)["state"]
+    big = [s.get("__bnb_optimizer_quant_state__", s)["state1"] for s in states.values()]
+    big = [t.dtype for t in big if t.numel() >= 4096]  # the matrices; norms keep 32-bit states
+    assert big.count(torch.uint8) == len(big) - 1 > 10, big  # all but the input embeddings, as the Trainer asks
 
 
 def test_freeze(tmp_path, tiny_assets, prefect_api):
@@ -83,3 +96,19 @@ def test_freeze(tmp_path, tiny_assets, prefect_api):
     assert all(frozen[k].equal(base[k]) for k in base), "a frozen layer changed"
     trained, before = layer_weights(export, 1), layer_weights(tiny_assets["model"], 1)
     assert any(not trained[k].equal(before[k]) for k in before), "the top layer did not train"
+
+
+def test_a_paged_optimizer_is_refused_on_a_machine_without_cuda(tmp_path, tiny_assets):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: paged optimizers run here")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_assets["model"])}, "output_dir": str(tmp_path),
+                                      "dataset": {"name_or_path": str(tiny_assets["data"])},
+                                      "train": {"optimizer": "paged_adamw_8bit"}}))
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), "run", "--config", str(config)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "train.optimizer: paged_adamw_8bit pages its states through CUDA memory" in done.stderr, done.stderr
+    assert "use adamw_8bit here" in done.stderr and not list(tmp_path.glob("run-*")), "it started anyway"

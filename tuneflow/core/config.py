@@ -25,6 +25,11 @@ LrScheduler = Literal[
     "inverse_sqrt",
     "reduce_lr_on_plateau",
 ]
+# train.optimizer: the HF Trainer's names that matter here (bitsandbytes' 8-bit, paged and Lion optimizers included).
+Optimizer = Literal[
+    "adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
+    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit", "sgd",
+]
 # train.deepspeed presets: name -> (ZeRO stage, optimizer and parameters offloaded to the CPU); None: no DeepSpeed.
 # tuneflow.training.deepspeed builds their configs, tuneflow.memory.estimate plans them.
 DEEPSPEED_PRESETS: dict[str, tuple[int, bool] | None] = {
@@ -102,7 +107,12 @@ class TrainConfig(Section):
     learning_rate: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate (5e-5 to 2e-4 for adapters).")
     lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Optimizer = Field(
+        "adamw_torch_fused", description="adamw_torch(_fused): torch's AdamW, moments in the trained weights' dtype; "
+        "adamw_8bit / lion_8bit: bitsandbytes' 8-bit states (a quarter of AdamW's memory); paged_*: the QLoRA paper's "
+        "paged optimizers, states paged to CPU memory under GPU memory pressure (CUDA only); adafactor: factored "
+        "second moments; sgd. `tuneflow plan` counts each one's state.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW and Lion).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; > 0 overrides epochs.")
@@ -283,6 +293,9 @@ class TuneflowConfig(Section):
             )
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
+        if t.deepspeed == "zero3_offload" and not t.optimizer.startswith("adamw_torch"):
+            problems.append(f"train.optimizer: {t.optimizer} cannot step states offloaded to the CPU by zero3_offload "
+                            "(DeepSpeed steps them with its CPU Adam); use adamw_torch, or zero3")
         if self.eval.judge and not self.eval.compare_base and not any(g.metric in JUDGE_DIRECTIONS
                                                                       for g in self.registry.guards):
             problems.append("eval.judge judges tuned vs base answers (set eval.compare_base true) or, in retrain, "

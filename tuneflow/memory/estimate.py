@@ -8,7 +8,8 @@ plan runs before any weights are downloaded. The breakdown per rank:
 - quantized_weights: the 4-bit NF4 decoder linears, with their double-quantisation constants (qlora);
 - frozen_weights:    weights that do not train (embeddings, lm_head, norms, biases; for lora every base weight);
 - adapter:           trainable parameters + their gradients (the LoRA matrices; for full/freeze the trained weights);
-- optimizer:         AdamW's two moments, plus an fp32 master copy where DeepSpeed trains 16-bit parameters;
+- optimizer:         the states of train.optimizer (AdamW: two moments; 8-bit: a quarter of that), plus an fp32 master
+                     copy where DeepSpeed trains 16-bit parameters;
 - activations:       what the forward pass keeps for backward (an estimate, see docs/memory.md);
 - logits:            the loss: one chunk of labelled tokens x vocabulary (the chunked loss, the default), or the
                      micro-batch's tokens x vocabulary in fp32 (train.loss_chunk_tokens: 0);
@@ -23,6 +24,7 @@ inside the functions that need them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,7 @@ class Settings:
     packing: bool = True
     tokens_per_batch: int | None = None  # the token budget (train.tokens_per_batch); None: `batch` rows
     loss_chunk: int = 256  # train.loss_chunk_tokens; 0: the full-logits loss
+    optimizer: str = "adamw_torch_fused"  # train.optimizer
 
     @property
     def tokens(self) -> int:
@@ -103,7 +106,7 @@ class Settings:
                    world=world_size if world_size is not None else resolve_world_size(cfg),
                    lora_rank=t.lora.rank, lora_targets=t.lora.target_modules, lora_dropout=t.lora.dropout,
                    freeze_layers=t.freeze_trainable_layers, packing=t.packing, tokens_per_batch=budget,
-                   loss_chunk=t.loss_chunk_tokens)
+                   loss_chunk=t.loss_chunk_tokens, optimizer=t.optimizer)
 
 
 def resolve_nproc(nproc: int | str) -> int:
@@ -149,6 +152,30 @@ class MemoryPlan:
         return {"per_rank": dict(self.per_rank), "gpu_memory": self.gpu_memory, "fits": self.fits,
                 "per_device_batch_size": self.per_device_batch_size,
                 "tokens_per_batch": self.settings.tokens_per_batch}
+
+
+# train.optimizer -> (bytes of state per trained parameter, what they are). None: two moments in the dtype of the
+# parameters the optimizer steps (torch's AdamW). bitsandbytes keeps its 32-bit states in fp32 whatever the
+# parameters' dtype, and its 8-bit ones blockwise-quantised (1 byte each + an fp32 scale per 256: ~1.02).
+OPTIMIZER_STATES: dict[str, tuple[float | None, str]] = {
+    "adamw_torch_fused": (None, "AdamW, 2 moments in the parameters' dtype"),
+    "adamw_torch": (None, "AdamW, 2 moments in the parameters' dtype"),
+    "adamw_8bit": (2.03, "AdamW, 2 moments of 8 bits"),
+    "paged_adamw_8bit": (2.03, "paged AdamW, 2 moments of 8 bits (can spill to CPU memory)"),
+    "paged_adamw_32bit": (8, "paged AdamW, 2 fp32 moments (can spill to CPU memory)"),
+    "lion_8bit": (1.02, "Lion, 1 moment of 8 bits"),
+    "paged_lion_8bit": (1.02, "paged Lion, 1 moment of 8 bits (can spill to CPU memory)"),
+    "lion_32bit": (4, "Lion, 1 fp32 moment"),
+    "paged_lion_32bit": (4, "paged Lion, 1 fp32 moment (can spill to CPU memory)"),
+    "adafactor": (0, "Adafactor, factored second moments (rows + columns: negligible)"),
+    "sgd": (0, "SGD, no state"),
+}
+
+
+def optimizer_state_bytes(optimizer: str, param_bytes: int) -> float:
+    """Bytes of optimizer state per trained parameter, for parameters of ``param_bytes`` bytes as it steps them."""
+    per = OPTIMIZER_STATES[optimizer][0]
+    return 2 * param_bytes if per is None else per
 
 
 def _bytes(precision: str) -> int:
@@ -217,12 +244,12 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
     else:
         train_b = b
     adapters_fp32 = train_b == 4
-    # AdamW: DeepSpeed keeps fp32 moments and (for 16-bit parameters) an fp32 master; torch's AdamW under the plain
-    # Trainer keeps the moments in the parameters' dtype and no master.
+    # DeepSpeed steps fp32 copies (a master, for 16-bit parameters) with the Trainer's optimizer; the plain Trainer
+    # steps the parameters themselves (AdamW's moments in their dtype, no master).
     if z.deepspeed:
-        optim_b = 8 + (4 if train_b == 2 else 0)
+        optim_b = optimizer_state_bytes(s.optimizer, 4) + (4 if train_b == 2 else 0)
     else:
-        optim_b = 2 * train_b
+        optim_b = optimizer_state_bytes(s.optimizer, train_b)
 
     lin = shape.linears()
     layer_lin = shape.layer_linear_params()
@@ -281,7 +308,7 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
     if not z.deepspeed and world > 1:
         grads *= 2  # DDP's gradient buckets hold a second copy
     adapter = params_on_gpu(trainable * train_b, trainable_unit * train_b) + grads
-    optimizer = 0 if z.offload_optimizer else -(-trainable * optim_b // optim_div)
+    optimizer = 0 if z.offload_optimizer else math.ceil(trainable * optim_b / optim_div)
     activations = activation_bytes(shape, s, adapters_fp32, residual_bytes=b)
     logits = loss_bytes(shape, s)
     subtotal = quantized + frozen_bytes + adapter + optimizer + activations + logits

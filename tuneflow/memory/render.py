@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuneflow.memory.estimate import MARGIN_FIXED, MARGIN_FRACTION, MemoryPlan
+from tuneflow.memory.estimate import MARGIN_FIXED, MARGIN_FRACTION, OPTIMIZER_STATES, MemoryPlan
 from tuneflow.memory.shape import GiB
 
 LINES = (
@@ -20,8 +20,10 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
     s, shape = p.settings, p.shape
     frozen_what = {"qlora": "embeddings, lm_head, norms", "lora": "the whole base", "full": "none",
                    "freeze": f"all but the top {min(s.freeze_layers, shape.layers)} layers"}[s.method]
-    optim = "AdamW, 2 fp32 moments" + (" + fp32 master" if s.zero.deepspeed and s.precision != "fp32" else "") \
-        if s.zero.deepspeed else "AdamW, 2 moments in the parameters' dtype"
+    optim = OPTIMIZER_STATES[s.optimizer][1]
+    if s.zero.deepspeed:  # DeepSpeed steps fp32 copies
+        optim = optim.replace("in the parameters' dtype", "in fp32") + (
+            " + fp32 master" if s.precision != "fp32" else "")
     labels = dict(LINES)
     labels["frozen_weights"] += f" ({frozen_what})"
     lora = "LoRA " if s.method in ("qlora", "lora") else ""

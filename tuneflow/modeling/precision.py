@@ -86,3 +86,15 @@ def compute_dtype(cfg):
     from tuneflow.modeling.load import DTYPES
 
     return DTYPES[resolved(cfg).precision]
+
+
+def optimizer_problem(cfg, machine: Machine | None = None) -> str | None:
+    """Why train.optimizer cannot train on ``machine`` (default: this one), or None: paged optimizers page through
+    CUDA unified memory (bitsandbytes falls back to unpaged states without CUDA; tuneflow says so instead)."""
+    optimizer = cfg.train.optimizer
+    machine = machine or this_machine()
+    if optimizer.startswith("paged_") and not machine.gpu:
+        return (f"train.optimizer: {optimizer} pages its states through CUDA memory, and {machine.describe()} has "
+                f"no CUDA GPU; use {optimizer.removeprefix('paged_')} here (the same states, unpaged)")
+    return None
+

@@ -183,6 +183,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
+        optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -230,8 +231,14 @@ def train(spec: TrainSpec) -> TrainOutcome:
     uploader = CheckpointUploader(step_logger.run_id, log) if step_logger.client else None
 
     class OnLog(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             step_logger.last = (time.perf_counter(), state.num_input_tokens_seen)
+            while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers around the Trainer's own
+                optimizer = optimizer.optimizer
+            name = f"{type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__}"
+            log(f"optimizer: {t.optimizer} ({name})")
+            if step_logger.client:
+                step_logger.client.set_tag(step_logger.run_id, "tuneflow.optimizer_class", name)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
