@@ -40,6 +40,10 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
     for ignored in cfg.ignored_settings():
         logger.warning(ignored)
     problem = placement_problem(cfg, train_deployment)  # several nodes without the training deployment
+    if not train_deployment and not problem:  # training runs here: an optimizer this machine cannot run
+        from tuneflow.modeling.precision import optimizer_problem
+
+        problem = optimizer_problem(cfg)
     if problem:
         raise ValueError(problem)
     check_mlflow(tracking_uri(cfg.tracking.uri))  # refused credentials: one line naming the server, before any work

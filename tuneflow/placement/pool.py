@@ -26,15 +26,10 @@ class TrainingRunFailed(RunFailed):
 
 
 def placement_problem(cfg: TuneflowConfig, deployment: str | None) -> str | None:
-    """Why this config cannot train where it is asked to, or None: several nodes need the training deployment; an
-    optimizer this machine cannot run, when it trains here."""
+    """Why this config cannot train where it is asked to, or None: several nodes need the training deployment."""
     if cfg.train.nnodes > 1 and not deployment:
         return (f"train.nnodes={cfg.train.nnodes}: training on several GPU machines runs through the training "
                 f"deployment, one flow run per node; this run has none. See {DEPLOYMENTS_HINT}")
-    if not deployment:  # trains on this machine
-        from tuneflow.modeling.precision import optimizer_problem
-
-        return optimizer_problem(cfg)
     return None
 
 
