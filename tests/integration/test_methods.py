@@ -1,7 +1,7 @@
-"""Every fine-tuning method end to end through `tuneflow run`, as qlora runs in test_pipeline_e2e.py: lora (16-bit
-base + adapter), full (every weight, with bitsandbytes' 8-bit AdamW) and freeze (only the top layers). Each trains,
-lowers the held-out loss, and exports a model that answers as the trained weights did; freeze leaves the lower layers
-exactly as they were."""
+"""Every fine-tuning method end to end through `tuneflow run`, as qlora runs in test_pipeline_e2e.py: qlora over 8-bit
+weights, lora (16-bit base + adapter), full (every weight, with bitsandbytes' 8-bit AdamW) and freeze (only the top
+layers). Each trains, lowers the held-out loss, and exports a model that answers as the trained weights did; freeze
+leaves the lower layers exactly as they were."""
 
 from __future__ import annotations
 
@@ -65,6 +65,14 @@ def test_lora(tmp_path, tiny_assets, prefect_api):
                   lora={"rank": 8, "alpha": 16, "dropout": 0.0})
     assert summary["stages"]["train"]["weights"].endswith("/adapter")
     assert (Path(summary["adapter_dir"]) / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_over_8_bit_weights(tmp_path, tiny_assets, prefect_api):
+    """train.quantization.bits: 8 (LLM.int8): trains, and the export merges into the dequantised 8-bit base with
+    parity."""
+    summary = run(tmp_path, tiny_assets, prefect_api, "qlora", learning_rate=5e-3, quantization={"bits": 8},
+                  lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+    assert summary["stages"]["train"]["weights"].endswith("/adapter")
 
 
 def test_full_with_an_8bit_optimizer(tmp_path, tiny_assets, prefect_api):

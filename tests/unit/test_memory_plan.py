@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.quantized import loaded_bytes
 from tuneflow.cli.main import main
 from tuneflow.core.config import TuneflowConfig, parse_size
 from tuneflow.memory.auto import largest_batch_that_fits, plan_problems
@@ -66,36 +67,6 @@ def models(tiny_assets, tmp_path_factory) -> dict[str, Path]:
         cls(conf).to(torch.bfloat16).save_pretrained(folder)
         out[name] = folder
     return out
-
-
-def loaded_bytes(model) -> dict[str, int]:
-    """Bytes of the model's parameters and of every tensor in each Params4bit's quant_state (nested included)."""
-    import torch
-
-    seen, quantized, other = set(), 0, 0
-
-    def tensors(state):
-        for value in vars(state).values():
-            if torch.is_tensor(value):
-                yield value
-            elif value is not None and hasattr(value, "absmax"):  # the nested QuantState of double quantisation
-                yield from tensors(value)
-
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        size = param.numel() * param.element_size()
-        state = getattr(param, "quant_state", None)
-        if state is None:
-            other += size
-            continue
-        quantized += size
-        for t in tensors(state):
-            if id(t) not in seen:
-                seen.add(id(t))
-                quantized += t.numel() * t.element_size()
-    return {"quantized": quantized, "frozen": other}
 
 
 @pytest.mark.parametrize(("name", "precision"), [("tiny-llama", "bf16"), ("llama-512", "bf16"), ("qwen2-256", "bf16"),

@@ -96,13 +96,27 @@ class LoraConfig(Section):
     )
 
 
+class QuantizationConfig(Section):
+    """How qlora quantises the frozen base (bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(4, description="4: 4-bit weights, the QLoRA paper's; 8: LLM.int8 weights (twice the "
+                                "memory; type and double_quant do not apply).")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, the paper's choice) or "
+                                        "fp4.")
+    double_quant: bool = Field(True, description="Quantise the 4-bit blocks' scales too (saves ~0.37 bits per weight).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="dtype the dequantised matmuls run in; auto: train.precision as resolved on the machine.")
+
+
 class TrainConfig(Section):
     method: Literal["qlora", "lora", "full", "freeze"] = Field(
         "qlora",
-        description="qlora: LoRA over a 4-bit NF4 base; lora: LoRA over a 16-bit base; full: every weight; "
-        "freeze: only the top freeze_trainable_layers layers.",
+        description="qlora: LoRA over a quantised base (train.quantization: 4-bit NF4 by default); lora: LoRA over a "
+        "16-bit base; full: every weight; freeze: only the top freeze_trainable_layers layers.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings (qlora and lora).")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig,
+                                             description="The quantised base of qlora.")
     freeze_trainable_layers: int = Field(2, ge=1, description="With method=freeze: how many top layers train.")
     learning_rate: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate (5e-5 to 2e-4 for adapters).")
     lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
@@ -293,6 +307,9 @@ class TuneflowConfig(Section):
             )
         if t.deepspeed == "zero3_offload" and t.method == "qlora":
             problems.append("train.deepspeed: zero3_offload cannot offload 4-bit weights; use zero3 with qlora")
+        if t.method == "qlora" and t.quantization.bits == 8 and t.deepspeed.startswith("zero3"):
+            problems.append(f"train.quantization.bits: ZeRO-3 ({t.deepspeed}) cannot shard 8-bit weights (it shards "
+                            "4-bit ones, stored in the compute dtype); use bits: 4, or zero2")
         if t.deepspeed == "zero3_offload" and not t.optimizer.startswith("adamw_torch"):
             problems.append(f"train.optimizer: {t.optimizer} cannot step states offloaded to the CPU by zero3_offload "
                             "(DeepSpeed steps them with its CPU Adam); use adamw_torch, or zero3")
@@ -316,6 +333,8 @@ class TuneflowConfig(Section):
         t, ignored = self.train, []
         if t.method not in ("qlora", "lora") and t.lora != LoraConfig():
             ignored.append(f"train.lora applies to methods qlora and lora, not {t.method}: ignored")
+        if t.method != "qlora" and t.quantization != QuantizationConfig():
+            ignored.append(f"train.quantization applies to method qlora, not {t.method}: ignored")
         default_layers = TrainConfig.model_fields["freeze_trainable_layers"].default
         if t.method != "freeze" and t.freeze_trainable_layers != default_layers:
             ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")

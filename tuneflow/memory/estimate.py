@@ -5,7 +5,8 @@
 Nothing but the model's ``config.json`` is read (from the local folder, or that one small file from the Hub), so the
 plan runs before any weights are downloaded. The breakdown per rank:
 
-- quantized_weights: the 4-bit NF4 decoder linears, with their double-quantisation constants (qlora);
+- quantized_weights: the quantised decoder linears of qlora (train.quantization: 4-bit NF4 or FP4 with their
+                     quantisation constants, or 8-bit with a scale per row);
 - frozen_weights:    weights that do not train (embeddings, lm_head, norms, biases; for lora every base weight);
 - adapter:           trainable parameters + their gradients (the LoRA matrices; for full/freeze the trained weights);
 - optimizer:         the states of train.optimizer (AdamW: two moments; 8-bit: a quarter of that), plus an fp32 master
@@ -29,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneflow.core.config import DEEPSPEED_PRESETS, TuneflowConfig
-from tuneflow.memory.shape import LINEAR_NAMES, GiB, ModelShape, lora_param_count, lora_targets, nf4_bytes
+from tuneflow.memory.shape import (
+    LINEAR_NAMES,
+    GiB,
+    ModelShape,
+    lora_param_count,
+    lora_targets,
+    packed_bytes,
+    quantized_bytes,
+)
 
 # The margin: CUDA context + cuBLAS workspace + NCCL buffers (fixed), and allocator fragmentation (a fraction).
 MARGIN_FIXED = 3 * GiB // 4
@@ -85,6 +94,10 @@ class Settings:
     tokens_per_batch: int | None = None  # the token budget (train.tokens_per_batch); None: `batch` rows
     loss_chunk: int = 256  # train.loss_chunk_tokens; 0: the full-logits loss
     optimizer: str = "adamw_torch_fused"  # train.optimizer
+    quant_bits: int = 4  # train.quantization (qlora)
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    quant_compute: str = "auto"
 
     @property
     def tokens(self) -> int:
@@ -106,7 +119,9 @@ class Settings:
                    world=world_size if world_size is not None else resolve_world_size(cfg),
                    lora_rank=t.lora.rank, lora_targets=t.lora.target_modules, lora_dropout=t.lora.dropout,
                    freeze_layers=t.freeze_trainable_layers, packing=t.packing, tokens_per_batch=budget,
-                   loss_chunk=t.loss_chunk_tokens, optimizer=t.optimizer)
+                   loss_chunk=t.loss_chunk_tokens, optimizer=t.optimizer, quant_bits=t.quantization.bits,
+                   quant_type=t.quantization.type, double_quant=t.quantization.double_quant,
+                   quant_compute=t.quantization.compute_dtype)
 
 
 def resolve_nproc(nproc: int | str) -> int:
@@ -262,9 +277,10 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
     frozen = trainable = 0
     frozen_unit = trainable_unit = 0  # the largest piece ZeRO-3 gathers at once, in elements
     if s.method == "qlora":
+        storage = b if s.quant_compute == "auto" else _bytes(s.quant_compute)  # bnb_4bit_quant_storage
         for fan_in, fan_out in lin.values():
-            full = nf4_bytes(fan_in * fan_out, b)
-            packed = (fan_in * fan_out + 1) // (2 * b) * b
+            full = quantized_bytes(fan_in * fan_out, fan_out, s.quant_bits, s.double_quant, storage)
+            packed = packed_bytes(fan_in * fan_out, s.quant_bits, storage)
             quant_sharded += shape.layers * packed
             quant_fixed += shape.layers * (full - packed)
             quant_layer += packed

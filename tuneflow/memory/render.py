@@ -6,7 +6,7 @@ from tuneflow.memory.estimate import MARGIN_FIXED, MARGIN_FRACTION, OPTIMIZER_ST
 from tuneflow.memory.shape import GiB
 
 LINES = (
-    ("quantized_weights", "4-bit NF4 weights (+ double-quant constants)"),
+    ("quantized_weights", "quantised weights"),
     ("frozen_weights", "frozen weights"),
     ("adapter", "trainable parameters + gradients"),
     ("optimizer", "optimizer states"),
@@ -26,6 +26,9 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
             " + fp32 master" if s.precision != "fp32" else "")
     labels = dict(LINES)
     labels["frozen_weights"] += f" ({frozen_what})"
+    labels["quantized_weights"] = ("8-bit weights (+ a scale per row)" if s.quant_bits == 8 else
+                                   f"4-bit {s.quant_type.upper()} weights (+ "
+                                   f"{'double-quant constants' if s.double_quant else 'fp32 block scales'})")
     lora = "LoRA " if s.method in ("qlora", "lora") else ""
     labels["adapter"] += f" ({p.params['trainable'] / 1e6:,.1f}M {lora}params)"
     labels["optimizer"] += f" ({optim})"

@@ -116,10 +116,26 @@ class ModelShape:
 def nf4_bytes(numel: int, storage_bytes: int = 2) -> int:
     """Bytes of one bitsandbytes NF4 weight with double quantisation: the packed 4-bit data (stored in a
     ``storage_bytes``-wide dtype, ``bnb_4bit_quant_storage``) plus its quant_state tensors."""
-    packed = (numel + 1) // (2 * storage_bytes) * storage_bytes
+    return quantized_bytes(numel, 0, 4, True, storage_bytes)
+
+
+def packed_bytes(numel: int, bits: int, storage_bytes: int = 2) -> int:
+    """The quantised data alone: 4-bit values packed two per byte into ``storage_bytes``-wide elements, or int8."""
+    return numel if bits == 8 else (numel + 1) // (2 * storage_bytes) * storage_bytes
+
+
+def quantized_bytes(numel: int, fan_out: int, bits: int = 4, double_quant: bool = True, storage_bytes: int = 2) -> int:
+    """Bytes of one bitsandbytes weight as loaded: 8-bit (LLM.int8: int8 values + an fp32 scale per output row), or
+    4-bit NF4/FP4 (same layout) with its quant_state: an absmax per block of 64 (fp32, or with double quantisation
+    8-bit with an fp32 absmax per 256 blocks and an offset), the 16-value code and the nested code."""
+    if bits == 8:
+        return numel + 4 * fan_out
     blocks = -(-numel // NF4_BLOCK)
+    if not double_quant:
+        return packed_bytes(numel, 4, storage_bytes) + 4 * blocks + NF4_CODE_BYTES
     nested = -(-blocks // NESTED_BLOCK)
-    return packed + blocks + 4 * nested + OFFSET_BYTES + NF4_CODE_BYTES + NESTED_CODE_BYTES
+    return (packed_bytes(numel, 4, storage_bytes) + blocks + 4 * nested + OFFSET_BYTES + NF4_CODE_BYTES
+            + NESTED_CODE_BYTES)
 
 
 def lora_targets(shape: ModelShape, targets) -> tuple[dict[str, tuple[int, int]], list[str]]:

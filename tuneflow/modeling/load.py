@@ -30,14 +30,18 @@ def load_tokenizer(model_dir: str | Path, cfg: TuneflowConfig, padding_side: str
 
 
 def quantization_config(cfg: TuneflowConfig):
-    """NF4 with double quantisation, computing in the training precision (QLoRA, arXiv 2305.14314)."""
+    """train.quantization for bitsandbytes: 4-bit NF4 with double quantisation by default (QLoRA, arXiv 2305.14314),
+    computing in the training precision; or FP4, single quantisation, 8-bit LLM.int8 weights."""
     from transformers import BitsAndBytesConfig
 
-    compute = compute_dtype(cfg)
+    q = cfg.train.quantization
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = compute_dtype(cfg) if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=q.type,
+        bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
         # Storing the packed 4-bit weights in the compute dtype lets ZeRO-3 shard them like any other tensor.
         bnb_4bit_quant_storage=compute,

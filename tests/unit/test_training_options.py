@@ -1,0 +1,106 @@
+"""The training options of the config tree, as the memory plan counts them and as bitsandbytes really holds them:
+train.optimizer (each optimizer's state; paged ones refused where there is no CUDA, optimizers DeepSpeed's CPU offload
+cannot step refused in the config) and train.quantization (NF4 or FP4, double quantisation on or off, 8-bit)."""
+
+import pytest
+
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.loading import ConfigError, load_config
+from tuneflow.memory.estimate import plan
+from tuneflow.memory.render import render
+from tuneflow.modeling.precision import Machine, optimizer_problem
+
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def config(**train) -> TuneflowConfig:
+    return TuneflowConfig.model_validate({"dataset": {"name_or_path": "x"}, "train": {"nproc_per_node": 1, **train}})
+
+
+@pytest.mark.parametrize("optimizer, per_param", [
+    ("adamw_torch_fused", 8), ("adamw_torch", 8),  # LoRA adapters train in fp32 without DeepSpeed: 2 x 4 bytes
+    ("adamw_8bit", 2.03), ("paged_adamw_8bit", 2.03), ("paged_adamw_32bit", 8),
+    ("lion_8bit", 1.02), ("lion_32bit", 4), ("adafactor", 0), ("sgd", 0),
+])
+def test_the_plan_counts_each_optimizers_state(optimizer, per_param):
+    p = plan(config(optimizer=optimizer, deepspeed="none"), LLAMA_7B, world_size=1)
+    trainable = p.params["trainable"]
+    assert p.per_rank["optimizer"] == pytest.approx(trainable * per_param, abs=1)
+
+
+def test_under_deepspeed_the_optimizer_steps_fp32_copies():
+    adamw = plan(config(deepspeed="zero2", precision="bf16"), LLAMA_7B, world_size=1)
+    eight = plan(config(deepspeed="zero2", precision="bf16", optimizer="adamw_8bit"), LLAMA_7B, world_size=1)
+    trainable = adamw.params["trainable"]
+    assert adamw.per_rank["optimizer"] == trainable * (8 + 4)  # fp32 moments + fp32 master of 16-bit adapters
+    assert eight.per_rank["optimizer"] == pytest.approx(trainable * (2.03 + 4), abs=1)
+    table = render(eight, "llama-7b")
+    assert "optimizer states (AdamW, 2 moments of 8 bits + fp32 master)" in table, table
+    assert "(AdamW, 2 moments in fp32 + fp32 master)" in render(adamw, "llama-7b")
+
+
+def test_paged_optimizers_need_cuda():
+    cpu = Machine(gpu=None, cpu="AVX2")
+    said = optimizer_problem(config(optimizer="paged_adamw_8bit"), cpu)
+    assert said == ("train.optimizer: paged_adamw_8bit pages its states through CUDA memory, and CPU AVX2 (no native "
+                    "bf16) has no CUDA GPU; use adamw_8bit here (the same states, unpaged)")
+    assert optimizer_problem(config(optimizer="paged_adamw_8bit"), Machine(gpu="NVIDIA H100", gpu_bf16=True)) is None
+    assert optimizer_problem(config(optimizer="adamw_8bit"), cpu) is None
+
+
+def test_cpu_offload_takes_adamw_only():
+    with pytest.raises(ConfigError, match="train.optimizer: lion_8bit cannot step states offloaded to the CPU by "
+                                          "zero3_offload"):
+        load_config(data={"dataset": {"name_or_path": "x"},
+                          "train": {"method": "lora", "deepspeed": "zero3_offload", "optimizer": "lion_8bit"}})
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config(data={"dataset": {"name_or_path": "x"}, "train": {"optimizer": "adam"}})
+
+
+@pytest.mark.parametrize("quantization", [{"type": "fp4"}, {"double_quant": False},
+                                          {"type": "fp4", "double_quant": False}, {"bits": 8},
+                                          {"compute_dtype": "fp32"}],
+                         ids=["fp4", "no-double-quant", "fp4-no-double-quant", "8-bit", "fp32-compute"])
+def test_each_quantization_is_what_bitsandbytes_loads(tiny_assets, tmp_path, quantization):
+    """The plan's quantised weights against the bytes of the model loaded with those settings (a 512-wide Llama)."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.support.quantized import loaded_bytes
+    from tuneflow.modeling.load import load_base
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
+                                 num_key_value_heads=2, vocab_size=1024)).to(torch.bfloat16).save_pretrained(tmp_path)
+    cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "x"}, "model": {"name_or_path": str(tmp_path)},
+                                         "train": {"deepspeed": "zero0", "precision": "bf16", "nproc_per_node": 1,
+                                                   "quantization": quantization}})
+    real = loaded_bytes(load_base(tmp_path, cfg, quantized=True, device_map={"": "cpu"}))
+    p = plan(cfg, json.loads((tmp_path / "config.json").read_text()), world_size=1)
+    assert p.per_rank["quantized_weights"] == pytest.approx(real["quantized"], rel=0.01)
+    assert p.per_rank["frozen_weights"] == pytest.approx(real["frozen"], rel=0.01)
+
+
+def test_nf4_fp4_double_quant_and_8_bit_each_change_the_plan():
+    plans = {name: plan(config(quantization=q), LLAMA_7B, world_size=1) for name, q in (
+        ("nf4", {}), ("fp4", {"type": "fp4"}), ("no-dq", {"double_quant": False}), ("8-bit", {"bits": 8}))}
+    weights = {name: p.per_rank["quantized_weights"] for name, p in plans.items()}
+    assert weights["fp4"] == weights["nf4"]  # the same layout
+    assert weights["no-dq"] - weights["nf4"] == pytest.approx(plans["nf4"].params["quantized"] * 0.37 / 8, rel=0.05)
+    assert weights["8-bit"] == pytest.approx(2 * weights["nf4"], rel=0.1)
+    tables = {name: render(p, "llama-7b") for name, p in plans.items()}
+    assert "4-bit NF4 weights (+ double-quant constants)" in tables["nf4"]
+    assert "4-bit FP4 weights (+ double-quant constants)" in tables["fp4"]
+    assert "4-bit NF4 weights (+ fp32 block scales)" in tables["no-dq"]
+    assert "8-bit weights (+ a scale per row)" in tables["8-bit"]
+
+
+def test_8_bit_weights_cannot_be_sharded_by_zero3():
+    with pytest.raises(ConfigError, match=r"train.quantization.bits: ZeRO-3 \(zero3\) cannot shard 8-bit weights"):
+        load_config(data={"dataset": {"name_or_path": "x"},
+                          "train": {"deepspeed": "zero3", "quantization": {"bits": 8}}})
+    ignored = config(method="lora", quantization={"bits": 8}).ignored_settings()
+    assert ignored == ["train.quantization applies to method qlora, not lora: ignored"]
