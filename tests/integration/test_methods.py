@@ -60,19 +60,25 @@ def train_params(tmp_path: Path, summary: dict) -> dict:
 
 
 def test_lora(tmp_path, tiny_assets, prefect_api):
-    # micro-batches sized by a token budget rather than a row count
+    # micro-batches sized by a token budget rather than a row count; PiSSA's initialisation, LoRA+ and NEFTune
     summary = run(tmp_path, tiny_assets, prefect_api, "lora", learning_rate=5e-3, tokens_per_batch=300,
-                  lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+                  neftune_noise_alpha=5, lora={"rank": 8, "alpha": 16, "dropout": 0.0, "init": "pissa",
+                                               "loraplus_lr_ratio": 16})
     assert summary["stages"]["train"]["weights"].endswith("/adapter")
-    assert (Path(summary["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    adapter = Path(summary["adapter_dir"])
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16, config  # PiSSA converted to an adapter of the original base: rank 2r
 
 
 def test_qlora_over_8_bit_weights(tmp_path, tiny_assets, prefect_api):
-    """train.quantization.bits: 8 (LLM.int8): trains, and the export merges into the dequantised 8-bit base with
-    parity."""
+    """train.quantization.bits: 8 (LLM.int8), with rsLoRA: trains, and the export merges into the dequantised
+    8-bit base with parity."""
     summary = run(tmp_path, tiny_assets, prefect_api, "qlora", learning_rate=5e-3, quantization={"bits": 8},
-                  lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+                  lora={"rank": 8, "alpha": 16, "dropout": 0.0, "use_rslora": True})
     assert summary["stages"]["train"]["weights"].endswith("/adapter")
+    config = json.loads((Path(summary["adapter_dir"]) / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True
 
 
 def test_full_with_an_8bit_optimizer(tmp_path, tiny_assets, prefect_api):

@@ -104,3 +104,79 @@ def test_8_bit_weights_cannot_be_sharded_by_zero3():
                           "train": {"deepspeed": "zero3", "quantization": {"bits": 8}}})
     ignored = config(method="lora", quantization={"bits": 8}).ignored_settings()
     assert ignored == ["train.quantization applies to method qlora, not lora: ignored"]
+
+
+VARIANTS = {  # train.lora settings -> the method they train with
+    "dora": ("lora", {"use_dora": True}), "qdora": ("qlora", {"use_dora": True}),
+    "rslora": ("qlora", {"use_rslora": True}), "gaussian": ("qlora", {"init": "gaussian"}),
+    "pissa": ("lora", {"init": "pissa"}), "olora": ("lora", {"init": "olora"}),
+    "modules_to_save": ("lora", {"modules_to_save": ["lm_head"]}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANTS)
+def test_export_merges_each_lora_variant_exactly(tiny_assets, tmp_path, variant):
+    """The worker's model for each variant, a few optimizer steps, the adapter saved as the worker saves it; then the
+    export's merge (dequantised base + adapter, merged) against evaluate's base + adapter: the same greedy answers."""
+    import torch
+
+    from tuneflow.modeling.generation import generate
+    from tuneflow.modeling.load import load_merged, load_tokenizer, load_trained
+    from tuneflow.training.worker import build_model
+
+    method, lora = VARIANTS[variant]
+    cfg = TuneflowConfig.model_validate({
+        "dataset": {"name_or_path": "x"}, "model": {"name_or_path": str(tiny_assets["model"])},
+        "train": {"method": method, "precision": "fp32", "deepspeed": "none", "nproc_per_node": 1,
+                  "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, **lora}}})
+    torch.manual_seed(0)
+    model = build_model(cfg, str(tiny_assets["model"]), tmp_path / "adapter-init")
+    tokenizer = load_tokenizer(tiny_assets["model"], cfg)
+    ids = tokenizer(["Add 1 and 2. 1 plus 2 is 3.", "Reverse: a b c. c b a"], return_tensors="pt", padding=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(4):
+        model(**ids, labels=ids["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if lora.get("init") in ("pissa", "olora"):
+        model.save_pretrained(tmp_path / "adapter",
+                              path_initial_model_for_weight_conversion=str(tmp_path / "adapter-init"))
+    else:
+        model.save_pretrained(tmp_path / "adapter")
+    prompts = [[{"role": "user", "content": q}] for q in ("Add 4 and 5.", "Reverse the words: red blue", "Title: x")]
+    device = {"": "cpu"}
+    tuned = generate(load_trained(tiny_assets["model"], tmp_path / "adapter", cfg, device), tokenizer, prompts, 12)
+    merged = load_merged(tiny_assets["model"], tmp_path / "adapter", cfg, torch.float32, device)
+    assert generate(merged, tokenizer, prompts, 12) == tuned
+
+
+@pytest.mark.parametrize("train, said", [
+    ({"lora": {"init": "pissa"}}, "train.lora.init: pissa rewrites the base weights, which qlora keeps quantised; use "
+                                  "method lora"),
+    ({"method": "lora", "deepspeed": "zero3", "lora": {"init": "olora"}},
+     "train.lora.init: olora needs each base weight whole, which ZeRO-3 shards; use zero2"),
+    ({"quantization": {"bits": 8}, "lora": {"use_dora": True}},
+     "train.lora.use_dora: peft's DoRA fails over 8-bit weights"),
+])
+def test_lora_variants_that_cannot_work_are_refused(train, said):
+    with pytest.raises(ConfigError) as info:
+        load_config(data={"dataset": {"name_or_path": "x"}, "train": train})
+    assert said in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"modules_to_save": ["lm_head"]},
+                                  {"use_dora": True, "modules_to_save": ["embed_tokens", "lm_head"],
+                                   "target_modules": ["q_proj", "down_proj"]}], ids=["dora", "lm_head", "both"])
+def test_the_plan_counts_what_peft_trains(tiny_assets, lora):
+    import json
+
+    from tuneflow.training.worker import build_model
+
+    cfg = TuneflowConfig.model_validate({
+        "dataset": {"name_or_path": "x"}, "model": {"name_or_path": str(tiny_assets["model"])},
+        "train": {"method": "lora", "precision": "fp32", "deepspeed": "none", "nproc_per_node": 1,
+                  "lora": {"rank": 4, **lora}}})
+    model = build_model(cfg, str(tiny_assets["model"]))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    p = plan(cfg, json.loads((tiny_assets["model"] / "config.json").read_text()), world_size=1)
+    assert p.params["trainable"] == trained

@@ -8,7 +8,7 @@ It imports pydantic only, so the Prefect deployment form keeps its descriptions 
 from __future__ import annotations
 
 import re
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -94,6 +94,17 @@ class LoraConfig(Section):
         description="'all-linear' (what QLoRA found matches full fine-tuning) or a list of module names, "
         "e.g. [q_proj, v_proj] or [W_pack].",
     )
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output beside the low-rank direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(rank), for high ranks.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Adapter initialisation: default (B = 0), gaussian, or pissa / olora (from the base "
+        "weights' SVD / QR, which they rewrite: method lora only; the saved adapter is converted to apply to the "
+        "original base).")
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: B's learning rate is this many times A's (16 is the paper's); unset: off.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained whole and saved beside the adapter, e.g. [embed_tokens, "
+        "lm_head] when tokens were added.")
 
 
 class QuantizationConfig(Section):
@@ -127,6 +138,9 @@ class TrainConfig(Section):
         "paged optimizers, states paged to CPU memory under GPU memory pressure (CUDA only); adafactor: factored "
         "second moments; sgd. `tuneflow plan` counts each one's state.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW and Lion).")
+    neftune_noise_alpha: Optional[float] = Field(
+        None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training (5 is "
+        "the paper's); unset: off.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     epochs: float = Field(1, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; > 0 overrides epochs.")
@@ -310,6 +324,15 @@ class TuneflowConfig(Section):
         if t.method == "qlora" and t.quantization.bits == 8 and t.deepspeed.startswith("zero3"):
             problems.append(f"train.quantization.bits: ZeRO-3 ({t.deepspeed}) cannot shard 8-bit weights (it shards "
                             "4-bit ones, stored in the compute dtype); use bits: 4, or zero2")
+        if t.method == "qlora" and t.quantization.bits == 8 and t.lora.use_dora:
+            problems.append("train.lora.use_dora: peft's DoRA fails over 8-bit weights (their int8 scales are not "
+                            "there when it reads the weight); use train.quantization.bits 4, or method lora")
+        if t.method == "qlora" and t.lora.init in ("pissa", "olora"):
+            problems.append(f"train.lora.init: {t.lora.init} rewrites the base weights, which qlora keeps quantised; "
+                            "use method lora (or init default / gaussian)")
+        if t.lora.init in ("pissa", "olora") and t.deepspeed.startswith("zero3"):
+            problems.append(f"train.lora.init: {t.lora.init} needs each base weight whole, which ZeRO-3 shards; use "
+                            "zero2")
         if t.deepspeed == "zero3_offload" and not t.optimizer.startswith("adamw_torch"):
             problems.append(f"train.optimizer: {t.optimizer} cannot step states offloaded to the CPU by zero3_offload "
                             "(DeepSpeed steps them with its CPU Adam); use adamw_torch, or zero3")

@@ -98,6 +98,8 @@ class Settings:
     quant_type: str = "nf4"
     double_quant: bool = True
     quant_compute: str = "auto"
+    dora: bool = False  # train.lora.use_dora
+    modules_to_save: tuple = ()  # train.lora.modules_to_save
 
     @property
     def tokens(self) -> int:
@@ -121,7 +123,8 @@ class Settings:
                    freeze_layers=t.freeze_trainable_layers, packing=t.packing, tokens_per_batch=budget,
                    loss_chunk=t.loss_chunk_tokens, optimizer=t.optimizer, quant_bits=t.quantization.bits,
                    quant_type=t.quantization.type, double_quant=t.quantization.double_quant,
-                   quant_compute=t.quantization.compute_dtype)
+                   quant_compute=t.quantization.compute_dtype, dora=t.lora.use_dora,
+                   modules_to_save=tuple(t.lora.modules_to_save))
 
 
 def resolve_nproc(nproc: int | str) -> int:
@@ -301,6 +304,13 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
     if s.method in ("qlora", "lora"):
         trainable = lora_param_count(shape, s.lora_rank, s.lora_targets)
         matched, unmatched = lora_targets(shape, s.lora_targets)
+        if s.dora:  # a magnitude per output of each adapted linear
+            trainable += sum(o * (1 if n in ("embed_tokens", "lm_head") else shape.layers) for n, (_, o) in
+                             matched.items())
+        # train.lora.modules_to_save: a trained copy of each beside the frozen original
+        trainable += sum(params for name, params in (("embed_tokens", shape.embed_params),
+                                                     ("lm_head", shape.lm_head_params or shape.embed_params))
+                         if name in s.modules_to_save)
         trainable_unit = sum(s.lora_rank * (i + o) for n, (i, o) in matched.items()
                              if n not in ("embed_tokens", "lm_head"))
         if unmatched:

@@ -16,12 +16,27 @@ from tuneflow.training.loss import chunked_causal_lm_loss, supports_chunked_loss
 
 
 class TuneflowTrainer(Trainer):
-    def __init__(self, *args, token_batches=None, loss_chunk_tokens: int = 0, reentrant: bool = False, **kwargs):
+    def __init__(self, *args, token_batches=None, loss_chunk_tokens: int = 0, reentrant: bool = False,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_batches = token_batches
         self.loss_chunk_tokens = loss_chunk_tokens
         self.reentrant = reentrant
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.chunked_loss = loss_chunk_tokens > 0 and supports_chunked_loss(self.model)
+
+    def create_optimizer(self, model=None):
+        """LoRA+ (train.lora.loraplus_lr_ratio): peft's optimizer groups, B's learning rate that many times A's,
+        around the optimizer train.optimizer names; else the Trainer's own."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     def get_train_dataloader(self):
         if self.token_batches is None:

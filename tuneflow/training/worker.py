@@ -42,7 +42,7 @@ def log(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
-def build_model(cfg, model_dir: str):
+def build_model(cfg, model_dir: str, init_adapter_dir: Path | None = None):
     """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
     from peft import LoraConfig, get_peft_model
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -62,9 +62,17 @@ def build_model(cfg, model_dir: str):
             lora_alpha=t.lora.alpha,
             lora_dropout=t.lora.dropout,
             target_modules=t.lora.target_modules,
+            use_dora=t.lora.use_dora,
+            use_rslora=t.lora.use_rslora,
+            init_lora_weights=True if t.lora.init == "default" else t.lora.init,
+            modules_to_save=t.lora.modules_to_save or None,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+        if t.lora.init in ("pissa", "olora"):  # the base now holds the residual: keep the initial adapter, to convert
+            model.peft_config["default"].init_lora_weights = True  # the trained one into an adapter of the original
+            if IS_RANK_ZERO:  # base when saving (as peft documents it); reloading either must not initialise again
+                model.save_pretrained(init_adapter_dir)
     elif t.method == "freeze":
         layers = model.config.num_hidden_layers
         keep = {f"layers.{i}." for i in range(max(0, layers - t.freeze_trainable_layers), layers)}
@@ -184,6 +192,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         optim=t.optimizer,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -213,7 +222,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
     agree_on_precision(t.precision, args)
     tokenizer = load_tokenizer(spec.model_dir, cfg)
     data = load_from_disk(spec.data_dir)
-    model = build_model(cfg, spec.model_dir)
+    model = build_model(cfg, spec.model_dir, out / "adapter-init")
     if IS_RANK_ZERO and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
@@ -264,6 +273,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         token_batches=token_batches,
         loss_chunk_tokens=t.loss_chunk_tokens,
         reentrant=args.gradient_checkpointing_kwargs["use_reentrant"],
+        loraplus_lr_ratio=t.lora.loraplus_lr_ratio if t.method in ("qlora", "lora") else None,
         train_dataset=train_rows,
         eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
         data_collator=batches,
@@ -295,7 +305,12 @@ def train(spec: TrainSpec) -> TrainOutcome:
     # Write the final weights beside their final name, then rename: no half-written adapter is ever visible.
     final = out / ("adapter" if t.method in ("qlora", "lora") else "model")
     staging = staging_path(final)
-    trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
+    if t.lora.init in ("pissa", "olora") and t.method == "lora":  # an adapter of the original base (rank 2r)
+        if IS_RANK_ZERO:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                str(staging), path_initial_model_for_weight_conversion=str(out / "adapter-init"))
+    else:
+        trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
     if IS_RANK_ZERO:
         verify_adapter(staging)
         tokenizer.save_pretrained(staging)
