@@ -41,9 +41,9 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
         logger.warning(ignored)
     problem = placement_problem(cfg, train_deployment)  # several nodes without the training deployment
     if not train_deployment and not problem:  # training runs here: an optimizer this machine cannot run
-        from tuneflow.modeling.precision import optimizer_problem
+        from tuneflow.modeling.precision import machine_problem
 
-        problem = optimizer_problem(cfg)
+        problem = machine_problem(cfg)
     if problem:
         raise ValueError(problem)
     check_mlflow(tracking_uri(cfg.tracking.uri))  # refused credentials: one line naming the server, before any work

@@ -1,5 +1,5 @@
-"""A tiny random Llama in fp32 with sdpa attention, and rows whose first half is a masked prompt: what the exact
-loss and gradient comparisons of packing and of the chunked loss run on."""
+"""A tiny random Llama in fp32 (sdpa attention unless asked otherwise), and rows whose first half is a masked
+prompt: what the exact loss and gradient comparisons of packing and of the chunked loss run on."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from tuneflow.training.batching import IGNORE_INDEX
 
 
-def tiny_model(folder: Path):
-    """(model, tokenizer): the demo's tiny Llama built in ``folder``, fp32, sdpa, no KV cache (packing needs it off)."""
+def tiny_model(folder: Path, attention: str = "sdpa"):
+    """(model, tokenizer): the demo's tiny Llama built in ``folder``, fp32, with ``attention``, no KV cache (packing
+    needs it off)."""
     from transformers import AutoModelForCausalLM
 
     from tuneflow.core.config import TuneflowConfig
@@ -20,7 +21,7 @@ def tiny_model(folder: Path):
 
     model_dir = build(folder, n_rows=30)["model"]
     tokenizer = load_tokenizer(model_dir, TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}}))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     model.config.use_cache = False
     return model, tokenizer
 

@@ -1,8 +1,8 @@
 """Padding-free packing (train.packing, the default) computes exactly what padded batches compute.
 
-On a tiny Llama in fp32 with sdpa attention: the loss and every gradient of a packed micro-batch equal those of the
-same rows padded; a row's logits do not change when another row of the batch changes (attention never crosses
-rows); and the Trainer counts the same real tokens in both modes (what tokens/s is computed from).
+On a tiny Llama in fp32, with sdpa and with eager attention: the loss and every gradient of a packed micro-batch
+equal those of the same rows padded; a row's logits do not change when another row of the batch changes (attention
+never crosses rows); and the Trainer counts the same real tokens in both modes (what tokens/s is computed from).
 """
 
 import pytest
@@ -12,9 +12,9 @@ from tests.support.fp32 import rows, tiny_model
 from tuneflow.training.batching import collator
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny"))
+@pytest.fixture(scope="module", params=["sdpa", "eager"])  # the attention kernels that train here (flash attention
+def tiny(tmp_path_factory, request):  # 2 and FlexAttention need a GPU: tuneflow refuses them on a CPU)
+    return tiny_model(tmp_path_factory.mktemp("tiny"), request.param)
 
 
 def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:

@@ -8,7 +8,7 @@ from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.loading import ConfigError, load_config
 from tuneflow.memory.estimate import plan
 from tuneflow.memory.render import render
-from tuneflow.modeling.precision import Machine, optimizer_problem
+from tuneflow.modeling.precision import Machine, machine_problem
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
             "num_attention_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -42,11 +42,11 @@ def test_under_deepspeed_the_optimizer_steps_fp32_copies():
 
 def test_paged_optimizers_need_cuda():
     cpu = Machine(gpu=None, cpu="AVX2")
-    said = optimizer_problem(config(optimizer="paged_adamw_8bit"), cpu)
+    said = machine_problem(config(optimizer="paged_adamw_8bit"), cpu)
     assert said == ("train.optimizer: paged_adamw_8bit pages its states through CUDA memory, and CPU AVX2 (no native "
                     "bf16) has no CUDA GPU; use adamw_8bit here (the same states, unpaged)")
-    assert optimizer_problem(config(optimizer="paged_adamw_8bit"), Machine(gpu="NVIDIA H100", gpu_bf16=True)) is None
-    assert optimizer_problem(config(optimizer="adamw_8bit"), cpu) is None
+    assert machine_problem(config(optimizer="paged_adamw_8bit"), Machine(gpu="NVIDIA H100", gpu_bf16=True)) is None
+    assert machine_problem(config(optimizer="adamw_8bit"), cpu) is None
 
 
 def test_cpu_offload_takes_adamw_only():
@@ -180,3 +180,22 @@ def test_the_plan_counts_what_peft_trains(tiny_assets, lora):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     p = plan(cfg, json.loads((tiny_assets["model"] / "config.json").read_text()), world_size=1)
     assert p.params["trainable"] == trained
+
+
+def test_attention_kernels_by_machine():
+    from tuneflow.modeling.precision import attention
+
+    def cfg(attn: str) -> TuneflowConfig:
+        return TuneflowConfig.model_validate({"dataset": {"name_or_path": "x"}, "model": {"attn_implementation": attn}})
+
+    cpu, gpu = Machine(gpu=None, cpu="AVX512"), Machine(gpu="NVIDIA H100", gpu_bf16=True)
+    flash = Machine(gpu="NVIDIA H100", gpu_bf16=True, flash_attn=True)
+    assert [attention(cfg("auto"), m) for m in (cpu, gpu, flash)] == ["sdpa", "sdpa", "flash_attention_2"]
+    assert attention(cfg("eager"), cpu) == "eager" and attention(cfg("flash_attention_2"), cpu) == "sdpa"  # evaluate
+    assert machine_problem(cfg("flash_attention_2"), gpu) == (
+        "model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn), which "
+        "GPU NVIDIA H100 (with bf16) lacks; use auto or sdpa")
+    assert "flash_attention_2 needs a CUDA GPU" in machine_problem(cfg("flash_attention_2"), cpu)
+    assert machine_problem(cfg("flash_attention_2"), flash) is None
+    assert "flex_attention does not train on CPU AVX512" in machine_problem(cfg("flex_attention"), cpu)
+    assert machine_problem(cfg("flex_attention"), gpu) is None and machine_problem(cfg("auto"), cpu) is None

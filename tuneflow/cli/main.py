@@ -55,11 +55,11 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = load(args)  # every config problem is reported here, before Prefect or any model starts
-    from tuneflow.modeling.precision import optimizer_problem
+    from tuneflow.modeling.precision import machine_problem
     from tuneflow.placement.pool import placement_problem
     from tuneflow.tracking.servers import check_servers
 
-    problem = placement_problem(cfg, None) or optimizer_problem(cfg)  # `tuneflow run` trains on this machine only
+    problem = placement_problem(cfg, None) or machine_problem(cfg)  # `tuneflow run` trains on this machine only
     if problem:
         raise TuneflowError(problem)
     check_servers(cfg.tracking.uri)  # a server that refuses our credentials: one line, before any work

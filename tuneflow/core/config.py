@@ -51,6 +51,9 @@ class ModelConfig(Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template to use when the tokenizer has none (or to replace its own)."
     )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel: auto = flash_attention_2 on a CUDA GPU where flash-attn is installed, "
+        "else sdpa. Packed rows never attend to each other with any of them.")
 
 
 class DatasetConfig(Section):

@@ -28,6 +28,7 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
 # are handled, where processes meet. Every other key (new ones included) is part of the config hash.
 NOT_IN_CONFIG_HASH = (
     "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
+    "model.attn_implementation",  # the kernel, not the result (as train.precision's machine-dependent choice)
     "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
     "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
     "train.gpu_memory", "train.master_port", "train.join_timeout",

@@ -55,13 +55,17 @@ def device() -> torch.device:
 
 
 def load_pretrained(folder: str | Path, cfg: TuneflowConfig, dtype: torch.dtype, device_map=None, **kwargs):
-    """Every ``from_pretrained`` of a causal LM in tuneflow: safetensors only, custom code only when trusted."""
+    """Every ``from_pretrained`` of a causal LM in tuneflow: safetensors only, custom code only when trusted, the
+    attention kernel of model.attn_implementation."""
     from transformers import AutoModelForCausalLM
+
+    from tuneflow.modeling.precision import attention
 
     if device_map is not None:
         kwargs["device_map"] = device_map
     return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=attention(cfg), **kwargs
     )
 
 

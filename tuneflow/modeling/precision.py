@@ -1,4 +1,4 @@
-"""`train.precision: auto`, resolved on the machine that computes, by one rule:
+"""What depends on the machine that computes: `train.precision: auto`, resolved by one rule,
 
     CUDA with bf16 (Ampere or newer)                     -> bf16
     older CUDA                                           -> fp16 with loss scaling (fp32 for full/freeze without
@@ -8,8 +8,10 @@
 
 On a CPU without native bf16 (AVX2 only), bf16 is emulated and runs 30-40x slower than fp32. For qlora the weights stay
 4-bit NF4 whatever the choice: only bitsandbytes' compute dtype follows. The resolved precision changes speed, not
-the experiment, so it is no part of the config hash. The machine is passed as data (`Machine`), so every branch of
-the rule is testable without the hardware.
+the experiment, so it is no part of the config hash. Also `model.attn_implementation: auto` (flash attention 2 where
+it runs, else sdpa) and what cannot train on a machine (`machine_problem`: paged optimizers without CUDA, flash
+attention 2 without it or flash-attn, FlexAttention on a CPU). The machine is passed as data (`Machine`), so every
+branch of the rules is testable without the hardware.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Machine:
     gpu_bf16: bool = False
     cpu: str = ""  # torch.backends.cpu.get_cpu_capability(), e.g. AVX2, AVX512
     cpu_bf16: bool = False  # oneDNN runs bf16 natively: AVX512-BF16 or AMX, and oneDNN allowed to use it
+    flash_attn: bool = False  # the flash-attn package is installed
 
     def describe(self) -> str:
         if self.gpu:
@@ -35,10 +38,13 @@ class Machine:
 
 @functools.cache
 def this_machine() -> Machine:
+    import importlib.util
+
     import torch
 
     if torch.cuda.is_available():
-        return Machine(gpu=torch.cuda.get_device_name(), gpu_bf16=torch.cuda.is_bf16_supported())
+        return Machine(gpu=torch.cuda.get_device_name(), gpu_bf16=torch.cuda.is_bf16_supported(),
+                       flash_attn=importlib.util.find_spec("flash_attn") is not None)
     flags = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     # The CPU's flags say what the chip has; oneDNN's answer says whether the matmuls will use it (ONEDNN_MAX_CPU_ISA
     # can forbid it). Both must agree.
@@ -88,13 +94,32 @@ def compute_dtype(cfg):
     return DTYPES[resolved(cfg).precision]
 
 
-def optimizer_problem(cfg, machine: Machine | None = None) -> str | None:
-    """Why train.optimizer cannot train on ``machine`` (default: this one), or None: paged optimizers page through
-    CUDA unified memory (bitsandbytes falls back to unpaged states without CUDA; tuneflow says so instead)."""
-    optimizer = cfg.train.optimizer
+def attention(cfg, machine: Machine | None = None) -> str:
+    """model.attn_implementation on ``machine``: auto = flash_attention_2 on CUDA with flash-attn, else sdpa. Where
+    flash attention 2 cannot run (evaluate or export on a CPU machine after training on a GPU), sdpa computes the same;
+    training never gets here with it (machine_problem)."""
     machine = machine or this_machine()
-    if optimizer.startswith("paged_") and not machine.gpu:
-        return (f"train.optimizer: {optimizer} pages its states through CUDA memory, and {machine.describe()} has "
-                f"no CUDA GPU; use {optimizer.removeprefix('paged_')} here (the same states, unpaged)")
-    return None
+    flash = bool(machine.gpu and machine.flash_attn)
+    requested = cfg.model.attn_implementation
+    if requested == "auto" or (requested == "flash_attention_2" and not flash):
+        return "flash_attention_2" if flash else "sdpa"
+    return requested
 
+
+def machine_problem(cfg, machine: Machine | None = None) -> str | None:
+    """Why the config cannot train on ``machine`` (default: this one), or None. Paged optimizers page through CUDA
+    unified memory (bitsandbytes falls back to unpaged states without CUDA; tuneflow says so instead); flash
+    attention 2 needs CUDA and the flash-attn package; torch's FlexAttention has no backward on the CPU."""
+    optimizer, attn = cfg.train.optimizer, cfg.model.attn_implementation
+    machine = machine or this_machine()
+    where = machine.describe()
+    if optimizer.startswith("paged_") and not machine.gpu:
+        return (f"train.optimizer: {optimizer} pages its states through CUDA memory, and {where} has no CUDA GPU; "
+                f"use {optimizer.removeprefix('paged_')} here (the same states, unpaged)")
+    if attn == "flash_attention_2" and not (machine.gpu and machine.flash_attn):
+        need = "the flash-attn package (pip install flash-attn)" if machine.gpu else "a CUDA GPU"
+        return f"model.attn_implementation: flash_attention_2 needs {need}, which {where} lacks; use auto or sdpa"
+    if attn == "flex_attention" and not machine.gpu:
+        return (f"model.attn_implementation: flex_attention does not train on {where} (torch's FlexAttention has no "
+                "backward on the CPU); use auto or sdpa")
+    return None

@@ -22,7 +22,7 @@ from tuneflow.core.loading import ConfigError
 from tuneflow.core.results import TrainRequest, TrainResult
 from tuneflow.memory.auto import resolve_auto_batches
 from tuneflow.memory.estimate import resolve_nproc
-from tuneflow.modeling.precision import optimizer_problem
+from tuneflow.modeling.precision import machine_problem
 from tuneflow.modeling.precision import resolved as resolve_precision
 from tuneflow.sources.hub import fetch
 from tuneflow.tracking.artifacts import materialize, publish
@@ -42,7 +42,7 @@ def train_once(request: TrainRequest, folder: Path, logger,
     from mlflow import MlflowClient
 
     cfg, run_id = request.config, request.mlflow_run_id
-    problem = optimizer_problem(cfg)  # on the machine that trains, before anything is fetched
+    problem = machine_problem(cfg)  # on the machine that trains, before anything is fetched
     if problem:
         raise ConfigError(problem)
     client = MlflowClient(request.tracking_uri)
