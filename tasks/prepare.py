@@ -38,6 +38,7 @@ def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
         "tokenizer": downloaded.model.revision,
         "chat_template": cfg.model.chat_template,
         "format": cfg.dataset.format,
+        "columns": cfg.dataset.columns,
         "eval_size": cfg.dataset.eval_size,
         "seed": cfg.train.seed,
         "prep": cfg.prep.model_dump(),

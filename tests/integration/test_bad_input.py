@@ -194,6 +194,15 @@ def test_bad_benchmarks_are_refused_before_training_each_named(tmp_path, capsys,
                 "got 'C'" in err), err
 
 
+def test_a_column_mapping_the_file_does_not_fit_is_refused_before_training(tmp_path, capsys, tiny_assets):
+    config = merge(base_config(tiny_assets["model"], tiny_assets["data"]), {"dataset.columns": {"output": "answer"}})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and "dataset.columns reads output from column 'answer', which the file lacks (its columns: " \
+        "input, instruction, output)" in err, err
+    code, err = validate(tmp_path, merge(config, {"dataset.columns": {"output": "output"}}), capsys)
+    assert code == 0, err
+
+
 def test_few_shot_prompts_longer_than_the_model_reads_are_refused(tmp_path, capsys, tiny_assets):
     """The harness would cut such a prompt from the left without a word; the tiny model reads 2048 tokens."""
     rows = [{"question": f"Question {i}: " + "the river and the stone " * 60 + "which is it?",

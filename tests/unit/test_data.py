@@ -369,3 +369,34 @@ def test_split_count(n, eval_size):
 def test_split_leaving_no_training_rows_is_rejected(n, eval_size):
     with pytest.raises(ValueError, match=r"dataset\.eval_size"):
         split_indices(n, eval_size, seed=0)
+
+
+def test_columns_map_the_formats_fields_onto_the_files_own(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "qa.csv"
+    pd.DataFrame([{"question": "Add 1 and 2.", "context": "", "answer": "3"},
+                  {"question": "Reverse:", "context": "a b", "answer": "b a"}]).to_csv(path, index=False)
+    columns = {"instruction": "question", "input": "context", "output": "answer"}
+    assert load_conversations(path, "alpaca", columns=columns) == [
+        [user("Add 1 and 2."), assistant("3")], [user("Reverse:\na b"), assistant("b a")]]
+    dialogs = write_json(tmp_path / "d.json", [{"dialog": [{"from": "human", "value": "hi"},
+                                                           {"from": "gpt", "value": "hello"}]}])
+    assert load_conversations(dialogs, "sharegpt", columns={"conversations": "dialog"}) == [
+        [user("hi"), assistant("hello")]]
+
+
+def test_a_mapped_column_the_file_lacks_is_named_once(tmp_path):
+    path = write_json(tmp_path / "rows.json", [{"question": "q", "reply": "a"}] * 5)
+    with pytest.raises(DatasetError) as info:
+        load_conversations(path, "alpaca", columns={"instruction": "question", "output": "answer"})
+    assert str(info.value) == (f"{path}: dataset.columns reads output from column 'answer', which the file lacks "
+                               "(its columns: question, reply)")
+
+
+def test_columns_name_the_formats_own_fields():
+    from tuneflow.core.loading import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="columns: prompt is no field of format alpaca; its fields are instruction, "
+                                          "input, output, system, history"):
+        load_config(data={"dataset": {"name_or_path": "x", "columns": {"prompt": "question"}}})

@@ -25,6 +25,9 @@ LrScheduler = Literal[
     "inverse_sqrt",
     "reduce_lr_on_plateau",
 ]
+# dataset.format -> the fields a row of it has (dataset.columns maps them onto the file's own column names)
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output", "system", "history"),
+                 "sharegpt": ("conversations", "system"), "messages": ("messages",)}
 # train.optimizer: the HF Trainer's names that matter here (bitsandbytes' 8-bit, paged and Lion optimizers included).
 Optimizer = Literal[
     "adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
@@ -69,6 +72,19 @@ class DatasetConfig(Section):
     eval_size: float = Field(
         0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed)."
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="The format's fields read from the file's own columns, as LLaMA-Factory's "
+        "dataset_info maps them, e.g. {instruction: question, input: context, output: answer} for alpaca, "
+        "{conversations: dialog} for sharegpt, {messages: chat} for messages.")
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> "DatasetConfig":
+        fields = FORMAT_FIELDS[self.format]
+        unknown = sorted(set(self.columns) - set(fields))
+        if unknown:
+            raise ValueError(f"columns: {', '.join(unknown)} is no field of format {self.format}; its fields are "
+                             f"{', '.join(fields)}")
+        return self
 
     @field_validator("eval_size")
     @classmethod

@@ -187,16 +187,24 @@ def check_conversation(messages: list[dict], where: str, field: str) -> None:
 MAX_REPORTED = 10
 
 
-def load_conversations(path: Path, fmt: str, invalid: Counter | None = None) -> list[list[dict]]:
-    """Every row of the dataset as validated chat messages.
+def load_conversations(path: Path, fmt: str, invalid: Counter | None = None,
+                       columns: dict[str, str] | None = None) -> list[list[dict]]:
+    """Every row of the dataset as validated chat messages; ``columns`` maps the format's fields onto the file's own
+    column names (dataset.columns).
 
     Bad rows raise one DatasetError that lists them all (the first MAX_REPORTED), unless ``invalid`` is given:
-    then bad rows are skipped and counted there by reason (the message without its file and row).
+    then bad rows are skipped and counted there by reason (the message without its file and row). A mapped column
+    that no row of a file has is one error naming the file and the column.
     """
     convert = CONVERTERS[fmt]
     conversations, problems = [], []
+    seen: dict[str, set] = {}  # file -> the columns its rows have
     for file, row_no, row in read_rows(path):
         where = f"{file}: row {row_no}"
+        if columns and isinstance(row, dict):
+            seen.setdefault(file, set()).update(row)
+            row = {**{k: v for k, v in row.items() if k not in columns.values()},
+                   **{field: row[column] for field, column in columns.items() if column in row}}
         try:
             messages = convert(row, where)
             check_conversation(messages, where, ANSWER_FIELD[fmt])
@@ -207,6 +215,11 @@ def load_conversations(path: Path, fmt: str, invalid: Counter | None = None) -> 
                 invalid[str(exc).removeprefix(f"{where}: ")] += 1
             continue
         conversations.append(messages)
+    for file, names in seen.items():
+        missing = [f"{field} from column '{column}'" for field, column in columns.items() if column not in names]
+        if missing:
+            raise DatasetError(f"{file}: dataset.columns reads {', '.join(missing)}, which the file lacks (its "
+                               f"columns: {', '.join(sorted(names))})")
     if problems:
         shown = [f"  - {p}" for p in problems[:MAX_REPORTED]]
         if len(problems) > MAX_REPORTED:
@@ -224,7 +237,8 @@ def load_dataset_rows(path: Path, cfg) -> tuple[list[list[dict]], Counter]:
 
     With on_invalid=drop it still fails when more than prep.max_invalid_fraction of the rows are invalid."""
     invalid: Counter = Counter()
-    conversations = load_conversations(path, cfg.dataset.format, invalid if cfg.prep.on_invalid == "drop" else None)
+    conversations = load_conversations(path, cfg.dataset.format, invalid if cfg.prep.on_invalid == "drop" else None,
+                                       cfg.dataset.columns)
     dropped = sum(invalid.values())
     if dropped / (dropped + len(conversations)) > cfg.prep.max_invalid_fraction:
         raise DatasetError(
