@@ -24,6 +24,8 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
     if s.zero.deepspeed:  # DeepSpeed steps fp32 copies
         optim = optim.replace("in the parameters' dtype", "in fp32") + (
             " + fp32 master" if s.precision != "fp32" else "")
+    if s.optimizer.startswith("paged_"):
+        optim += "; paged to CPU memory under pressure"
     labels = dict(LINES)
     labels["frozen_weights"] += f" ({frozen_what})"
     labels["quantized_weights"] = ("8-bit weights (+ a scale per row)" if s.quant_bits == 8 else
