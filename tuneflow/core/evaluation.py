@@ -61,7 +61,8 @@ class JudgeConfig(Section):
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="Held-out examples used for generation metrics.")
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens generated per answer (greedy).")
-    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded); the benchmarks' batch too.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together (left-padded); the benchmarks' batch "
+                            "and the judge's (an endpoint's requests in flight) too.")
     compare_base: bool = Field(True, description="Also score the untuned base model, for a base-vs-tuned table.")
     benchmarks: list[BenchmarkConfig] = Field(
         default_factory=list, description="Benchmarks scored with lm-evaluation-harness for base and tuned, logged as "

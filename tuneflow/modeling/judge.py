@@ -67,20 +67,24 @@ class LocalJudge:
 
 
 class EndpointJudge:
-    """A judge behind an OpenAI-compatible chat completions endpoint, asked greedily; the key never leaves the
-    client."""
+    """A judge behind an OpenAI-compatible chat completions endpoint, asked greedily, several requests at a time
+    (in order); the key never leaves the client."""
 
-    def __init__(self, client, model: str, max_new_tokens: int):
+    def __init__(self, client, model: str, max_new_tokens: int, concurrency: int = 8):
         self.client, self.model, self.max_new_tokens = client, model, max_new_tokens  # an openai.OpenAI client
+        self.concurrency = concurrency  # requests in flight at once
 
     def __call__(self, chats: list[list[dict]]) -> list[dict]:
-        out = []
-        for chat in chats:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(chat: list[dict]) -> dict:
             reply = self.client.chat.completions.create(model=self.model, messages=chat, temperature=0,
                                                         max_tokens=self.max_new_tokens)
             text = reply.choices[0].message.content or ""
-            out.append({"label": parse(text), "reply": text})
-        return out
+            return {"label": parse(text), "reply": text}
+
+        with ThreadPoolExecutor(self.concurrency) as pool:  # a serving engine batches requests that arrive together
+            return list(pool.map(ask, chats))
 
 
 def judge_pairs(judge, questions: list[str], references: list[str], mine: list[str], theirs: list[str]) -> list[dict]:

@@ -38,7 +38,8 @@ def open_judge(cfg: TuneflowConfig, tracking_uri: str, logger: logging.Logger, d
     if j.base_url:
         from tuneflow.sources.judge import endpoint
 
-        return EndpointJudge(endpoint(cfg), j.model, j.max_new_tokens), f"{j.model} at {j.base_url}"
+        return (EndpointJudge(endpoint(cfg), j.model, j.max_new_tokens, cfg.eval.batch_size),
+                f"{j.model} at {j.base_url}")
     from tuneflow.modeling.load import load_pretrained, load_tokenizer
     from tuneflow.modeling.precision import compute_dtype
     from tuneflow.sources.hub import Problem
