@@ -44,7 +44,11 @@ def download(cfg: TuneflowConfig, ctx: RunContext) -> DownloadResult:
         model = pinned(checked.model, fetch_weights(checked.model, cfg, logger))
         dataset = pinned(checked.dataset, checked.dataset_dir)
         logger.info("model %s@%s; dataset %s@%s", model.name, model.revision, dataset.name, dataset.revision)
-        log_params(client, run_id, {f"{ref.kind}.{k}": v for ref in (model, dataset)
+        refs = {"model": model, "dataset": dataset}
+        if checked.eval_dataset is not None:
+            refs["eval_dataset"] = pinned(checked.eval_dataset, checked.eval_dataset_dir)
+            logger.info("eval dataset %s@%s", refs["eval_dataset"].name, refs["eval_dataset"].revision)
+        log_params(client, run_id, {f"{key}.{k}": v for key, ref in refs.items()
                                     for k, v in (("name", ref.name), ("revision", ref.revision),
                                                  ("source", ref.source))})
-        return DownloadResult(model=model, dataset=dataset, mlflow_run_id=run_id)
+        return DownloadResult(**refs, mlflow_run_id=run_id)

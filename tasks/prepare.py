@@ -39,6 +39,7 @@ def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
         "chat_template": cfg.model.chat_template,
         "format": cfg.dataset.format,
         "columns": cfg.dataset.columns,
+        "eval_dataset": [downloaded.eval_dataset.revision, cfg.eval_dataset.model_dump()] if cfg.eval_dataset else None,
         "eval_size": cfg.dataset.eval_size,
         "seed": cfg.train.seed,
         "prep": cfg.prep.model_dump(),
@@ -53,7 +54,8 @@ def build_entry(cfg: TuneflowConfig, downloaded: DownloadResult, final: Path, lo
     final.parent.mkdir(parents=True, exist_ok=True)
     with staged(final, keep_existing=True) as staging:  # a concurrent flow may finish the same entry first
         tokenizer_dir = fetch(downloaded.model, cfg, logger, weights=False)
-        stats = build(cfg, tokenizer_dir, fetch(downloaded.dataset, cfg, logger), staging)
+        eval_path = fetch(downloaded.eval_dataset, cfg, logger) if downloaded.eval_dataset else None
+        stats = build(cfg, tokenizer_dir, fetch(downloaded.dataset, cfg, logger), staging, eval_path=eval_path)
         logger.info("prepare: %s", json.dumps(stats))
 
 

@@ -203,6 +203,17 @@ def test_a_column_mapping_the_file_does_not_fit_is_refused_before_training(tmp_p
     assert code == 0, err
 
 
+def test_a_bad_eval_dataset_is_refused_before_training(tmp_path, capsys, tiny_assets):
+    bad = tmp_path / "eval.json"
+    bad.write_text(json.dumps([{"instruction": "q"}]))  # no answer
+    config = merge(base_config(tiny_assets["model"], tiny_assets["data"]), {"eval_dataset": {"name_or_path": str(bad)}})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and f"{bad}: row 1: field 'output' is missing" in err, err
+    gone = tmp_path / "gone.json"
+    code, err = validate(tmp_path, merge(config, {"eval_dataset": {"name_or_path": str(gone)}}), capsys)
+    assert code == 2 and f"eval_dataset.name_or_path: no such file or folder: {gone}" in err, err
+
+
 def test_few_shot_prompts_longer_than_the_model_reads_are_refused(tmp_path, capsys, tiny_assets):
     """The harness would cut such a prompt from the left without a word; the tiny model reads 2048 tokens."""
     rows = [{"question": f"Question {i}: " + "the river and the stone " * 60 + "which is it?",

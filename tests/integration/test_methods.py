@@ -17,9 +17,10 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, **train) -> dict:
+def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict | None = None, **train) -> dict:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
+        **(extra or {}),
         "run_name": method,
         "output_dir": str(tmp_path / "runs"),
         "model": {"name_or_path": str(tiny_assets["model"])},
@@ -60,10 +61,23 @@ def train_params(tmp_path: Path, summary: dict) -> dict:
 
 
 def test_lora(tmp_path, tiny_assets, prefect_api):
-    # micro-batches sized by a token budget rather than a row count; PiSSA's initialisation, LoRA+ and NEFTune
-    summary = run(tmp_path, tiny_assets, prefect_api, "lora", learning_rate=5e-3, tokens_per_batch=300,
+    # micro-batches sized by a token budget rather than a row count; PiSSA's initialisation, LoRA+ and NEFTune;
+    # an evaluation dataset of its own, in another format
+    rows = json.loads(Path(tiny_assets["data"]).read_text())[:12]
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")},
+        {"role": "assistant", "content": r["output"]}]}) + "\n" for r in rows))
+    summary = run(tmp_path, tiny_assets, prefect_api, "lora", extra={"eval_dataset": {
+        "name_or_path": str(held_out), "format": "messages"}}, learning_rate=5e-3, tokens_per_batch=300,
                   neftune_noise_alpha=5, lora={"rank": 8, "alpha": 16, "dropout": 0.0, "init": "pissa",
                                                "loraplus_lr_ratio": 16})
+    assert summary["stages"]["prepare"]["stats"]["eval_rows"] == 12
+    assert summary["lineage"]["eval_dataset_revision"].startswith("sha256:")
+    from mlflow import MlflowClient
+
+    evaluate = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["stages"]["evaluate"]["mlflow_run_id"])
+    assert [d.dataset.name for d in evaluate.inputs.dataset_inputs] == [f"{held_out}#eval"]
     assert summary["stages"]["train"]["weights"].endswith("/adapter")
     adapter = Path(summary["adapter_dir"])
     assert (adapter / "adapter_model.safetensors").is_file()

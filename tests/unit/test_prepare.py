@@ -55,6 +55,26 @@ def test_splits_and_statistics(model_dir, tmp_path):
     assert reference.endswith(".") and json.loads(saved["eval"][0]["prompt"])[-1]["role"] == "user"
 
 
+def test_an_eval_dataset_of_its_own_is_the_eval_split(model_dir, tmp_path):
+    """eval_dataset: every row of the dataset trains; the eval split is the other dataset's rows, read in its own
+    format and columns."""
+    data, held_out = tmp_path / "d.json", tmp_path / "eval.csv"
+    data.write_text(json.dumps(_rows(10, 0)))
+    held_out.write_text("question,answer\nAdd 7 and 7.,7 plus 7 is 14.\nAdd 8 and 8.,8 plus 8 is 16.\n"
+                        "Add 9 and 9.,9 plus 9 is 18.\n")
+    cfg, fetched = _setup(model_dir, data)
+    cfg = cfg.model_validate({**cfg.model_dump(), "eval_dataset": {
+        "name_or_path": str(held_out), "columns": {"instruction": "question", "output": "answer"}}})
+    stats = build(cfg, model_dir, data, tmp_path / "out", eval_path=held_out)
+    saved = load_from_disk(str(tmp_path / "out"))
+    assert (len(saved["train"]), len(saved["eval"])) == (10, 3) and stats["rows"] == 13
+    assert [r for r in saved["eval"]["reference"]] == ["7 plus 7 is 14.", "8 plus 8 is 16.", "9 plus 9 is 18."]
+    eval_ref = SourceRef(kind="dataset", name=str(held_out), revision="e1", local_path=str(held_out))
+    key = cache_key(cfg, fetched.model_copy(update={"eval_dataset": eval_ref}))
+    assert key != cache_key(cfg, fetched.model_copy(update={"eval_dataset": eval_ref.model_copy(
+        update={"revision": "e2"})}))
+
+
 def test_bad_row_stops_the_run_by_default(model_dir, tmp_path):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(_rows(10, 1)))

@@ -59,7 +59,9 @@ class ModelConfig(Section):
         "else sdpa. Packed rows never attend to each other with any of them.")
 
 
-class DatasetConfig(Section):
+class SourceConfig(Section):
+    """A dataset: where its rows are and how to read them."""
+
     name_or_path: str = Field(
         ..., min_length=1, description="Hub dataset repo id, or a local .json/.jsonl/.parquet/.csv file or folder."
     )
@@ -69,22 +71,26 @@ class DatasetConfig(Section):
         description="alpaca: instruction/input/output[/system/history]; sharegpt: conversations of from/value; "
         "messages: role/content lists.",
     )
-    eval_size: float = Field(
-        0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed)."
-    )
     columns: dict[str, str] = Field(
         default_factory=dict, description="The format's fields read from the file's own columns, as LLaMA-Factory's "
         "dataset_info maps them, e.g. {instruction: question, input: context, output: answer} for alpaca, "
         "{conversations: dialog} for sharegpt, {messages: chat} for messages.")
 
     @model_validator(mode="after")
-    def _known_fields(self) -> "DatasetConfig":
+    def _known_fields(self) -> "SourceConfig":
         fields = FORMAT_FIELDS[self.format]
         unknown = sorted(set(self.columns) - set(fields))
         if unknown:
             raise ValueError(f"columns: {', '.join(unknown)} is no field of format {self.format}; its fields are "
                              f"{', '.join(fields)}")
         return self
+
+
+class DatasetConfig(SourceConfig):
+    eval_size: float = Field(
+        0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed); "
+        "unused with eval_dataset."
+    )
 
     @field_validator("eval_size")
     @classmethod
@@ -315,6 +321,9 @@ class TuneflowConfig(Section):
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     dataset: DatasetConfig = Field(..., description="The instruction dataset.")
+    eval_dataset: Optional[SourceConfig] = Field(
+        None, description="A dataset of its own for evaluation (then every row of dataset trains), e.g. "
+        "{name_or_path: org/eval-set}; unset: a held-out split of dataset (dataset.eval_size).")
     prep: PrepConfig = Field(default_factory=PrepConfig, description="Tokenization.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on the held-out split.")

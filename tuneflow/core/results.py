@@ -53,6 +53,7 @@ class StageResult(BaseModel):
 class DownloadResult(StageResult):
     model: SourceRef
     dataset: SourceRef
+    eval_dataset: SourceRef | None = None  # eval_dataset, when set
 
 
 class PrepareResult(StageResult):

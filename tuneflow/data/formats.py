@@ -232,13 +232,15 @@ def load_conversations(path: Path, fmt: str, invalid: Counter | None = None,
     return conversations
 
 
-def load_dataset_rows(path: Path, cfg) -> tuple[list[list[dict]], Counter]:
-    """The dataset's valid conversations under cfg.prep.on_invalid, and the dropped rows counted by reason.
+def load_dataset_rows(path: Path, cfg, source=None) -> tuple[list[list[dict]], Counter]:
+    """The valid conversations of ``source`` (default cfg.dataset; or cfg.eval_dataset) under cfg.prep.on_invalid,
+    and the dropped rows counted by reason.
 
     With on_invalid=drop it still fails when more than prep.max_invalid_fraction of the rows are invalid."""
+    source = source or cfg.dataset
     invalid: Counter = Counter()
-    conversations = load_conversations(path, cfg.dataset.format, invalid if cfg.prep.on_invalid == "drop" else None,
-                                       cfg.dataset.columns)
+    conversations = load_conversations(path, source.format, invalid if cfg.prep.on_invalid == "drop" else None,
+                                       source.columns)
     dropped = sum(invalid.values())
     if dropped / (dropped + len(conversations)) > cfg.prep.max_invalid_fraction:
         raise DatasetError(

@@ -83,8 +83,10 @@ def _percentile(values: list[int], q: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else 0.0
 
 
-def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, num_proc: int | None = None) -> dict:
-    """Tokenize and save the dataset to ``out``; return its statistics.
+def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, num_proc: int | None = None,
+          eval_path: Path | None = None) -> dict:
+    """Tokenize and save the dataset to ``out``; return its statistics. The eval split is cfg.eval_dataset's rows
+    (in ``eval_path``) when there is one, else a seeded held-out split of the dataset.
 
     ``num_proc``: processes that tokenize; None: every usable core, fewer for small datasets."""
     from datasets import DatasetDict
@@ -93,11 +95,16 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, n
 
     tokenizer = load_tokenizer(model_dir, cfg)
     conversations, invalid = load_dataset_rows(Path(dataset_path), cfg)
-    train_idx, eval_idx = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
+    if cfg.eval_dataset is not None:
+        held_out, eval_invalid = load_dataset_rows(Path(eval_path), cfg, cfg.eval_dataset)
+        invalid += eval_invalid
+        rows = {"train": conversations, "eval": held_out}
+    else:
+        train_idx, eval_idx = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
+        rows = {"train": [conversations[i] for i in train_idx], "eval": [conversations[i] for i in eval_idx]}
     splits, lengths, label_tokens = {}, [], {}
-    for split, indices in (("train", train_idx), ("eval", eval_idx)):
-        encoded = encode_rows(tokenizer, [conversations[i] for i in indices], cfg.prep.cutoff_len, num_proc,
-                              desc=f"Tokenizing {split} rows")
+    for split, chosen in rows.items():
+        encoded = encode_rows(tokenizer, chosen, cfg.prep.cutoff_len, num_proc, desc=f"Tokenizing {split} rows")
         lengths += encoded["full_length"]
         counts = encoded["label_tokens"]
         # A row whose answer lies entirely past cutoff_len has nothing to learn from: drop it.
@@ -108,10 +115,10 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, n
         label_tokens[split] = sum(counts)
     DatasetDict(splits).save_to_disk(str(out))
     stats = {
-        "rows": len(conversations),
+        "rows": len(rows["train"]) + len(rows["eval"]),
         "train_rows": len(splits["train"]),
         "eval_rows": len(splits["eval"]),
-        "dropped_cut_off": len(conversations) - len(splits["train"]) - len(splits["eval"]),
+        "dropped_cut_off": len(rows["train"]) + len(rows["eval"]) - len(splits["train"]) - len(splits["eval"]),
         "dropped_invalid": sum(invalid.values()),
         "invalid_reasons": dict(invalid),
         "truncation_rate": sum(n > cfg.prep.cutoff_len for n in lengths) / len(lengths),

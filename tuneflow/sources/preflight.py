@@ -24,6 +24,7 @@ from tuneflow.sources.hub import (
     hub_token,
     locate,
     model_patterns,
+    rekey,
     snapshot,
 )
 
@@ -79,13 +80,15 @@ def model_folder_problems(folder: Path, cfg: TuneflowConfig) -> list[str]:
     return problems
 
 
-def dataset_problems(path: Path, cfg: TuneflowConfig) -> list[str]:
-    """Every row parsed and validated for dataset.format, and the eval split checked against the row count."""
+def dataset_problems(path: Path, cfg: TuneflowConfig, source=None) -> list[str]:
+    """Every row of ``source`` (default cfg.dataset) parsed and validated for its format, and the held-out split
+    checked against the row count (without eval_dataset)."""
     from tuneflow.data.formats import DatasetError, load_dataset_rows, split_indices
 
     try:
-        rows, _ = load_dataset_rows(path, cfg)
-        split_indices(len(rows), cfg.dataset.eval_size, cfg.train.seed)
+        rows, _ = load_dataset_rows(path, cfg, source)
+        if source is None and cfg.eval_dataset is None:
+            split_indices(len(rows), cfg.dataset.eval_size, cfg.train.seed)
     except DatasetError as exc:
         return [str(exc)]
     return []
@@ -119,6 +122,8 @@ class Checked:
     model_dir: Path  # the small files (a Hub snapshot without weights yet), or the local folder
     dataset: Source
     dataset_dir: Path
+    eval_dataset: Source | None = None  # eval_dataset, when set
+    eval_dataset_dir: Path | None = None
 
 
 def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
@@ -147,6 +152,15 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
         problems += dataset_problems(dataset_dir, cfg)
     except Problem as exc:
         problems.append(str(exc))
+    eval_dataset = eval_dataset_dir = None
+    if cfg.eval_dataset is not None:
+        e = cfg.eval_dataset
+        try:
+            eval_dataset = locate(e.name_or_path, e.revision, "dataset", logger, token)
+            eval_dataset_dir = snapshot(eval_dataset, DATASET_PATTERNS, logger)
+            problems += dataset_problems(eval_dataset_dir, cfg, e)
+        except Problem as exc:
+            problems.append(rekey(exc, "dataset", "eval_dataset.name_or_path", "eval_dataset.revision"))
     if cfg.eval.benchmarks:
         from tuneflow.sources.benchmarks import benchmark_problems
 
@@ -157,4 +171,4 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
         problems += judge_problems(cfg, logger)
     if problems:
         raise PreflightError(problems)
-    return Checked(model, model_dir, dataset, dataset_dir)
+    return Checked(model, model_dir, dataset, dataset_dir, eval_dataset, eval_dataset_dir)

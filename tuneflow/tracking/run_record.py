@@ -111,6 +111,7 @@ class RunRecord:
         self.ctx = RunContext(run_dir=str(self.folder), tracking_uri=uri, experiment_id=exp_id,
                               parent_run_id=self.parent)
         self.dataset: SourceRef | None = None
+        self.eval_source: SourceRef | None = None
         self.prepared: PrepareResult | None = None
         self.summary: dict = {
             "status": "running",
@@ -129,8 +130,11 @@ class RunRecord:
                                         "seconds": round(time.perf_counter() - start, 1), **stage_details(result)}
         if isinstance(result, DownloadResult):
             self.dataset = result.dataset
+            self.eval_source = result.eval_dataset or result.dataset  # where the eval split's rows come from
             self.summary["lineage"] = {"model_revision": result.model.revision,
                                        "dataset_revision": result.dataset.revision}
+            if result.eval_dataset is not None:
+                self.summary["lineage"]["eval_dataset_revision"] = result.eval_dataset.revision
         elif isinstance(result, PrepareResult):
             self.prepared = result
             self.log_data(self.parent, "train", "training")
@@ -151,10 +155,12 @@ class RunRecord:
         return result
 
     def log_data(self, run_id: str, split: str, context: str) -> None:
-        """The prepared split as an MLflow dataset input of ``run_id``: named after the dataset, with the digest of
-        the prepared data and the dataset's source (Hub repo at its commit, or local path)."""
-        log_dataset(self.client, run_id, f"{self.dataset.name}#{split}", self.prepared.data.digest,
-                    dataset_source(self.dataset, split), context)
+        """The prepared split as an MLflow dataset input of ``run_id``: named after the dataset it comes from
+        (eval_dataset for the eval split, when set), with the digest of the prepared data and that dataset's source
+        (Hub repo at its commit, or local path)."""
+        source = self.eval_source if split == "eval" else self.dataset
+        log_dataset(self.client, run_id, f"{source.name}#{split}", self.prepared.data.digest,
+                    dataset_source(source, split), context)
 
     def skip(self, name: str) -> None:
         self.summary["stages"][name]["status"] = "skipped"
