@@ -136,3 +136,14 @@ def test_a_local_judge_logs_its_verdicts_and_figures_to_the_run(tiny_assets, tmp
     assert client.get_run(run_id).data.tags["tuneflow.judge"].startswith(f"{tiny_assets['model']}@sha256:")
     table = json.loads(Path(client.download_artifacts(run_id, "judge/verdicts.json", str(tmp_path))).read_text())
     assert [row[table["columns"].index("question")] for row in table["data"]] == QUESTIONS[:3]  # judge.samples
+
+
+def test_credentials_in_the_endpoints_url_are_refused(tiny_assets):
+    from tuneflow.core.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.judge.base_url.*credentials in the URL would be logged"):
+        from tuneflow.core.loading import load_config
+
+        load_config(data={"dataset": {"name_or_path": "x"},
+                          "eval": {"judge": {"model": "m", "base_url": "http://user:sk-secret@vllm:8000/v1"}}})
+    assert config(tiny_assets, base_url="http://vllm:8000/v1").eval.judge.base_url == "http://vllm:8000/v1"

@@ -57,6 +57,14 @@ class JudgeConfig(Section):
     elo_rounds: int = Field(1000, ge=1, le=100000, description="Random match orders the Elo ratings are averaged "
                             "over (seeded by train.seed).")
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        if v is not None and "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials in the URL would be logged with the config; put the key in OPENAI_API_KEY "
+                             "or a Prefect Secret (api_key_secret)")
+        return v
+
 
 class EvalConfig(Section):
     max_samples: int = Field(200, ge=1, description="Held-out examples used for generation metrics.")
