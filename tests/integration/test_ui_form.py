@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import typing
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def full_page_screenshot(page, tmp_path: Path) -> Path:
     return shot
 
 
+def rendered(page, paths: list[tuple]) -> list[dict]:
+    """The form as READ_FORM reads it, once the UI has rendered the markdown description of every one of ``paths``
+    (it renders them after the labels, a long form on a 2-core machine takes seconds), or as it is at the timeout."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        shown = page.evaluate(READ_FORM)
+        by_path = {tuple(p["path"]): p for p in shown}
+        if all(by_path.get(p, {}).get("description") for p in paths) or time.monotonic() > deadline:
+            return shown
+        page.wait_for_timeout(500)
+
+
 def dropdown_choices(page, index: int) -> list[str]:
     """Open the dropdown of form property ``index`` as a keyboard user does, read its choices, close it.
     (A synthetic mouse click does not open Prefect's p-select in headless Chromium; focus + ArrowDown does.)"""
@@ -181,7 +194,7 @@ def test_run_form_shows_config_fields_with_descriptions(chromium, on_demand, pre
                     pytest.fail(f"the run form did not render within {TIMEOUT_MS // 1000}s ({exc}).\n"
                                 f"Page text:\n{body}\nBrowser errors:\n" + "\n".join(errors[-20:]), pytrace=False)
 
-                shown = page.evaluate(READ_FORM)
+                shown = rendered(page, [path for path, _, _ in config_fields()])
                 by_path = {tuple(p["path"]): p for p in shown}
 
                 # Every config key, sections included, nested under its section, visible, described as in code.
@@ -205,7 +218,7 @@ def test_run_form_shows_config_fields_with_descriptions(chromium, on_demand, pre
                             problems.append(f"{key}: a Literal{list(choices)} but the form shows no dropdown")
                         else:
                             offered = dropdown_choices(page, prop["index"])
-                            if offered != list(choices):
+                            if offered != [str(c) for c in choices]:  # Literal[4, 8] is offered as 4 and 8
                                 problems.append(f"{key}: dropdown offers {offered}, config.py allows {list(choices)}")
 
                 # The flow's other parameters, described by the flow's docstring.

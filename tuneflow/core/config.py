@@ -158,10 +158,10 @@ class TrainConfig(Section):
     lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     optimizer: Optimizer = Field(
-        "adamw_torch_fused", description="adamw_torch(_fused): torch's AdamW, moments in the trained weights' dtype; "
-        "adamw_8bit / lion_8bit: bitsandbytes' 8-bit states (a quarter of AdamW's memory); paged_*: the QLoRA paper's "
-        "paged optimizers, states paged to CPU memory under GPU memory pressure (CUDA only); adafactor: factored "
-        "second moments; sgd. `tuneflow plan` counts each one's state.")
+        "adamw_torch_fused", description="`adamw_torch_fused`, `adamw_torch`: torch's AdamW, moments in the trained "
+        "weights' dtype; `adamw_8bit`, `lion_8bit`: bitsandbytes' 8-bit states (a quarter of AdamW's memory); "
+        "`paged_*`: the QLoRA paper's paged optimizers, states paged to CPU memory under GPU memory pressure (CUDA "
+        "only); `adafactor`: factored second moments; `sgd`. `tuneflow plan` counts each one's state.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for AdamW and Lion).")
     neftune_noise_alpha: Optional[float] = Field(
         None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training (5 is "
