@@ -231,17 +231,20 @@ def cached_fraction(src: Source, patterns: list[str]) -> tuple[int, int]:
     return cached, len(wanted)
 
 
-def hub_token(cfg: TuneflowConfig) -> str | None:
-    """The token from the Prefect Secret block named by hub.token_secret; None leaves it to huggingface_hub."""
-    if not cfg.hub.token_secret:
-        return None
+def secret(name: str, key: str) -> str:
+    """The value of the Prefect Secret block ``name``, which config key ``key`` names; a missing block is a Problem."""
     from prefect.blocks.system import Secret
 
     try:
-        return Secret.load(cfg.hub.token_secret).get()
+        return Secret.load(name).get()
     except ValueError:
-        raise Problem(f"hub.token_secret: there is no Prefect Secret block named {cfg.hub.token_secret!r}; create "
-                      "it in the Prefect UI (Blocks > Secret) or with Secret(value=...).save(name)") from None
+        raise Problem(f"{key}: there is no Prefect Secret block named {name!r}; create it in the Prefect UI "
+                      "(Blocks > Secret) or with Secret(value=...).save(name)") from None
+
+
+def hub_token(cfg: TuneflowConfig) -> str | None:
+    """The token from the Prefect Secret block named by hub.token_secret; None leaves it to huggingface_hub."""
+    return secret(cfg.hub.token_secret, "hub.token_secret") if cfg.hub.token_secret else None
 
 
 def local_revision(path: Path) -> str:

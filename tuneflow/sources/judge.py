@@ -7,20 +7,13 @@ import logging
 import os
 
 from tuneflow.core.config import TuneflowConfig
-from tuneflow.sources.hub import Problem, hub_token, locate, rekey
+from tuneflow.sources.hub import Problem, hub_token, locate, rekey, secret
 
 
 def api_key(cfg: TuneflowConfig) -> str | None:
     """The endpoint's key: the Prefect Secret eval.judge.api_key_secret; None leaves it to OPENAI_API_KEY."""
     name = cfg.eval.judge.api_key_secret
-    if not name:
-        return None
-    from prefect.blocks.system import Secret
-
-    try:
-        return Secret.load(name).get()
-    except ValueError:
-        raise Problem(f"eval.judge.api_key_secret: there is no Prefect Secret block named {name!r}") from None
+    return secret(name, "eval.judge.api_key_secret") if name else None
 
 
 def endpoint(cfg: TuneflowConfig):
