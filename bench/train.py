@@ -165,7 +165,7 @@ def main() -> None:
                       "gradient_accumulation_steps": 1, "save_steps": 10**6, "learning_rate": 2e-4},
         })
         auto = resolved(cfg).precision
-        stats = build(cfg, model_dir, data, root / "prepared")
+        stats = build(cfg, model_dir, [data], root / "prepared")
         # the token budget holds, on average, as many tokens as `batch` rows do
         budget = int(round(stats["tokens_mean"] * args.batch))
         variants = {"padded": {"packing": False}, "packed": {"packing": True},

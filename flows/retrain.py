@@ -28,8 +28,7 @@ def fingerprint_task(cfg: TuneflowConfig):
     from tuneflow.tracking.registry import fingerprint
 
     fp = fingerprint(cfg, get_run_logger())
-    get_run_logger().info("model %s@%s, dataset %s@%s, config %s", fp.model.name, fp.model.revision,
-                          fp.dataset.name, fp.dataset.revision, fp.config_hash)
+    get_run_logger().info("pinned: %s", fp.describe())
     return fp
 
 
@@ -42,7 +41,7 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
     from mlflow.artifacts import download_artifacts
     from prefect.runtime import flow_run
 
-    from tuneflow.core.results import PREDICTIONS, SourceRef
+    from tuneflow.core.results import PREDICTIONS
     from tuneflow.modeling.load import device
     from tuneflow.sources.hub import fetch
     from tuneflow.tracking.artifacts import materialize_model
@@ -52,7 +51,6 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
         CHAMPION,
         PREVIOUS,
         Decision,
-        Fingerprint,
         Registry,
         decide,
         draw_eval_set,
@@ -64,9 +62,8 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
     logger = get_run_logger()
     registry, metric = Registry(cfg), cfg.registry.metric
     client, mlflow_info = registry.client, summary["mlflow"]
-    lineage = summary["lineage"]
-    base_ref = SourceRef(kind="model", name=fp.model.name, revision=lineage["model_revision"],
-                         local_path=fp.model.local_path)
+    trained = fp.at(summary["lineage"])  # the commits the pipeline trained from, which the skip check matches
+    base_ref = trained.model
     with child_run(client, mlflow_info["experiment_id"], mlflow_info["parent_run_id"], "decide") as run_id:
         if frozen is None:  # the name's first decision, or --refreeze-eval-set: from the rows evaluate scored
             folder = download_artifacts(run_id=summary["stages"]["evaluate"]["mlflow_run_id"],
@@ -103,8 +100,6 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
         scores = {who: s[metric] for who, s in all_scores.items()}
         promote, reason, guards = decide(cfg, all_scores["challenger"], all_scores.get("champion"), all_scores["base"])
 
-        trained = Fingerprint(base_ref, fp.dataset.model_copy(update={"revision": lineage["dataset_revision"]}),
-                              fp.config_hash)  # the commits the pipeline trained from, which the skip check matches
         tags = {**trained.tags(), "tuneflow.version": package_version("tuneflow"),
                 "prefect.flow_run_id": str(flow_run.id),
                 **{f"tuneflow.metric.{k}": f"{v:.6g}" for k, v in summary["metrics"].items()

@@ -40,15 +40,15 @@ def download(cfg: TuneflowConfig, ctx: RunContext) -> DownloadResult:
     logger = get_run_logger()
     with ctx.stage("download") as (client, run_id):
         checked = preflight(cfg, logger)
-        logger.info("pre-flight checks passed: model %s, dataset %s", cfg.model.name_or_path, cfg.dataset.name_or_path)
-        model = pinned(checked.model, fetch_weights(checked.model, cfg, logger))
-        dataset = pinned(checked.dataset, checked.dataset_dir)
-        logger.info("model %s@%s; dataset %s@%s", model.name, model.revision, dataset.name, dataset.revision)
-        refs = {"model": model, "dataset": dataset}
-        if checked.eval_dataset is not None:
-            refs["eval_dataset"] = pinned(checked.eval_dataset, checked.eval_dataset_dir)
-            logger.info("eval dataset %s@%s", refs["eval_dataset"].name, refs["eval_dataset"].revision)
+        names = ", ".join(source.name_or_path for _, source in cfg.all_sources)
+        logger.info("pre-flight checks passed: model %s, datasets %s", cfg.model.name_or_path, names)
+        refs = {"model": pinned(checked.model, fetch_weights(checked.model, cfg, logger))}
+        for (key, _), found, folder in zip(cfg.all_sources, checked.datasets, checked.dataset_dirs, strict=True):
+            refs[key] = pinned(found, folder)
+        for key, ref in refs.items():
+            logger.info("%s %s@%s", key, ref.name, ref.revision)
         log_params(client, run_id, {f"{key}.{k}": v for key, ref in refs.items()
                                     for k, v in (("name", ref.name), ("revision", ref.revision),
                                                  ("source", ref.source))})
-        return DownloadResult(**refs, mlflow_run_id=run_id)
+        return DownloadResult(model=refs["model"], datasets=[refs[key] for key, _ in cfg.sources],
+                              eval_dataset=refs.get("eval_dataset"), mlflow_run_id=run_id)

@@ -29,6 +29,10 @@ def model_card(cfg: TuneflowConfig, downloaded: DownloadResult, evaluated: EvalR
     rows = "\n".join(
         f"| {k} | {evaluated.base_metrics.get(k, float('nan')):.4f} | {v:.4f} |" for k, v in evaluated.metrics.items()
     )
+    names = ", ".join(f"`{source.name_or_path}`" for _, source in cfg.sources)
+    datasets = "\n".join(f"- {key}: `{source.name_or_path}` at `{ref.revision}` ({source.format} format"
+                         + (f", weight {source.weight:g})" if len(cfg.sources) > 1 and key != "eval_dataset" else ")")
+                         for (key, source), ref in zip(cfg.all_sources, downloaded.all_datasets, strict=True))
     return f"""---
 base_model: {cfg.model.name_or_path}
 library_name: transformers
@@ -36,11 +40,11 @@ tags: [tuneflow, {cfg.train.method}]
 ---
 # {cfg.run_name}
 
-Fine-tuned with tuneflow ({cfg.train.method}) from `{cfg.model.name_or_path}` on `{cfg.dataset.name_or_path}`.
+Fine-tuned with tuneflow ({cfg.train.method}) from `{cfg.model.name_or_path}` on {names}.
 
 ## Lineage
 - base model: `{cfg.model.name_or_path}` at `{downloaded.model.revision}`
-- dataset: `{cfg.dataset.name_or_path}` at `{downloaded.dataset.revision}` ({cfg.dataset.format} format)
+{datasets}
 
 ## Evaluation (held-out split)
 | metric | base | tuned |

@@ -34,13 +34,11 @@ def cache_key(cfg: TuneflowConfig, downloaded: DownloadResult) -> str:
 
     code = "".join(inspect.getsource(m) for m in (formats, tokenize, prepare))
     parts = {
-        "dataset": downloaded.dataset.revision,
+        # every dataset read, at its commit, with how it is read (format, columns, split, max_samples, weight, ...)
+        "datasets": [[ref.revision, source.model_dump(exclude={"revision"})]
+                     for ref, (_, source) in zip(downloaded.all_datasets, cfg.all_sources, strict=True)],
         "tokenizer": downloaded.model.revision,
         "chat_template": cfg.model.chat_template,
-        "format": cfg.dataset.format,
-        "columns": cfg.dataset.columns,
-        "eval_dataset": [downloaded.eval_dataset.revision, cfg.eval_dataset.model_dump()] if cfg.eval_dataset else None,
-        "eval_size": cfg.dataset.eval_size,
         "seed": cfg.train.seed,
         "prep": cfg.prep.model_dump(),
         "code": hashlib.sha256(code.encode()).hexdigest(),
@@ -55,7 +53,8 @@ def build_entry(cfg: TuneflowConfig, downloaded: DownloadResult, final: Path, lo
     with staged(final, keep_existing=True) as staging:  # a concurrent flow may finish the same entry first
         tokenizer_dir = fetch(downloaded.model, cfg, logger, weights=False)
         eval_path = fetch(downloaded.eval_dataset, cfg, logger) if downloaded.eval_dataset else None
-        stats = build(cfg, tokenizer_dir, fetch(downloaded.dataset, cfg, logger), staging, eval_path=eval_path)
+        paths = [fetch(ref, cfg, logger) for ref in downloaded.datasets]
+        stats = build(cfg, tokenizer_dir, paths, staging, eval_path=eval_path)
         logger.info("prepare: %s", json.dumps(stats))
 
 
@@ -103,6 +102,10 @@ def prepare(cfg: TuneflowConfig, downloaded: DownloadResult, ctx: RunContext) ->
             logger.info("prepare: the same data is already logged as %s", ref.uri)
         log_params(client, run_id, {"data.uri": ref.uri, "data.digest": ref.digest})
         log_metrics(client, run_id, {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        log_metrics(client, run_id, {f"mix.{i}.{k}": source[k] for i, source in enumerate(stats["mix"])
+                                     for k in ("rows", "share")})
+        logger.info("prepare: the training mix: %s", ", ".join(f"{s['name']} {s['rows']} rows ({s['share']:.0%})"
+                                                                for s in stats["mix"]))
         client.log_dict(run_id, stats, "prepare_stats.json")
         client.set_tag(run_id, "cache_hit", str(hit).lower())
         return PrepareResult(data=ref, stats=stats, cache_hit=hit, mlflow_run_id=run_id)

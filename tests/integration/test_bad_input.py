@@ -178,6 +178,29 @@ def test_every_dataset_and_model_problem_at_once(tmp_path, capsys, tiny_assets):
     assert f"{rows}: row 13: field 'output' is missing" in err and f"{rows}: row 14: field 'output' must be" in err
 
 
+def test_every_problem_of_mixed_datasets_at_once_each_named_by_its_key(tmp_path, capsys, tiny_assets):
+    """Two sources, each wrong in its own way (rows of another format; a column mapping the file does not fit), and
+    an evaluation set that is not there: all reported by one validate, each naming its key."""
+    sharegpt = write(tmp_path / "sharegpt.json", [{"conversations": [{"from": "human", "value": "q"},
+                                                                     {"from": "gpt", "value": "a"}]}] * 12)
+    config = {"model": {"name_or_path": str(tiny_assets["model"])},
+              "datasets": [{"name_or_path": str(sharegpt), "weight": 3},
+                           {"name_or_path": str(tiny_assets["data"]), "columns": {"output": "answer"}}],
+              "eval_dataset": {"name_or_path": str(tmp_path / "none.json")}}
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and err.startswith("tuneflow: 3 problems found"), err
+    assert "12 invalid rows for datasets.0.format=alpaca" in err and f"{sharegpt}: row 1: " in err
+    assert (f"{tiny_assets['data']}: datasets.1.columns reads output from column 'answer', which the file lacks"
+            in err), err
+    assert f"eval_dataset.name_or_path: no such file or folder: {tmp_path / 'none.json'}" in err
+    code, err = validate(tmp_path, {**config, "datasets": [{**config["datasets"][0], "weight": 0}]}, capsys)
+    assert code == 2 and "datasets.0.weight: Input should be greater than 0" in err, err
+    fixed = {**config, "datasets": [{**config["datasets"][0], "format": "sharegpt"}, {"name_or_path": str(
+        tiny_assets["data"])}], "eval_dataset": {"name_or_path": str(sharegpt), "format": "sharegpt"}}
+    code, err = validate(tmp_path, fixed, capsys)
+    assert code == 0, err
+
+
 def test_bad_benchmarks_are_refused_before_training_each_named(tmp_path, capsys, tiny_assets):
     bad_row = tmp_path / "mc.jsonl"
     bad_row.write_text(json.dumps({"question": "2 + 2?", "choices": ["4", "5"], "answer": "C"}) + "\n")
@@ -249,7 +272,7 @@ def test_answers_entirely_cut_off(tmp_path, tiny_assets):
     rows = write(tmp_path / "rows.json", [{"instruction": "word " * 200, "output": "answer"}] * 6)
     cfg = TuneflowConfig.model_validate(merge(base_config(tiny_assets["model"], rows), {"prep.cutoff_len": 16}))
     with pytest.raises(ValueError, match="no train rows left: every answer lies past prep.cutoff_len=16"):
-        build(cfg, tiny_assets["model"], rows, tmp_path / "out")
+        build(cfg, tiny_assets["model"], [rows], tmp_path / "out")
 
 
 # --- the model on the Hub --------------------------------------------------------------------------------------

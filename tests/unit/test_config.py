@@ -390,8 +390,9 @@ def test_every_field_in_the_json_schema_has_a_description():
     walk(schema, "")
     for name, definition in schema.get("$defs", {}).items():
         walk(definition, f"{name}.")
-    # Every field of every section is in the schema (so the walk saw them all).
-    assert seen == len(dotted_keys())
+    # Every field of every section is in the schema (so the walk saw them all); a section used under two keys
+    # (dataset and datasets[]) is one definition of the schema.
+    assert seen == len({key.replace("datasets[].", "dataset.") for key in dotted_keys()})
     assert not missing, f"fields without a description (blank in the Prefect form): {missing}"
 
 
@@ -427,3 +428,49 @@ def test_benchmarks_are_no_part_of_the_config_hash():
     plain = load_config(data=with_())
     scored = load_config(data=with_(eval={"benchmarks": [{"task": "mmlu", "num_fewshot": 5}]}))
     assert [b.key for b in scored.eval.benchmarks] == ["mmlu"] and config_hash(plain) == config_hash(scored)
+
+
+# --- several datasets ------------------------------------------------------------------------------------------
+
+TWO_SOURCES = [{"name_or_path": "org/a", "weight": 3}, {"name_or_path": "b.csv", "columns": {"output": "answer"}}]
+
+
+def test_datasets_list_the_sources_with_their_keys():
+    cfg = load_config(data={"datasets": TWO_SOURCES, "eval_dataset": {"name_or_path": "org/e"}})
+    assert [(key, s.name_or_path, s.weight) for key, s in cfg.sources] == [("datasets.0", "org/a", 3.0),
+                                                                            ("datasets.1", "b.csv", 1.0)]
+    assert [key for key, _ in cfg.all_sources] == ["datasets.0", "datasets.1", "eval_dataset"]
+    one = load_config(data=with_())
+    assert [key for key, _ in one.sources] == ["dataset"] and one.sources[0][1] is one.dataset
+
+
+@pytest.mark.parametrize(("data", "key", "said"), [
+    ({"dataset": {"name_or_path": "d.json"}, "datasets": TWO_SOURCES}, "dataset", "not both"),
+    ({}, "dataset", "neither is set"),
+    ({"datasets": [{"name_or_path": "org/a", "weight": 0}]}, "datasets.0.weight", "greater than 0"),
+    ({"datasets": [{"name_or_path": "org/a", "weight": -1}, {"name_or_path": "org/b", "max_samples": 0}]},
+     "datasets.1.max_samples", "greater than or equal to 1"),
+    ({"datasets": [{"name_or_path": "org/a", "columns": {"answer": "x"}}]}, "datasets.0",
+     "columns: answer is no field of format alpaca"),
+])
+def test_bad_datasets_are_named_by_their_key(data, key, said):
+    found = problems(config_error(data))
+    assert said in found[key], found
+
+
+def test_set_reaches_an_entry_of_datasets():
+    cfg = load_config(data={"datasets": TWO_SOURCES}, overrides=["datasets.1.weight=2", "datasets.0.split=train"])
+    assert cfg.datasets[1].weight == 2 and cfg.datasets[0].split == "train"
+    assert "'datasets' has 2 entries; '5' is none" in config_error({"datasets": TWO_SOURCES},
+                                                                  overrides=["datasets.5.weight=2"])
+
+
+def test_the_mix_is_part_of_the_config_hash_and_the_revisions_are_not():
+    from tuneflow.core.params import config_hash, flatten
+
+    cfg = load_config(data={"datasets": TWO_SOURCES})
+    assert flatten(cfg)["datasets.0.weight"] == "3.0" and flatten(cfg)["datasets.1.columns"] == '{"output": "answer"}'
+    pinned = load_config(data={"datasets": TWO_SOURCES}, overrides=["datasets.1.revision=abc123"])
+    assert config_hash(pinned) == config_hash(cfg)
+    for change in ("datasets.1.weight=2", "datasets.0.max_samples=10", "prep.mix_strategy=concat"):
+        assert config_hash(load_config(data={"datasets": TWO_SOURCES}, overrides=[change])) != config_hash(cfg), change

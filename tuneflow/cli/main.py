@@ -46,10 +46,13 @@ def cmd_validate(args) -> int:
     logger = logging.getLogger("tuneflow.sources.preflight")
     logger.setLevel(logging.INFO)
     checked = preflight(cfg, logger)
-    where = {s.key: "local" if s.local else f"commit {s.sha}" if s.sha else "cached" for s in (checked.model,
-                                                                                               checked.dataset)}
-    print(f"ready to run: model {cfg.model.name_or_path} ({where['model']}), "
-          f"dataset {cfg.dataset.name_or_path} ({where['dataset']})")
+    def where(src) -> str:
+        return "local" if src.local else f"commit {src.sha}" if src.sha else "cached"
+
+    datasets = ", ".join(f"{source.name_or_path} ({where(src)})"
+                         for (_, source), src in zip(cfg.all_sources, checked.datasets, strict=True))
+    print(f"ready to run: model {cfg.model.name_or_path} ({where(checked.model)}), "
+          f"dataset{'s' if len(checked.datasets) > 1 else ''} {datasets}")
     return 0
 
 

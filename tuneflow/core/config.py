@@ -75,6 +75,11 @@ class SourceConfig(Section):
         default_factory=dict, description="The format's fields read from the file's own columns, as LLaMA-Factory's "
         "dataset_info maps them, e.g. {instruction: question, input: context, output: answer} for alpaca, "
         "{conversations: dialog} for sharegpt, {messages: chat} for messages.")
+    split: str | None = Field(
+        None, min_length=1, description="Read only this split's files of a folder or Hub repo, named as the Hub "
+        "names them (train.jsonl, data/test-00000-of-00001.parquet, train/part.json); unset: every data file.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many rows (the first valid ones); unset: all.")
 
     @model_validator(mode="after")
     def _known_fields(self) -> "SourceConfig":
@@ -87,9 +92,12 @@ class SourceConfig(Section):
 
 
 class DatasetConfig(SourceConfig):
+    weight: float = Field(
+        1.0, gt=0, description="With datasets: this source's share of the training mix, relative to the others' "
+        "(3 and 1: three rows of it for each row of the other); see prep.mix_strategy.")
     eval_size: float = Field(
         0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed); "
-        "unused with eval_dataset."
+        "of each source on its own; unused with eval_dataset."
     )
 
     @field_validator("eval_size")
@@ -101,6 +109,10 @@ class DatasetConfig(SourceConfig):
 
 
 class PrepConfig(Section):
+    mix_strategy: Literal["interleave_under", "interleave_over", "concat"] = Field(
+        "interleave_under", description="How datasets are mixed (as LLaMA-Factory names it): interleave_under draws "
+        "rows to the weights until one source runs out; interleave_over until every source has been used once "
+        "(smaller ones repeat); concat takes every row once, weights unused.")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer ones are cut.")
     on_invalid: Literal["error", "drop"] = Field(
         "error", description="A malformed row: error stops the run naming the row; drop skips it and counts it."
@@ -320,10 +332,14 @@ class TuneflowConfig(Section):
         description="Folder that holds the run folders (prepared data and downloaded artifacts go to $TUNEFLOW_CACHE).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
-    dataset: DatasetConfig = Field(..., description="The instruction dataset.")
+    dataset: Optional[DatasetConfig] = Field(None, description="The instruction dataset (or datasets, to mix several).")
+    datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Several instruction datasets mixed into one training set by their "
+        "weights (prep.mix_strategy), e.g. [{name_or_path: org/a, weight: 3}, {name_or_path: org/b}]; instead of "
+        "dataset.")
     eval_dataset: Optional[SourceConfig] = Field(
-        None, description="A dataset of its own for evaluation (then every row of dataset trains), e.g. "
-        "{name_or_path: org/eval-set}; unset: a held-out split of dataset (dataset.eval_size).")
+        None, description="A dataset of its own for evaluation (then every row of the training datasets trains), "
+        "e.g. {name_or_path: org/eval-set}; unset: a held-out split of each training dataset (its eval_size).")
     prep: PrepConfig = Field(default_factory=PrepConfig, description="Tokenization.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on the held-out split.")
@@ -339,6 +355,9 @@ class TuneflowConfig(Section):
     def _cross_field(self) -> "TuneflowConfig":
         problems = []
         t = self.train
+        if (self.dataset is None) == (not self.datasets):
+            problems.append("dataset: set dataset (one source) or datasets (a list of sources to mix), "
+                            + ("not both" if self.datasets else "neither is set"))
         if t.method in ("full", "freeze") and t.deepspeed == "none" and t.precision == "fp16":
             problems.append("train.precision: fp16 without DeepSpeed needs an fp32 master copy; use bf16 or fp32")
         if t.lr_scheduler == "reduce_lr_on_plateau" and not t.eval_steps:
@@ -377,6 +396,18 @@ class TuneflowConfig(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @property
+    def sources(self) -> list[tuple[str, DatasetConfig]]:
+        """The training datasets, each with the key it is configured under: dataset, or datasets.0, datasets.1..."""
+        if self.dataset is not None:
+            return [("dataset", self.dataset)]
+        return [(f"datasets.{i}", d) for i, d in enumerate(self.datasets)]
+
+    @property
+    def all_sources(self) -> list[tuple[str, SourceConfig]]:
+        """Every dataset a run reads, with its key: the training datasets (sources), then eval_dataset when set."""
+        return [*self.sources, *([("eval_dataset", self.eval_dataset)] if self.eval_dataset else [])]
 
     def ignored_settings(self) -> list[str]:
         """Settings that do not apply to train.method (a preset or the UI form carries them): they are ignored,

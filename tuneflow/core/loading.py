@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 from typing import Any, get_args, get_origin
@@ -70,12 +71,19 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):  # an entry of a list of sections: datasets.1.weight
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is none")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{parts[i - 1]}' is not a section")
+        if last:
+            node[part] = yaml.safe_load(raw) if raw.strip() else ""
+        else:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -83,7 +91,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     """Read a YAML file (or a dict), apply overrides, validate; raise ConfigError naming every bad key."""
     import yaml
 
-    raw: dict[str, Any] = dict(data or {})
+    raw: dict[str, Any] = copy.deepcopy(data or {})  # overrides change nested sections: never the caller's
     if path is not None:
         try:
             with open(path, encoding="utf-8") as fh:

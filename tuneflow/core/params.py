@@ -4,6 +4,7 @@ trained model (what `tuneflow retrain` compares to know whether anything changed
 from __future__ import annotations
 
 import json
+import re
 
 from pydantic import BaseModel
 
@@ -18,7 +19,8 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
         if isinstance(value, BaseModel):
             out.update(flatten(value, key + "."))
         elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
-            out[key] = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in value])  # eval.benchmarks
+            for i, entry in enumerate(value):  # datasets.0.weight, eval.benchmarks.1.task
+                out.update(flatten(entry, f"{key}.{i}."))
         else:
             out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
@@ -28,6 +30,7 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
 # are handled, where processes meet. Every other key (new ones included) is part of the config hash.
 NOT_IN_CONFIG_HASH = (
     "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
+    "datasets.*.revision", "eval_dataset.revision",
     "model.attn_implementation",  # the kernel, not the result (as train.precision's machine-dependent choice)
     "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",
     "train.retries", "train.timeout_hours", "train.save_steps", "train.save_total_limit", "train.logging_steps",
@@ -39,6 +42,9 @@ def config_hash(cfg: TuneflowConfig) -> str:
     """sha256 over the settings that change the trained model (the revisions are pinned separately, by commit)."""
     import hashlib
 
-    kept = {k: v for k, v in flatten(cfg).items()
-            if not any(k == x or k.startswith(x + ".") for x in NOT_IN_CONFIG_HASH)}
+    def excluded(key: str) -> bool:
+        pattern = re.sub(r"\.\d+\.", ".*.", key)  # datasets.1.revision -> datasets.*.revision
+        return any(k == x or k.startswith(x + ".") for x in NOT_IN_CONFIG_HASH for k in (key, pattern))
+
+    kept = {k: v for k, v in flatten(cfg).items() if not excluded(k)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -52,8 +52,13 @@ class StageResult(BaseModel):
 
 class DownloadResult(StageResult):
     model: SourceRef
-    dataset: SourceRef
+    datasets: list[SourceRef]  # one per config.sources
     eval_dataset: SourceRef | None = None  # eval_dataset, when set
+
+    @property
+    def all_datasets(self) -> list[SourceRef]:
+        """The training datasets, then eval_dataset when set: one per config.all_sources."""
+        return [*self.datasets, *([self.eval_dataset] if self.eval_dataset else [])]
 
 
 class PrepareResult(StageResult):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,9 +47,24 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
-    """Yield (file, 1-based row number, row) for every row of every data file under ``path``."""
-    for file in data_files(path):
+def split_files(path: Path, split: str | None) -> list[Path]:
+    """The data files of ``split``: ``path`` itself if it is a file; in a folder (a Hub snapshot), the files whose
+    name or folder is the split's (test.jsonl, data/test-00000-of-00001.parquet, test/part.json). None: every file."""
+    files = data_files(path)
+    if path.is_file() or split is None:
+        return files
+    named = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    chosen = [f for f in files if named.search(f.relative_to(path).as_posix())]
+    if not chosen:
+        listed = ", ".join(f.relative_to(path).as_posix() for f in files[:5])
+        raise DatasetError(f"{path}: no data file of split {split!r} (files: {listed}); name one after the split, or "
+                           "set another split")
+    return chosen
+
+
+def read_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, int, Any]]:
+    """Yield (file, 1-based row number, row) for every row of every data file of ``split`` under ``path``."""
+    for file in split_files(path, split):
         name = str(file)
         if file.suffix == ".jsonl":
             with open(file, encoding="utf-8") as fh:
@@ -188,9 +204,10 @@ MAX_REPORTED = 10
 
 
 def load_conversations(path: Path, fmt: str, invalid: Counter | None = None,
-                       columns: dict[str, str] | None = None) -> list[list[dict]]:
-    """Every row of the dataset as validated chat messages; ``columns`` maps the format's fields onto the file's own
-    column names (dataset.columns).
+                       columns: dict[str, str] | None = None, split: str | None = None,
+                       key: str = "dataset") -> list[list[dict]]:
+    """Every row of the dataset (of ``split``'s files, if given) as validated chat messages; ``columns`` maps the
+    format's fields onto the file's own column names (``key``.columns: the config key messages name).
 
     Bad rows raise one DatasetError that lists them all (the first MAX_REPORTED), unless ``invalid`` is given:
     then bad rows are skipped and counted there by reason (the message without its file and row). A mapped column
@@ -199,7 +216,7 @@ def load_conversations(path: Path, fmt: str, invalid: Counter | None = None,
     convert = CONVERTERS[fmt]
     conversations, problems = [], []
     seen: dict[str, set] = {}  # file -> the columns its rows have
-    for file, row_no, row in read_rows(path):
+    for file, row_no, row in read_rows(path, split):
         where = f"{file}: row {row_no}"
         if columns and isinstance(row, dict):
             seen.setdefault(file, set()).update(row)
@@ -218,43 +235,43 @@ def load_conversations(path: Path, fmt: str, invalid: Counter | None = None,
     for file, names in seen.items():
         missing = [f"{field} from column '{column}'" for field, column in columns.items() if column not in names]
         if missing:
-            raise DatasetError(f"{file}: dataset.columns reads {', '.join(missing)}, which the file lacks (its "
+            raise DatasetError(f"{file}: {key}.columns reads {', '.join(missing)}, which the file lacks (its "
                                f"columns: {', '.join(sorted(names))})")
     if problems:
         shown = [f"  - {p}" for p in problems[:MAX_REPORTED]]
         if len(problems) > MAX_REPORTED:
             shown.append(f"  - ... and {len(problems) - MAX_REPORTED} more")
         rows = "1 invalid row" if len(problems) == 1 else f"{len(problems)} invalid rows"
-        raise DatasetError(f"{rows} for dataset.format={fmt}; fix them, or set prep.on_invalid: drop to skip "
+        raise DatasetError(f"{rows} for {key}.format={fmt}; fix them, or set prep.on_invalid: drop to skip "
                            "them:\n" + "\n".join(shown))
     if not conversations:
         raise DatasetError(f"{path}: the dataset has no {'valid ' if invalid else ''}rows")
     return conversations
 
 
-def load_dataset_rows(path: Path, cfg, source=None) -> tuple[list[list[dict]], Counter]:
-    """The valid conversations of ``source`` (default cfg.dataset; or cfg.eval_dataset) under cfg.prep.on_invalid,
-    and the dropped rows counted by reason.
+def load_dataset_rows(path: Path, cfg, source, key: str) -> tuple[list[list[dict]], Counter]:
+    """The valid conversations of ``source`` (configured under ``key``: a training dataset, or eval_dataset) under
+    cfg.prep.on_invalid, the first source.max_samples of them if set, and the dropped rows counted by reason.
 
     With on_invalid=drop it still fails when more than prep.max_invalid_fraction of the rows are invalid."""
-    source = source or cfg.dataset
     invalid: Counter = Counter()
     conversations = load_conversations(path, source.format, invalid if cfg.prep.on_invalid == "drop" else None,
-                                       source.columns)
+                                       source.columns, source.split, key)
     dropped = sum(invalid.values())
     if dropped / (dropped + len(conversations)) > cfg.prep.max_invalid_fraction:
         raise DatasetError(
             f"{path}: {dropped / (dropped + len(conversations)):.0%} of rows are invalid, more than "
             f"prep.max_invalid_fraction={cfg.prep.max_invalid_fraction}; reasons: {dict(invalid.most_common(5))}"
         )
-    return conversations, invalid
+    return conversations[:source.max_samples], invalid
 
 
-def split_indices(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, eval) row indices; eval_size is a fraction below 1, else a row count."""
+def split_indices(n: int, eval_size: float, seed: int, key: str = "dataset") -> tuple[list[int], list[int]]:
+    """Seeded (train, eval) row indices; eval_size (of the dataset configured under ``key``) is a fraction below 1,
+    else a row count."""
     n_eval = int(eval_size) if eval_size >= 1 else max(1, round(n * eval_size))
     if n_eval >= n:
-        raise DatasetError(f"dataset.eval_size: {eval_size:g} leaves no training rows out of {n} valid rows; lower it")
+        raise DatasetError(f"{key}.eval_size: {eval_size:g} leaves no training rows out of {n} valid rows; lower it")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return sorted(order[n_eval:]), sorted(order[:n_eval])

@@ -6,26 +6,10 @@ lm-evaluation-harness (`tuneflow.modeling.benchmarks`)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from tuneflow.data.formats import MAX_REPORTED, DatasetError, data_files, read_rows
+from tuneflow.data.formats import MAX_REPORTED, DatasetError, read_rows
 from tuneflow.modeling.benchmarks import LETTERS
-
-
-def split_files(path: Path, split: str) -> list[Path]:
-    """The data files of ``split``: ``path`` itself if it is a file; in a folder (a Hub snapshot), the files whose
-    name or folder is the split's (test.jsonl, data/test-00000-of-00001.parquet, test/part.json)."""
-    files = data_files(path)
-    if path.is_file():
-        return files
-    named = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
-    chosen = [f for f in files if named.search(f.relative_to(path).as_posix())]
-    if not chosen:
-        listed = ", ".join(f.relative_to(path).as_posix() for f in files[:5])
-        raise DatasetError(f"{path}: no data file of split {split!r} (files: {listed}); name one after the split, or "
-                           "set the benchmark's split")
-    return chosen
 
 
 def _answer(value, n_choices: int) -> int | None:
@@ -43,7 +27,7 @@ def _answer(value, n_choices: int) -> int | None:
 def load_questions(path: Path, split: str) -> list[dict]:
     """Every row as {question, choices, answer: index}; a DatasetError lists the bad rows with file and row."""
     rows, problems = [], []
-    for file, number, row in (item for f in split_files(path, split) for item in read_rows(f)):
+    for file, number, row in read_rows(path, split):
         where = f"{file}: row {number}"
         if not isinstance(row, dict):
             problems.append(f"{where}: expected an object with question, choices and answer")

@@ -1,6 +1,6 @@
 """Prepared data: every row validated, rendered with the model's chat template, tokenized with prompts masked, split.
 
-    build(cfg, model_dir, dataset_path, out)   # writes an Arrow DatasetDict (train, eval) and stats.json to out
+    build(cfg, model_dir, dataset_paths, out)   # writes an Arrow DatasetDict (train, eval) and stats.json to out
 
 Rows are tokenized in batches by ``datasets.Dataset.map`` on every usable CPU core (fewer for small datasets).
 The prepare stage (tasks/prepare.py) caches and publishes the result; training and evaluation only read it.
@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig
@@ -83,10 +84,27 @@ def _percentile(values: list[int], q: float) -> float:
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else 0.0
 
 
-def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, num_proc: int | None = None,
+def mix(sizes: list[int], weights: list[float], strategy: str, seed: int) -> list[tuple[int, int]]:
+    """(source, row) of every training row in mixed order (prep.mix_strategy): drawn to the weights by datasets'
+    seeded ``interleave_datasets`` until the first source runs out (interleave_under) or every one has been used once
+    (interleave_over), or every row of each source once, in order (concat; one source)."""
+    from datasets import Dataset, concatenate_datasets, interleave_datasets
+
+    parts = [Dataset.from_dict({"source": [i] * n, "row": list(range(n))}) for i, n in enumerate(sizes)]
+    if strategy == "concat" or len(parts) == 1:
+        mixed = concatenate_datasets(parts)
+    else:
+        stopping = "first_exhausted" if strategy == "interleave_under" else "all_exhausted"
+        mixed = interleave_datasets(parts, probabilities=[w / sum(weights) for w in weights], seed=seed,
+                                    stopping_strategy=stopping)
+    return list(zip(mixed["source"], mixed["row"]))
+
+
+def build(cfg: TuneflowConfig, model_dir: Path, dataset_paths: list[Path], out: Path, num_proc: int | None = None,
           eval_path: Path | None = None) -> dict:
-    """Tokenize and save the dataset to ``out``; return its statistics. The eval split is cfg.eval_dataset's rows
-    (in ``eval_path``) when there is one, else a seeded held-out split of the dataset.
+    """Tokenize and save the training datasets (``dataset_paths``, one per cfg.sources, mixed) to ``out``; return
+    the statistics. The eval split is cfg.eval_dataset's rows (in ``eval_path``) when there is one, else a seeded
+    held-out split of each training dataset (its eval_size), taken before the mix.
 
     ``num_proc``: processes that tokenize; None: every usable core, fewer for small datasets."""
     from datasets import DatasetDict
@@ -94,14 +112,21 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, n
     from tuneflow.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, cfg)
-    conversations, invalid = load_dataset_rows(Path(dataset_path), cfg)
+    invalid: Counter = Counter()
+    parts, held_out = [], []
+    for (key, source), path in zip(cfg.sources, dataset_paths, strict=True):
+        conversations, dropped = load_dataset_rows(Path(path), cfg, source, key)
+        invalid += dropped
+        if cfg.eval_dataset is None:
+            train_idx, eval_idx = split_indices(len(conversations), source.eval_size, cfg.train.seed, key)
+            held_out += [conversations[i] for i in eval_idx]
+            conversations = [conversations[i] for i in train_idx]
+        parts.append(conversations)
     if cfg.eval_dataset is not None:
-        held_out, eval_invalid = load_dataset_rows(Path(eval_path), cfg, cfg.eval_dataset)
-        invalid += eval_invalid
-        rows = {"train": conversations, "eval": held_out}
-    else:
-        train_idx, eval_idx = split_indices(len(conversations), cfg.dataset.eval_size, cfg.train.seed)
-        rows = {"train": [conversations[i] for i in train_idx], "eval": [conversations[i] for i in eval_idx]}
+        held_out, dropped = load_dataset_rows(Path(eval_path), cfg, cfg.eval_dataset, "eval_dataset")
+        invalid += dropped
+    order = mix([len(p) for p in parts], [s.weight for _, s in cfg.sources], cfg.prep.mix_strategy, cfg.train.seed)
+    rows = {"train": [parts[source][row] for source, row in order], "eval": held_out}
     splits, lengths, label_tokens = {}, [], {}
     for split, chosen in rows.items():
         encoded = encode_rows(tokenizer, chosen, cfg.prep.cutoff_len, num_proc, desc=f"Tokenizing {split} rows")
@@ -113,6 +138,10 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, n
             raise ValueError(f"no {split} rows left: every answer lies past prep.cutoff_len={cfg.prep.cutoff_len}")
         splits[split] = encoded.select(kept).remove_columns("label_tokens")
         label_tokens[split] = sum(counts)
+        if split == "train":
+            realised = Counter(order[row][0] for row in kept)
+    mixed = [{"name": source.name_or_path, "weight": source.weight, "available": len(parts[i]), "rows": realised[i],
+              "share": realised[i] / len(splits["train"])} for i, (_, source) in enumerate(cfg.sources)]
     DatasetDict(splits).save_to_disk(str(out))
     stats = {
         "rows": len(rows["train"]) + len(rows["eval"]),
@@ -127,6 +156,7 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_path: Path, out: Path, n
         "tokens_p95": _percentile(lengths, 0.95),
         "tokens_max": float(max(lengths)),
         "train_label_tokens": label_tokens["train"],
+        "mix": mixed,  # per training dataset: its rows in the training split (after the cut-off), and their share
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     return stats

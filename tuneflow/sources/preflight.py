@@ -80,15 +80,15 @@ def model_folder_problems(folder: Path, cfg: TuneflowConfig) -> list[str]:
     return problems
 
 
-def dataset_problems(path: Path, cfg: TuneflowConfig, source=None) -> list[str]:
-    """Every row of ``source`` (default cfg.dataset) parsed and validated for its format, and the held-out split
-    checked against the row count (without eval_dataset)."""
+def dataset_problems(path: Path, cfg: TuneflowConfig, key: str, source) -> list[str]:
+    """Every row of ``source`` (configured under ``key``) parsed and validated for its format, and for a training
+    dataset without eval_dataset, its held-out split checked against the row count."""
     from tuneflow.data.formats import DatasetError, load_dataset_rows, split_indices
 
     try:
-        rows, _ = load_dataset_rows(path, cfg, source)
-        if source is None and cfg.eval_dataset is None:
-            split_indices(len(rows), cfg.dataset.eval_size, cfg.train.seed)
+        rows, _ = load_dataset_rows(path, cfg, source, key)
+        if key != "eval_dataset" and cfg.eval_dataset is None:
+            split_indices(len(rows), source.eval_size, cfg.train.seed, key)
     except DatasetError as exc:
         return [str(exc)]
     return []
@@ -120,16 +120,14 @@ def hardware_problems(cfg: TuneflowConfig) -> list[str]:
 class Checked:
     model: Source
     model_dir: Path  # the small files (a Hub snapshot without weights yet), or the local folder
-    dataset: Source
-    dataset_dir: Path
-    eval_dataset: Source | None = None  # eval_dataset, when set
-    eval_dataset_dir: Path | None = None
+    datasets: list[Source]  # one per cfg.all_sources: the training datasets, then eval_dataset when set
+    dataset_dirs: list[Path]
 
 
 def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
     """Run every check; raise PreflightError listing all problems found."""
     problems: list[str] = hardware_problems(cfg)
-    model = model_dir = dataset = dataset_dir = None
+    model = model_dir = None
     try:
         token = hub_token(cfg)
     except Problem as exc:
@@ -146,21 +144,17 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
         problems += memory_problems(model_dir, cfg)
     except Problem as exc:
         problems.append(str(exc))
-    try:
-        dataset = locate(cfg.dataset.name_or_path, cfg.dataset.revision, "dataset", logger, token)
-        dataset_dir = snapshot(dataset, DATASET_PATTERNS, logger)
-        problems += dataset_problems(dataset_dir, cfg)
-    except Problem as exc:
-        problems.append(str(exc))
-    eval_dataset = eval_dataset_dir = None
-    if cfg.eval_dataset is not None:
-        e = cfg.eval_dataset
+    datasets, dataset_dirs = [], []
+    for key, source in cfg.all_sources:
         try:
-            eval_dataset = locate(e.name_or_path, e.revision, "dataset", logger, token)
-            eval_dataset_dir = snapshot(eval_dataset, DATASET_PATTERNS, logger)
-            problems += dataset_problems(eval_dataset_dir, cfg, e)
+            found = locate(source.name_or_path, source.revision, "dataset", logger, token)
+            folder = snapshot(found, DATASET_PATTERNS, logger)
+            problems += dataset_problems(folder, cfg, key, source)
+            datasets.append(found)
+            dataset_dirs.append(folder)
         except Problem as exc:
-            problems.append(rekey(exc, "dataset", "eval_dataset.name_or_path", "eval_dataset.revision"))
+            problems.append(str(exc) if key == "dataset" else rekey(exc, "dataset", f"{key}.name_or_path",
+                                                                     f"{key}.revision"))
     if cfg.eval.benchmarks:
         from tuneflow.sources.benchmarks import benchmark_problems
 
@@ -171,4 +165,4 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
         problems += judge_problems(cfg, logger)
     if problems:
         raise PreflightError(problems)
-    return Checked(model, model_dir, dataset, dataset_dir, eval_dataset, eval_dataset_dir)
+    return Checked(model, model_dir, datasets, dataset_dirs)

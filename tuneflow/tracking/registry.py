@@ -37,12 +37,31 @@ class RegistryProblem(TuneflowError):
 @dataclass(frozen=True)
 class Fingerprint:
     model: SourceRef
-    dataset: SourceRef
+    datasets: tuple[SourceRef, ...]  # the training datasets, in config order
+    eval_dataset: SourceRef | None
     config_hash: str
 
     def tags(self) -> dict[str, str]:
-        return {"tuneflow.model_sha": self.model.revision, "tuneflow.dataset_sha": self.dataset.revision,
+        tags = {"tuneflow.model_sha": self.model.revision,
+                "tuneflow.dataset_sha": ",".join(ref.revision for ref in self.datasets),
                 "tuneflow.config_hash": self.config_hash}
+        if self.eval_dataset is not None:
+            tags["tuneflow.eval_dataset_sha"] = self.eval_dataset.revision
+        return tags
+
+    def at(self, lineage: dict) -> "Fingerprint":
+        """The same sources at the commits a run's summary.json lineage records: what the run trained from."""
+        def moved(ref: SourceRef, revision: str) -> SourceRef:
+            return ref.model_copy(update={"revision": revision})
+
+        return Fingerprint(
+            moved(self.model, lineage["model_revision"]),
+            tuple(map(moved, self.datasets, lineage["dataset_revision"].split(","))),
+            self.eval_dataset and moved(self.eval_dataset, lineage["eval_dataset_revision"]), self.config_hash)
+
+    def describe(self) -> str:
+        refs = [self.model, *self.datasets, *([self.eval_dataset] if self.eval_dataset else [])]
+        return ", ".join(f"{ref.kind} {ref.name}@{ref.revision[:12]}" for ref in refs) + f", config {self.config_hash}"
 
 
 @dataclass
@@ -74,23 +93,24 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> tuple[SourceRef, SourceRef]:
-    """The base model and the dataset at their current commits (local paths: content digests); nothing large is
-    downloaded."""
+def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> list[SourceRef]:
+    """The base model and every dataset (cfg.all_sources) at their current commits (local paths: content digests);
+    nothing large is downloaded."""
     from tuneflow.sources.hub import Problem, hub_token, local_revision, locate
 
     token, refs = hub_token(cfg), []
-    for key, section in (("model", cfg.model), ("dataset", cfg.dataset)):
-        src = locate(section.name_or_path, section.revision, key, logger, token)
+    for key, section in [("model", cfg.model), *cfg.all_sources]:
+        kind = "model" if key == "model" else "dataset"
+        src = locate(section.name_or_path, section.revision, kind, logger, token)
         if src.local is not None:
-            refs.append(SourceRef(kind=key, name=src.name, revision=local_revision(src.local),
+            refs.append(SourceRef(kind=kind, name=src.name, revision=local_revision(src.local),
                                   local_path=str(src.local)))
         elif src.sha:
-            refs.append(SourceRef(kind=key, name=src.name, revision=src.sha))
+            refs.append(SourceRef(kind=kind, name=src.name, revision=src.sha))
         else:
             raise Problem(f"{key} {src.name}: HF_HUB_OFFLINE is set, so its current commit cannot be known; a retrain "
                           "needs the Hub to tell whether anything changed")
-    return refs[0], refs[1]
+    return refs
 
 
 class Registry:
@@ -148,9 +168,8 @@ class Registry:
         return Decision(
             "skipped", self.name, int(version.version), int(champion.version) if champion else None,
             self.cfg.registry.metric,
-            reason=f"version {version.version} of {self.name} was trained from model {fp.model.name}@"
-                   f"{fp.model.revision[:12]}, dataset {fp.dataset.name}@{fp.dataset.revision[:12]} and config "
-                   f"{fp.config_hash}: nothing changed, nothing to train")
+            reason=f"version {version.version} of {self.name} was trained from {fp.describe()}: nothing changed, "
+                   "nothing to train")
 
     # The frozen evaluation set --------------------------------------------------------------------------------
 
@@ -300,5 +319,6 @@ def check_guards(cfg: TuneflowConfig, challenger: dict[str, float], champion: di
 
 
 def fingerprint(cfg: TuneflowConfig, logger: logging.Logger) -> Fingerprint:
-    model, dataset = pinned_sources(cfg, logger)
-    return Fingerprint(model, dataset, config_hash(cfg))
+    model, *datasets = pinned_sources(cfg, logger)
+    n = len(cfg.sources)
+    return Fingerprint(model, tuple(datasets[:n]), datasets[n] if cfg.eval_dataset else None, config_hash(cfg))

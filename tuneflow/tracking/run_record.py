@@ -110,8 +110,7 @@ class RunRecord:
         log_params(self.client, self.parent, flatten(cfg))
         self.ctx = RunContext(run_dir=str(self.folder), tracking_uri=uri, experiment_id=exp_id,
                               parent_run_id=self.parent)
-        self.dataset: SourceRef | None = None
-        self.eval_source: SourceRef | None = None
+        self.downloaded: DownloadResult | None = None
         self.prepared: PrepareResult | None = None
         self.summary: dict = {
             "status": "running",
@@ -129,10 +128,9 @@ class RunRecord:
         self.summary["stages"][name] = {"status": "completed", "mlflow_run_id": result.mlflow_run_id,
                                         "seconds": round(time.perf_counter() - start, 1), **stage_details(result)}
         if isinstance(result, DownloadResult):
-            self.dataset = result.dataset
-            self.eval_source = result.eval_dataset or result.dataset  # where the eval split's rows come from
-            self.summary["lineage"] = {"model_revision": result.model.revision,
-                                       "dataset_revision": result.dataset.revision}
+            self.downloaded = result
+            self.summary["lineage"] = {"model_revision": result.model.revision,  # several datasets: joined by ","
+                                       "dataset_revision": ",".join(ref.revision for ref in result.datasets)}
             if result.eval_dataset is not None:
                 self.summary["lineage"]["eval_dataset_revision"] = result.eval_dataset.revision
         elif isinstance(result, PrepareResult):
@@ -155,12 +153,13 @@ class RunRecord:
         return result
 
     def log_data(self, run_id: str, split: str, context: str) -> None:
-        """The prepared split as an MLflow dataset input of ``run_id``: named after the dataset it comes from
-        (eval_dataset for the eval split, when set), with the digest of the prepared data and that dataset's source
-        (Hub repo at its commit, or local path)."""
-        source = self.eval_source if split == "eval" else self.dataset
-        log_dataset(self.client, run_id, f"{source.name}#{split}", self.prepared.data.digest,
-                    dataset_source(source, split), context)
+        """The prepared split as MLflow dataset inputs of ``run_id``, one per dataset its rows come from (the training
+        datasets; eval_dataset for the eval split, when set), each named after it, with the digest of the prepared
+        data and that dataset's source (Hub repo at its commit, or local path)."""
+        d = self.downloaded
+        for source in [d.eval_dataset] if split == "eval" and d.eval_dataset else d.datasets:
+            log_dataset(self.client, run_id, f"{source.name}#{split}", self.prepared.data.digest,
+                        dataset_source(source, split), context)
 
     def skip(self, name: str) -> None:
         self.summary["stages"][name]["status"] = "skipped"
