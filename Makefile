@@ -56,9 +56,8 @@ deploy: install
 
 # CPU benchmarks, variants side by side in one run: bench/results-train.json, bench/results-prep.json,
 # bench/results-flow.json, bench/results-scoring.json (docs/benchmarks.md reads them). About 15 minutes on 2
-# cores. TRL (the plain-script baseline, the [bench] extra) is installed on first use; it changes no other package.
+# cores; the plain TRL script is the baseline.
 bench: install
-	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install --quiet "trl>=1.7,<2"
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.prep
 	$(BIN)/python -m bench.flow

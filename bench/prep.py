@@ -1,5 +1,5 @@
 """Dataset preparation throughput: rows/s of the old per-row path, the batched path on one core and on every
-core, and TRL's own preparation when `trl` is importable.
+core, and TRL's own preparation.
 
     python -m bench.prep                                  # 20k synthetic zh/en rows, 32k BPE; ~2 min on 2 cores
     python -m bench.prep --rows 5000 --repeats 1          # quicker
@@ -9,8 +9,7 @@ Rows are Alpaca conversations, half English and half Chinese, of varied lengths 
 with one to three earlier turns, some with a system prompt); the tokenizer is a byte-level BPE trained on them
 with `tokenizers`, carrying the ChatML template of tuneflow.modeling.demo. Each variant turns the validated
 conversations into an Arrow dataset of input_ids / labels / prompt / reference; the best of --repeats runs is reported
-(this machine may be shared). Writes bench/results-prep.json with the machine, library versions and settings. TRL is not
-a dependency: `pip install --target DIR trl` and put DIR on PYTHONPATH to include it.
+(this machine may be shared). Writes bench/results-prep.json with the machine, library versions and settings.
 """
 
 from __future__ import annotations
@@ -269,12 +268,6 @@ def variants(conversations, cutoff_len, notes: list[str]) -> dict:
         f"batched, num_proc={default_num_proc(len(conversations))} (default)": (
             nullcontext, lambda tok: encode_rows(tok, conversations, cutoff_len)),
     }
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        notes.append("trl is not importable: TRL's preparation was not measured")
-        print(notes[-1])
-        return out
     notes.append("TRL: a ChatML template with {% generation %} marks (assistant_only_loss); TRL drops rows left "
                  "without labels, so its row count can differ")
     for num_proc in (1, cores):

@@ -9,8 +9,8 @@
   train.precision: bf16; real (non-padding) tokens per second as the HF Trainer counts them, the padding share of the
   padded batches, each run's peak RSS, and the per-step losses of the default against bf16;
 - the plain TRL script users would write instead (bench/trl_script.py: SFTTrainer + PEFT + bitsandbytes, TRL's
-  defaults, bf16; same model, rows, LoRA, quantisation, micro-batch, steps and learning rate; `make bench` installs
-  trl), and the same script computing in fp32;
+  defaults, bf16; same model, rows, LoRA, quantisation, micro-batch, steps and learning rate), and the same script
+  computing in fp32;
 - evaluation's generation: greedy answers batched (eval.batch_size 8) vs one prompt at a time.
 
 On a CPU without native bf16 (AVX2 only: bf16 is emulated, 30-40x slower) the bf16 variants run --slow-steps steps,
@@ -94,12 +94,10 @@ def train_variant(root: Path, cfg, model_dir: Path, data_dir: Path, name: str, *
 
 
 def plain_trl(model_dir: Path, data: Path, steps: int, batch: int, dtype: str) -> dict:
-    """bench/trl_script.py in its own process, when trl can be imported; else a note saying how to include it."""
+    """bench/trl_script.py in its own process."""
     import subprocess
     import sys
 
-    if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode != 0:
-        return {"skipped": "trl is not importable: `make bench` installs it (pip install 'trl>=1.7,<2')"}
     print(f"bench.train: plain TRL script ({dtype}, {steps} steps) ...", flush=True)
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_script.py")), "--model", str(model_dir),
                            "--data", str(data), "--steps", str(steps), "--batch", str(batch), "--dtype", dtype],

@@ -79,8 +79,10 @@ def scalar_parameters(params: dict, model: type[BaseModel] = TuneflowConfig, pat
     for name, value in params.items():
         field = model.model_fields[name]
         here = (*path, label(name, field.is_required()))
-        if isinstance(value, dict):
-            yield from scalar_parameters(value, field.annotation, here, f"{keys}{name}.")
+        section = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)  # Optional[Section] too
+        if isinstance(value, dict) and section is not None:
+            yield from scalar_parameters(value, section, here, f"{keys}{name}.")
         elif field.annotation in (str, int, float) or typing.get_origin(field.annotation) is typing.Literal:
             yield here, keys + name, value
 

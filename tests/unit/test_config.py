@@ -474,3 +474,37 @@ def test_the_mix_is_part_of_the_config_hash_and_the_revisions_are_not():
     assert config_hash(pinned) == config_hash(cfg)
     for change in ("datasets.1.weight=2", "datasets.0.max_samples=10", "prep.mix_strategy=concat"):
         assert config_hash(load_config(data={"datasets": TWO_SOURCES}, overrides=[change])) != config_hash(cfg), change
+
+
+# --- preference tuning -----------------------------------------------------------------------------------------
+
+PAIRS = {"name_or_path": "pairs.jsonl", "format": "preference"}
+
+
+@pytest.mark.parametrize(("data", "key", "said"), [
+    ({"dataset": {"name_or_path": "d.json"}, "train": {"objective": "dpo"}}, "dataset.format",
+     "alpaca rows have no rejected answer; train.objective dpo trains on pairs"),
+    ({"dataset": PAIRS}, "dataset.format", "preference pairs train with train.objective: dpo"),
+    ({"dataset": PAIRS, "train": {"objective": "dpo", "method": "full"}}, "train.objective",
+     "use method qlora or lora"),
+    ({"dataset": PAIRS, "train": {"objective": "dpo", "tokens_per_batch": 512}}, "train.tokens_per_batch",
+     "dpo batches pairs of padded rows"),
+    ({"dataset": PAIRS, "eval_dataset": {"name_or_path": "e.json"}, "train": {"objective": "dpo", "eval_steps": 5}},
+     "train.eval_steps", "dpo's held-out loss needs pairs"),
+    ({"dataset": PAIRS, "train": {"objective": "dpo", "preference": {"loss_type": "kto"}}},
+     "train.preference.loss_type", "Input should be"),
+])
+def test_preference_tuning_refuses_what_cannot_work(data, key, said):
+    found = problems(config_error(data))
+    assert said in found[key], found
+
+
+def test_preference_settings_are_ignored_by_sft_and_part_of_the_hash():
+    from tuneflow.core.params import config_hash
+
+    sft = load_config(data=with_(train={"preference": {"beta": 0.5}}))
+    assert "train.preference applies to objective dpo, not sft: ignored" in sft.ignored_settings()
+    dpo = load_config(data={"dataset": PAIRS, "train": {"objective": "dpo"}})
+    assert dpo.ignored_settings() == [] and dpo.train.preference.loss_type == "sigmoid"
+    beta = load_config(data={"dataset": PAIRS, "train": {"objective": "dpo", "preference": {"beta": 0.5}}})
+    assert config_hash(beta) != config_hash(dpo)

@@ -400,3 +400,39 @@ def test_columns_name_the_formats_own_fields():
     with pytest.raises(ConfigError, match="columns: prompt is no field of format alpaca; its fields are instruction, "
                                           "input, output, system, history"):
         load_config(data={"dataset": {"name_or_path": "x", "columns": {"prompt": "question"}}})
+
+
+# --- preference pairs ---------------------------------------------------------------------------------------------
+
+
+def chosen_over(answer: str, rejected: str) -> dict:
+    return {**assistant(answer), "rejected": rejected}
+
+
+@pytest.mark.parametrize(("row", "expected"), [
+    ({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, [user("Hi"), chosen_over("Hello", "Go away")]),
+    ({"prompt": [system("Be kind."), user("Hi")], "chosen": [assistant("Hello")], "rejected": [assistant("No")]},
+     [system("Be kind."), user("Hi"), chosen_over("Hello", "No")]),
+    ({"messages": [user("Hi")], "chosen": "Hello", "rejected": "No"}, [user("Hi"), chosen_over("Hello", "No")]),
+    # TRL's implicit prompt: whole conversations that share it
+    ({"chosen": [user("Hi"), assistant("Hello")], "rejected": [user("Hi"), assistant("No")]},
+     [user("Hi"), chosen_over("Hello", "No")]),
+    # LLaMA-Factory's alpaca and sharegpt preference layouts
+    ({"instruction": "Add", "input": "1 2", "chosen": "3", "rejected": "4"}, [user("Add\n1 2"), chosen_over("3", "4")]),
+    ({"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello"},
+      "rejected": {"from": "gpt", "value": "No"}}, [user("Hi"), chosen_over("Hello", "No")]),
+], ids=["trl-text", "trl-messages", "messages", "trl-implicit", "llamafactory-alpaca", "llamafactory-sharegpt"])
+def test_preference_layouts(tmp_path, row, expected):
+    assert load_rows(tmp_path, "preference", [row]) == [expected]
+
+
+@pytest.mark.parametrize(("row", "said"), [
+    ({"prompt": "Hi", "chosen": "Same", "rejected": " Same"}, "fields 'chosen' and 'rejected' are the same answer"),
+    ({"prompt": "Hi", "chosen": "Hello"}, "field 'rejected' is missing"),
+    ({"prompt": "Hi", "chosen": [user("x")], "rejected": "No"}, "field 'chosen' must be the answer"),
+    ({"question": "Hi", "chosen": "a", "rejected": "b"}, "no prompt: expected field 'prompt' or 'messages'"),
+])
+def test_bad_preference_rows_are_named(tmp_path, row, said):
+    with pytest.raises(DatasetError, match="1 invalid row for dataset.format=preference") as info:
+        load_rows(tmp_path, "preference", [row])
+    assert f"row 1: {said}" in str(info.value)

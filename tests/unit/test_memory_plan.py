@@ -418,3 +418,19 @@ def test_cli_json_reports_the_chosen_batch_size(tmp_path, tiny_assets, capsys):
     best = largest_batch_that_fits(cfg, model_config, parse_size("2GiB"), world_size=1)
     assert data["per_device_batch_size"] == best > 4 and data["fits"] is True
     assert f"train.per_device_batch_size: auto -> {best}: the largest that fits a 2 GiB GPU" in captured.err
+
+
+def test_dpo_counts_both_answers_of_each_pair_and_the_full_logits():
+    """A DPO micro-batch of n pairs is 2n padded sequences (chosen and rejected) with TRL's full-logits loss: as an
+    SFT batch of 2n padded rows without the chunked loss."""
+    base = dict(cutoff_len=1024, deepspeed="zero2")
+    dpo = TuneflowConfig.model_validate({"dataset": {"name_or_path": "x", "format": "preference"},
+                                         "model": {"name_or_path": "m"}, "prep": {"cutoff_len": 1024},
+                                         "train": {"objective": "dpo", "per_device_batch_size": 2, "nproc_per_node": 1,
+                                                   "deepspeed": "zero2"}})
+    pairs = plan(dpo, LLAMA_7B, world_size=1).per_rank
+    rows = plan(config(per_device_batch_size=4, packing=False, loss_chunk_tokens=0, **base), LLAMA_7B,
+                world_size=1).per_rank
+    assert pairs == rows
+    assert pairs["activations"] > plan(config(per_device_batch_size=2, packing=False, **base), LLAMA_7B,
+                                       world_size=1).per_rank["activations"] * 1.8

@@ -300,3 +300,23 @@ def test_max_samples_and_split_choose_a_sources_rows(model_dir, tmp_path):
     cfg.datasets[1].split = "validation"
     with pytest.raises(DatasetError, match="no data file of split 'validation'"):
         build(cfg, model_dir, [paths[0], folder], tmp_path / "out2")
+
+
+def test_preference_pairs_keep_their_rejected_answer(model_dir, tmp_path):
+    """A pair is prepared as its chosen conversation (eval loss and generation read it as any row) plus the rejected
+    answer, which DPO reads beside it."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "chosen": f"{i + 1}.", "rejected": f"{i + 2}."})
+                            + "\n" for i in range(10)))
+    cfg = TuneflowConfig.model_validate({
+        "model": {"name_or_path": str(model_dir)},
+        "dataset": {"name_or_path": str(data), "format": "preference", "eval_size": 2},
+        "prep": {"cutoff_len": 128}, "train": {"objective": "dpo"},
+    })
+    stats = build(cfg, model_dir, [data], tmp_path / "out")
+    saved = load_from_disk(str(tmp_path / "out"))
+    assert stats["train_rows"] == 8 and saved["train"].column_names[-1] == "rejected"
+    for row in [*saved["train"], *saved["eval"]]:
+        i = int(json.loads(row["prompt"])[-1]["content"].split()[1])
+        assert (row["reference"], row["rejected"]) == (f"{i + 1}.", f"{i + 2}.")
+        assert json.loads(row["prompt"]) == [{"role": "user", "content": f"Add {i} and 1."}]

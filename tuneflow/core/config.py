@@ -12,7 +12,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from tuneflow.core.data_sources import DatasetConfig, SourceConfig
 from tuneflow.core.evaluation import JUDGE_DIRECTIONS, METRIC_DIRECTIONS, EvalConfig, RegistryConfig
+from tuneflow.core.objective import Objective, PreferenceConfig
 from tuneflow.core.section import Section, parse_size
 
 LrScheduler = Literal[
@@ -25,9 +27,6 @@ LrScheduler = Literal[
     "inverse_sqrt",
     "reduce_lr_on_plateau",
 ]
-# dataset.format -> the fields a row of it has (dataset.columns maps them onto the file's own column names)
-FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output", "system", "history"),
-                 "sharegpt": ("conversations", "system"), "messages": ("messages",)}
 # train.optimizer: the HF Trainer's names that matter here (bitsandbytes' 8-bit, paged and Lion optimizers included).
 Optimizer = Literal[
     "adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
@@ -57,55 +56,6 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "auto", description="Attention kernel: auto = flash_attention_2 on a CUDA GPU where flash-attn is installed, "
         "else sdpa. Packed rows never attend to each other with any of them.")
-
-
-class SourceConfig(Section):
-    """A dataset: where its rows are and how to read them."""
-
-    name_or_path: str = Field(
-        ..., min_length=1, description="Hub dataset repo id, or a local .json/.jsonl/.parquet/.csv file or folder."
-    )
-    revision: str = Field("main", min_length=1, description="Branch, tag or commit of the Hub dataset repo.")
-    format: Literal["alpaca", "sharegpt", "messages"] = Field(
-        "alpaca",
-        description="alpaca: instruction/input/output[/system/history]; sharegpt: conversations of from/value; "
-        "messages: role/content lists.",
-    )
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="The format's fields read from the file's own columns, as LLaMA-Factory's "
-        "dataset_info maps them, e.g. {instruction: question, input: context, output: answer} for alpaca, "
-        "{conversations: dialog} for sharegpt, {messages: chat} for messages.")
-    split: str | None = Field(
-        None, min_length=1, description="Read only this split's files of a folder or Hub repo, named as the Hub "
-        "names them (train.jsonl, data/test-00000-of-00001.parquet, train/part.json); unset: every data file.")
-    max_samples: int | None = Field(
-        None, ge=1, description="Use at most this many rows (the first valid ones); unset: all.")
-
-    @model_validator(mode="after")
-    def _known_fields(self) -> "SourceConfig":
-        fields = FORMAT_FIELDS[self.format]
-        unknown = sorted(set(self.columns) - set(fields))
-        if unknown:
-            raise ValueError(f"columns: {', '.join(unknown)} is no field of format {self.format}; its fields are "
-                             f"{', '.join(fields)}")
-        return self
-
-
-class DatasetConfig(SourceConfig):
-    weight: float = Field(
-        1.0, gt=0, description="With datasets: this source's share of the training mix, relative to the others' "
-        "(3 and 1: three rows of it for each row of the other); see prep.mix_strategy.")
-    eval_size: float = Field(
-        0.05, gt=0, description="Held-out evaluation split: a fraction if < 1, a row count if >= 1 (fixed seed); "
-        "of each source on its own; unused with eval_dataset."
-    )
-
-    @field_validator("eval_size")
-    @classmethod
-    def _whole_count(cls, v: float) -> float:
-        if v >= 1 and v != int(v):
-            raise ValueError("a count of rows (>= 1) must be a whole number, or use a fraction below 1")
-        return v
 
 
 class PrepConfig(Section):
@@ -157,6 +107,12 @@ class QuantizationConfig(Section):
 
 
 class TrainConfig(Section):
+    objective: Objective = Field(
+        "sft", description="sft: supervised fine-tuning on the answers; dpo: Direct Preference Optimization on pairs "
+        "of a chosen and a rejected answer (dataset.format: preference) through TRL's DPOTrainer, against the base "
+        "model as reference (the adapter switched off).")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="Preference tuning (objective dpo).")
     method: Literal["qlora", "lora", "full", "freeze"] = Field(
         "qlora",
         description="qlora: LoRA over a quantised base (train.quantization: 4-bit NF4 by default); lora: LoRA over a "
@@ -383,6 +339,26 @@ class TuneflowConfig(Section):
         if t.deepspeed == "zero3_offload" and not t.optimizer.startswith("adamw_torch"):
             problems.append(f"train.optimizer: {t.optimizer} cannot step states offloaded to the CPU by zero3_offload "
                             "(DeepSpeed steps them with its CPU Adam); use adamw_torch, or zero3")
+        formats = {f"{key}.format": source.format for key, source in self.sources}
+        if t.objective == "dpo":
+            problems += [f"{key}: {fmt} rows have no rejected answer; train.objective dpo trains on pairs: use "
+                         "format: preference (prompt, chosen, rejected)" for key, fmt in formats.items()
+                         if fmt != "preference"]
+            if t.method not in ("qlora", "lora"):
+                problems.append(f"train.objective: dpo trains an adapter here, its reference the base with the "
+                                f"adapter switched off; use method qlora or lora (not {t.method})")
+            if t.tokens_per_batch is not None:
+                problems.append("train.tokens_per_batch: dpo batches pairs of padded rows; unset it and size "
+                                "batches with per_device_batch_size")
+            if t.lora.init in ("pissa", "olora"):
+                problems.append(f"train.lora.init: {t.lora.init} with objective dpo: its reference would be the "
+                                "rewritten base; use init default or gaussian")
+            if t.eval_steps and self.eval_dataset is not None and self.eval_dataset.format != "preference":
+                problems.append("train.eval_steps: dpo's held-out loss needs pairs, and eval_dataset.format is "
+                                f"{self.eval_dataset.format}; use a preference eval_dataset, or eval_steps: 0")
+        else:
+            problems += [f"{key}: preference pairs train with train.objective: dpo" for key, fmt in formats.items()
+                         if fmt == "preference"]
         if self.eval.judge and not self.eval.compare_base and not any(g.metric in JUDGE_DIRECTIONS
                                                                       for g in self.registry.guards):
             problems.append("eval.judge judges tuned vs base answers (set eval.compare_base true) or, in retrain, "
@@ -417,6 +393,12 @@ class TuneflowConfig(Section):
             ignored.append(f"train.lora applies to methods qlora and lora, not {t.method}: ignored")
         if t.method != "qlora" and t.quantization != QuantizationConfig():
             ignored.append(f"train.quantization applies to method qlora, not {t.method}: ignored")
+        if t.objective == "sft" and t.preference != PreferenceConfig():
+            ignored.append("train.preference applies to objective dpo, not sft: ignored")
+        if t.objective == "dpo" and not t.packing:
+            ignored.append("train.packing applies to objective sft (dpo pads each pair of answers): ignored")
+        if t.objective == "dpo" and t.loss_chunk_tokens != TrainConfig.model_fields["loss_chunk_tokens"].default:
+            ignored.append("train.loss_chunk_tokens applies to objective sft (TRL computes dpo's loss): ignored")
         default_layers = TrainConfig.model_fields["freeze_trainable_layers"].default
         if t.method != "freeze" and t.freeze_trainable_layers != default_layers:
             ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")

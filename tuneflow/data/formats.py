@@ -4,6 +4,8 @@ alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, ass
 sharegpt: {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}], "system"?,
 "tools"?}
 messages: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content"}]}
+preference: a prompt ({"prompt"} or {"messages"}, TRL; {"instruction", "input"?} or {"conversations"}, LLaMA-Factory)
+            with {"chosen", "rejected"} answers; read as the chosen conversation, its last message holding "rejected"
 
 Every problem names the file, the row and the field.
 """
@@ -181,10 +183,66 @@ def messages_to_messages(row: Any, where: str) -> list[dict]:
     return messages
 
 
-CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "messages": messages_to_messages}
+def _answer(value: Any, where: str, field: str) -> str:
+    """A chosen or rejected answer: a string, or one assistant message ({role, content} or ShareGPT's {from, value},
+    alone or in a list of one)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        role = value.get("role", SHAREGPT_ROLES.get(value.get("from")))
+        content = value.get("content", value.get("value"))
+        if role == "assistant" and isinstance(content, str):
+            return content
+    if value is None:
+        raise DatasetError(f"{where}: field '{field}' is missing")
+    raise DatasetError(f"{where}: field '{field}' must be the answer: a string, or one assistant message")
 
 
-ANSWER_FIELD = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages"}
+def _implicit_prompt(row: dict, where: str) -> tuple[list[dict], Any, Any]:
+    """TRL's implicit-prompt layout: chosen and rejected are whole conversations; the prompt is what they share."""
+    chosen = messages_to_messages({"messages": row.get("chosen")}, where)
+    rejected = messages_to_messages({"messages": row.get("rejected")}, where)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def preference_to_messages(row: Any, where: str) -> list[dict]:
+    """A prompt with a chosen and a rejected answer, as the conversation of the prompt and the chosen answer, whose
+    last message also holds ``rejected``. Layouts: TRL's (``prompt`` as text or messages, or ``messages``; or only
+    ``chosen`` and ``rejected`` as whole conversations), LLaMA-Factory's alpaca (``instruction``, ``input``,
+    ``system``, ``history``) and sharegpt (``conversations``, the prompt), each with ``chosen`` and ``rejected``."""
+    row = _require_dict(row, where)
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if "conversations" in row:
+        prompt = sharegpt_to_messages(row, where)
+    elif "instruction" in row:
+        prompt = alpaca_to_messages({**row, "output": ""}, where)[:-1]
+    elif "prompt" in row:
+        text = row["prompt"]
+        prompt = ([{"role": "user", "content": text}] if isinstance(text, str)
+                  else messages_to_messages({"messages": text}, f"{where}: field 'prompt'"))
+    elif "messages" in row:
+        prompt = messages_to_messages(row, where)
+    elif isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1:
+        prompt, chosen, rejected = _implicit_prompt(row, where)
+    else:
+        raise DatasetError(f"{where}: no prompt: expected field 'prompt' or 'messages' (TRL), 'instruction' or "
+                           "'conversations' (LLaMA-Factory), or 'chosen' and 'rejected' as whole conversations")
+    chosen, rejected = _answer(chosen, where, "chosen"), _answer(rejected, where, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise DatasetError(f"{where}: fields 'chosen' and 'rejected' are the same answer")
+    return [*prompt, {"role": "assistant", "content": chosen, "rejected": rejected}]
+
+
+CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "messages": messages_to_messages,
+              "preference": preference_to_messages}
+
+
+ANSWER_FIELD = {"alpaca": "output", "sharegpt": "conversations", "messages": "messages", "preference": "chosen"}
 
 
 def check_conversation(messages: list[dict], where: str, field: str) -> None:

@@ -35,21 +35,24 @@ def default_num_proc(n_rows: int) -> int:
     return max(1, min(usable_cores(), n_rows // MIN_ROWS_PER_PROCESS))
 
 
-def _encode_rows(batch: dict, tokenizer, cutoff_len: int) -> dict:
-    conversations = batch["messages"]
+def _encode_rows(batch: dict, tokenizer, cutoff_len: int, preference: bool) -> dict:
+    # A preference row's last message also holds the rejected answer (tuneflow.data.formats): not part of the chat.
+    conversations = [[{"role": m["role"], "content": m["content"]} for m in c] for c in batch["messages"]]
     enc = encode_batch(tokenizer, conversations, cutoff_len)
     prompts, references = zip(*map(prompt_and_reference, conversations))
     return {
         **enc,
         "prompt": [json.dumps(prompt, ensure_ascii=False) for prompt in prompts],
-        "reference": list(references),
+        "reference": list(references),  # the answer; of a preference pair, the chosen one
+        **({"rejected": [c[-1]["rejected"] for c in batch["messages"]]} if preference else {}),
         "label_tokens": [len(labels) - labels.count(IGNORE_INDEX) for labels in enc["labels"]],
     }
 
 
 def encode_rows(tokenizer, conversations: list[list[dict]], cutoff_len: int, num_proc: int | None = None,
                 desc: str = "Tokenizing"):
-    """A Dataset of the conversations encoded (``encode_batch`` columns, prompt, reference, label_tokens), in order.
+    """A Dataset of the conversations encoded (``encode_batch`` columns, prompt, reference, label_tokens, and for
+    preference pairs the rejected answer), in order.
 
     ``num_proc`` processes share the work (at most one per row); None: ``default_num_proc``."""
     from datasets import Dataset, Features, List, Value
@@ -60,13 +63,16 @@ def encode_rows(tokenizer, conversations: list[list[dict]], cutoff_len: int, num
         "full_length": Value("int64"), "prompt": Value("string"), "reference": Value("string"),
         "label_tokens": Value("int64"),
     })
+    preference = "rejected" in conversations[0][-1]
+    if preference:
+        features["rejected"] = Value("string")
     num_proc = min(num_proc or default_num_proc(len(conversations)), len(conversations))
     started = time.perf_counter()
     encoded = Dataset.from_dict({"messages": conversations}).map(
         _encode_rows,
         batched=True,
         num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "cutoff_len": cutoff_len},
+        fn_kwargs={"tokenizer": tokenizer, "cutoff_len": cutoff_len, "preference": preference},
         remove_columns=["messages"],
         features=features,
         # Nothing is cached, and fingerprinting the map would hash (pickle) the whole tokenizer.

@@ -100,6 +100,12 @@ class Settings:
     quant_compute: str = "auto"
     dora: bool = False  # train.lora.use_dora
     modules_to_save: tuple = ()  # train.lora.modules_to_save
+    pairs: bool = False  # train.objective dpo: a row is a pair, two padded sequences (chosen, rejected)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in a padded micro-batch: its rows, or both answers of each of its pairs."""
+        return self.batch * (2 if self.pairs else 1)
 
     @property
     def tokens(self) -> int:
@@ -107,7 +113,7 @@ class Settings:
         else batch rows of cutoff_len (the worst case: every row as long as the cutoff)."""
         if self.tokens_per_batch is not None:
             return max(self.tokens_per_batch, self.seq)
-        return self.batch * self.seq
+        return self.sequences * self.seq
 
     @classmethod
     def from_config(cls, cfg: TuneflowConfig, world_size: int | None = None) -> "Settings":
@@ -116,12 +122,13 @@ class Settings:
         budget = t.tokens_per_batch if isinstance(t.tokens_per_batch, int) else None
         if t.tokens_per_batch == "auto":
             budget = cfg.prep.cutoff_len  # searched upwards from one full row
-        return cls(method=t.method, precision=t.precision, batch=batch, seq=cfg.prep.cutoff_len,
+        dpo = t.objective == "dpo"  # TRL pads each pair's two sequences and computes the full logits' loss
+        return cls(method=t.method, precision=t.precision, batch=batch, seq=cfg.prep.cutoff_len, pairs=dpo,
                    checkpointing=t.gradient_checkpointing, zero=zero_setup(t.deepspeed),
                    world=world_size if world_size is not None else resolve_world_size(cfg),
                    lora_rank=t.lora.rank, lora_targets=t.lora.target_modules, lora_dropout=t.lora.dropout,
-                   freeze_layers=t.freeze_trainable_layers, packing=t.packing, tokens_per_batch=budget,
-                   loss_chunk=t.loss_chunk_tokens, optimizer=t.optimizer, quant_bits=t.quantization.bits,
+                   freeze_layers=t.freeze_trainable_layers, packing=t.packing and not dpo, tokens_per_batch=budget,
+                   loss_chunk=0 if dpo else t.loss_chunk_tokens, optimizer=t.optimizer, quant_bits=t.quantization.bits,
                    quant_type=t.quantization.type, double_quant=t.quantization.double_quant,
                    quant_compute=t.quantization.compute_dtype, dora=t.lora.use_dora,
                    modules_to_save=tuple(t.lora.modules_to_save))
@@ -227,7 +234,7 @@ def activation_bytes(shape: ModelShape, s: Settings, adapters_fp32: bool, residu
     final_norm = tokens * norm
     # The 4-D boolean mask transformers builds for SDPA: per row when padded (B x S x S); when packed, one
     # block-diagonal mask over the whole packed sequence (tokens x tokens). flash-attention builds none.
-    mask = tokens * tokens if s.packing else s.batch * s.seq * s.seq
+    mask = tokens * tokens if s.packing else s.sequences * s.seq * s.seq
     dequant = 0
     if s.method == "qlora":  # bitsandbytes dequantises one weight at a time to the compute dtype for its matmul
         dequant = max(a * o for a, o in shape.linears().values()) * b

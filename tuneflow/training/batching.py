@@ -109,7 +109,9 @@ class CountingCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.inner(features)
-        self.real += sum(len(f["input_ids"]) for f in features)
+        # Preference pairs (TRL's collator) come as prompt_ids, chosen_ids, rejected_ids: count what it attends to.
+        self.real += (sum(len(f["input_ids"]) for f in features) if "input_ids" in features[0]
+                      else int(batch["attention_mask"].sum()))
         self.positions += batch["input_ids"].numel()
         return batch
 

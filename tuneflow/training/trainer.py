@@ -1,4 +1,5 @@
-"""The HF Trainer with tuneflow's two additions: token-budget micro-batches and the chunked loss.
+"""The HF Trainer with tuneflow's additions: token-budget micro-batches, the chunked loss, and LoRA+ (``LoraPlus``,
+also mixed into TRL's DPOTrainer by ``tuneflow.training.preference``).
 
 - ``token_batches`` (a ``TokenBudgetBatches``, train.tokens_per_batch): the training DataLoader takes its
   micro-batches from it instead of ``per_device_batch_size`` rows; ``accelerator.prepare`` deals them out to the
@@ -15,15 +16,10 @@ from transformers import Trainer
 from tuneflow.training.loss import chunked_causal_lm_loss, supports_chunked_loss
 
 
-class TuneflowTrainer(Trainer):
-    def __init__(self, *args, token_batches=None, loss_chunk_tokens: int = 0, reentrant: bool = False,
-                 loraplus_lr_ratio: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.token_batches = token_batches
-        self.loss_chunk_tokens = loss_chunk_tokens
-        self.reentrant = reentrant
-        self.loraplus_lr_ratio = loraplus_lr_ratio
-        self.chunked_loss = loss_chunk_tokens > 0 and supports_chunked_loss(self.model)
+class LoraPlus:
+    """Mixed into a Trainer (this one, TRL's DPOTrainer): LoRA+ when ``loraplus_lr_ratio`` is set."""
+
+    loraplus_lr_ratio: float | None = None
 
     def create_optimizer(self, model=None):
         """LoRA+ (train.lora.loraplus_lr_ratio): peft's optimizer groups, B's learning rate that many times A's,
@@ -37,6 +33,17 @@ class TuneflowTrainer(Trainer):
         self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, loraplus_lr_ratio=self.loraplus_lr_ratio,
                                                    loraplus_weight_decay=self.args.weight_decay, **kwargs)
         return self.optimizer
+
+
+class TuneflowTrainer(LoraPlus, Trainer):
+    def __init__(self, *args, token_batches=None, loss_chunk_tokens: int = 0, reentrant: bool = False,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_batches = token_batches
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.reentrant = reentrant
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.chunked_loss = loss_chunk_tokens > 0 and supports_chunked_loss(self.model)
 
     def get_train_dataloader(self):
         if self.token_batches is None:

@@ -182,7 +182,14 @@ def train(spec: TrainSpec) -> TrainOutcome:
     # TrainingArguments first: with ZeRO-3 it must exist before the model is built.
     ds_config = deepspeed_config(t.deepspeed)
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
-    args = TrainingArguments(
+    Arguments, objective_args = TrainingArguments, {}
+    if t.objective == "dpo":
+        from trl import DPOConfig
+
+        from tuneflow.training.preference import dpo_arguments
+
+        Arguments, objective_args = DPOConfig, dpo_arguments(cfg)
+    args = Arguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch_size,  # unused for training when tokens_per_batch is set
         per_device_eval_batch_size=t.per_device_batch_size,
@@ -218,6 +225,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         ddp_backend=None if on_gpu else "gloo",
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **objective_args,
     )
     agree_on_precision(t.precision, args)
     tokenizer = load_tokenizer(spec.model_dir, cfg)
@@ -229,6 +237,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
     batches = CountingCollator(collator(t.packing, tokenizer))
     train_rows = data["train"].select_columns(["input_ids", "labels"])
     token_batches = None
+    loraplus = t.lora.loraplus_lr_ratio if t.method in ("qlora", "lora") else None
     if t.tokens_per_batch is not None:
         token_batches = TokenBudgetBatches(data["train"]["length"], t.tokens_per_batch, t.seed, world)
         sizes = [len(b) for b in token_batches.groups()]
@@ -267,22 +276,29 @@ def train(spec: TrainSpec) -> TrainOutcome:
                 if uploader:
                     uploader.submit(folder)
 
-    trainer = TuneflowTrainer(
-        model=model,
-        args=args,
-        token_batches=token_batches,
-        loss_chunk_tokens=t.loss_chunk_tokens,
-        reentrant=args.gradient_checkpointing_kwargs["use_reentrant"],
-        loraplus_lr_ratio=t.lora.loraplus_lr_ratio if t.method in ("qlora", "lora") else None,
-        train_dataset=train_rows,
-        eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
-        data_collator=batches,
-        processing_class=tokenizer,
-        callbacks=[OnLog(), OnSave()],
-    )
+    if t.objective == "dpo":
+        from tuneflow.training.preference import dpo_trainer
+
+        trainer, step_logger.batches = dpo_trainer(model, args, data["train"], data["eval"] if t.eval_steps else None,
+                                                   tokenizer, [OnLog(), OnSave()], loraplus)
+        log(f"loss: TRL's DPO ({t.preference.loss_type}, beta {t.preference.beta}), reference: the adapter off")
+    else:
+        trainer = TuneflowTrainer(
+            model=model,
+            args=args,
+            token_batches=token_batches,
+            loss_chunk_tokens=t.loss_chunk_tokens,
+            reentrant=args.gradient_checkpointing_kwargs["use_reentrant"],
+            loraplus_lr_ratio=loraplus,
+            train_dataset=train_rows,
+            eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
+            data_collator=batches,
+            processing_class=tokenizer,
+            callbacks=[OnLog(), OnSave()],
+        )
+        chunked = f"chunked, {t.loss_chunk_tokens} labelled tokens at a time"
+        log(f"loss: {chunked if trainer.chunked_loss else 'full logits'}")
     trainer.remove_callback(PrinterCallback)  # OnLog prints one line per step instead
-    chunked = f"chunked, {t.loss_chunk_tokens} labelled tokens at a time"
-    log(f"loss: {chunked if trainer.chunked_loss else 'full logits'}")
     resume = last_complete_checkpoint(out / "checkpoints")
     resumed_from = checkpoint_step(resume) if resume else None
     if IS_RANK_ZERO:
@@ -312,6 +328,10 @@ def train(spec: TrainSpec) -> TrainOutcome:
     else:
         trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
     if IS_RANK_ZERO:
+        if t.objective == "dpo":
+            from tuneflow.training.preference import drop_reference_adapter
+
+            drop_reference_adapter(staging)
         verify_adapter(staging)
         tokenizer.save_pretrained(staging)
         install(staging, final)

@@ -1,0 +1,29 @@
+"""What training optimises (train.objective) and the settings of preference tuning (train.preference).
+
+    train: {objective: dpo, preference: {beta: 0.1, loss_type: sigmoid}}   # on rows of dataset.format: preference
+
+sft trains on the answers of instruction data; dpo on pairs of a chosen and a rejected answer to one prompt, through
+TRL's DPOTrainer, the reference being the base model (the adapter switched off, or a frozen copy of it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tuneflow.core.section import Section
+
+Objective = Literal["sft", "dpo"]
+# TRL's DPO loss types that need no setting besides beta (exo_pair needs label smoothing; aot, discopop extra terms).
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+                  "sigmoid_norm"]
+
+
+class PreferenceConfig(Section):
+    """Preference tuning (train.objective: dpo)."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="How far the tuned model may move from the reference: higher "
+                        "keeps it closer (DPO's beta; IPO's regularisation).")
+    loss_type: DpoLoss = Field("sigmoid", description="TRL's DPO loss: sigmoid (the DPO paper's), ipo, hinge, robust, "
+                               "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm.")
