@@ -1,6 +1,7 @@
-"""Stage 4, evaluate: held-out loss and perplexity, then greedy answers scored with BLEU-4 and ROUGE-1/2/L,
-for the base model and the tuned one, side by side; the benchmarks of eval.benchmarks for both; and, with eval.judge,
-the tuned answers judged against the base answers in both orders (judge.win_rate, judge.elo, ...).
+"""Stage 4, evaluate: held-out loss and perplexity, then greedy answers scored with BLEU-4 and ROUGE-1/2/L, for the base
+model and the tuned one, side by side; on preference pairs, pref_accuracy and pref_margin; the benchmarks of
+eval.benchmarks for both; and, with eval.judge, the tuned answers judged against the base answers in both orders
+(judge.win_rate, judge.elo, ...).
 
 Reads the model (Hub cache by commit), the prepared eval split and the trained weights (MLflow artifacts), and logs
 `predictions/predictions.jsonl` (prompt, reference, base and tuned answers), which export reads back to check that
@@ -24,6 +25,24 @@ from tuneflow.tracking.context import RunContext
 from tuneflow.tracking.judging import judge_and_log
 from tuneflow.tracking.run_record import prepare_benchmarks
 from tuneflow.tracking.runs import log_metrics
+
+
+def pair_metrics(tuned, tokenizer, chosen: list[dict], prompts: list[list[dict]], rejected: list[str],
+                 cfg: TuneflowConfig) -> tuple[dict, dict]:
+    """pref_accuracy and pref_margin (`tuneflow.modeling.metrics.preference`) of the tuned adapter, and of the
+    reference itself (the base: 0 and 0), on held-out pairs: ``chosen`` encoded, ``rejected`` the other answers."""
+    from tuneflow.data.tokenize import encode_batch
+    from tuneflow.modeling.generation import answer_logps
+    from tuneflow.modeling.metrics import preference
+
+    enc = encode_batch(tokenizer, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, rejected)],
+                       cfg.prep.cutoff_len)
+    worse = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
+    size, beta = cfg.eval.batch_size, cfg.train.preference.beta
+    policy = answer_logps(tuned, tokenizer, chosen, size), answer_logps(tuned, tokenizer, worse, size)
+    with tuned.disable_adapter():
+        reference = answer_logps(tuned, tokenizer, chosen, size), answer_logps(tuned, tokenizer, worse, size)
+    return preference(*policy, *reference, beta), preference(*reference, *reference, beta)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -61,6 +80,13 @@ def evaluate(
             log_metrics(client, run_id, {f"base.{k}": v for k, v in base_metrics.items()})
         tuned = load_trained(model_dir, weights_dir, cfg, device_map=device_map, base=base)
         metrics, answers = measure(tuned, tokenizer, examples, prompts, references, cfg)
+        rejected = list(rows["rejected"]) if "rejected" in rows.column_names else None
+        if rejected is not None:  # preference pairs: DPO's implicit reward, the base (the adapter off) as reference
+            tuned_pairs, base_pairs = pair_metrics(tuned, tokenizer, examples, prompts, rejected, cfg)
+            metrics.update(tuned_pairs)
+            if cfg.eval.compare_base:
+                base_metrics.update(base_pairs)
+                log_metrics(client, run_id, {f"base.{k}": v for k, v in base_pairs.items()})
         if benchmarks:
             scores, samples = score(tuned, tokenizer, benchmarks.benchmarks, benchmarks.task_dir, cfg.eval.batch_size)
             metrics.update(scores)
@@ -81,8 +107,10 @@ def evaluate(
         folder = Path(ctx.run_dir) / "evaluate" / "predictions"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / PREDICTIONS, "w", encoding="utf-8") as fh:
-            for p, r, b, a in zip(prompts, references, base_answers, answers):
-                fh.write(json.dumps({"prompt": p, "reference": r, "base": b, "tuned": a}, ensure_ascii=False) + "\n")
+            for i, (p, r, b, a) in enumerate(zip(prompts, references, base_answers, answers)):
+                pair = {"rejected": rejected[i]} if rejected is not None else {}
+                fh.write(json.dumps({"prompt": p, "reference": r, **pair, "base": b, "tuned": a},
+                                    ensure_ascii=False) + "\n")
         predictions = publish(client, run_id, folder, "predictions")
         client.log_table(run_id, data={
             "prompt": [p[-1]["content"] for p in prompts], "reference": references,

@@ -168,3 +168,11 @@ def test_dpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
         client.get_run(train_run).data.metrics)
     adapter = Path(summary["adapter_dir"])
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
+    # held-out pairs: the implicit reward against the base ranks chosen over rejected; the base against itself ties
+    metrics = summary["metrics"]
+    assert metrics["pref_accuracy"] > 0.5 and metrics["pref_margin"] > 0, metrics
+    assert metrics["base"]["pref_accuracy"] == 0 and metrics["base"]["pref_margin"] == 0, metrics
+    predictions = client.download_artifacts(summary["stages"]["evaluate"]["mlflow_run_id"],
+                                            "predictions/predictions.jsonl", str(tmp_path))
+    first = json.loads(Path(predictions).read_text().splitlines()[0])
+    assert first["rejected"] and first["rejected"] != first["reference"]

@@ -165,3 +165,15 @@ def test_score_has_every_metric_on_a_0_100_scale():
     scores = score(["the cat sat on the mat"], ["the cat sat on the red mat"])
     assert set(scores) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
     assert all(0 < v < 100 for v in scores.values())
+
+
+def test_preference_accuracy_and_margin_follow_the_implicit_reward():
+    from tuneflow.modeling.metrics import preference
+
+    # pair 1: the chosen answer gained 2 nats on the reference, the rejected lost 1 -> margin 0.1 * 3
+    # pair 2: both moved alike -> a tie, no win; pair 3: the rejected one gained more -> a loss
+    scores = preference(chosen=[-8.0, -5.0, -6.0], rejected=[-11.0, -4.0, -3.0], ref_chosen=[-10.0, -6.0, -6.0],
+                        ref_rejected=[-10.0, -5.0, -4.0], beta=0.1)
+    assert scores["pref_accuracy"] == pytest.approx(1 / 3)
+    assert scores["pref_margin"] == pytest.approx((0.3 + 0.0 - 0.1) / 3)
+    assert preference([-1.0], [-2.0], [-1.0], [-2.0], 0.1) == {"pref_accuracy": 0.0, "pref_margin": 0.0}

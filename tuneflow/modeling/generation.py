@@ -46,24 +46,33 @@ def stream(model, tokenizer, messages: list[dict], max_new_tokens: int) -> Itera
 
 
 @torch.inference_mode()
-def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> dict[str, float]:
-    """Mean cross-entropy over answer tokens (prompt tokens are masked, as in training) and its perplexity."""
+def _answer_losses(model, tokenizer, rows: list[dict], batch_size: int) -> Iterator[tuple[float, int]]:
+    """Per row: the summed cross-entropy of its answer tokens (prompt tokens are masked, as in training), and their
+    count."""
     from transformers import DataCollatorForSeq2Seq
 
     model.eval()
     tokenizer.padding_side = "right"
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = collate(rows[i : i + batch_size])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += losses.item()
-        count += int((labels != -100).sum())
-    loss = total / max(count, 1)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        yield from zip(losses.sum(1).tolist(), (labels != -100).sum(1).tolist())
+
+
+def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> dict[str, float]:
+    """Mean cross-entropy over answer tokens (prompt tokens are masked, as in training) and its perplexity."""
+    per_row = list(_answer_losses(model, tokenizer, rows, batch_size))
+    loss = sum(total for total, _ in per_row) / max(sum(count for _, count in per_row), 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def answer_logps(model, tokenizer, rows: list[dict], batch_size: int = 8) -> list[float]:
+    """log p(answer | prompt) of each row (``input_ids`` and ``labels``, the answer's tokens labelled)."""
+    return [-total for total, _ in _answer_losses(model, tokenizer, rows, batch_size)]

@@ -1,4 +1,5 @@
-"""BLEU-4 and ROUGE-1/2/L on generated answers, with sacrebleu and rouge-score.
+"""BLEU-4 and ROUGE-1/2/L on generated answers, with sacrebleu and rouge-score; preference accuracy on held-out
+pairs.
 
 Both score pre-segmented text: Chinese (any CJK character) is segmented into words with jieba, as the BLEU/ROUGE
 figures of the Chinese title-generation experiments are; other text is split on whitespace and punctuation.
@@ -70,3 +71,14 @@ def measure(model, tokenizer, rows, prompts, references, cfg) -> tuple[dict, lis
     metrics.update(score(answers, references))
     metrics.update({"predict_runtime": runtime, "predict_samples_per_second": len(prompts) / runtime})
     return metrics, answers
+
+
+def preference(chosen: list[float], rejected: list[float], ref_chosen: list[float], ref_rejected: list[float],
+               beta: float) -> dict[str, float]:
+    """DPO's implicit reward of each answer, beta * (log p(answer) - log p_ref(answer)), on held-out pairs:
+    pref_accuracy, the share of pairs whose chosen answer gets the higher reward (a tie is no win, as in TRL's
+    rewards/accuracies: the reference against itself scores 0), and pref_margin, the mean reward difference."""
+    margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected,
+                                                                     strict=True)]
+    n = max(1, len(margins))
+    return {"pref_accuracy": sum(m > 0 for m in margins) / n, "pref_margin": sum(margins) / n}
