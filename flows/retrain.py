@@ -43,6 +43,7 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
 
     from tuneflow.core.results import PREDICTIONS
     from tuneflow.modeling.load import device
+    from tuneflow.modeling.metrics import preference
     from tuneflow.sources.hub import fetch
     from tuneflow.tracking.artifacts import materialize_model
     from tuneflow.tracking.judging import judge_and_log
@@ -87,11 +88,15 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
         guarded = prepare_benchmarks(cfg, Path(summary["run_dir"]) / "decide" / "benchmarks", client, run_id, logger,
                                      keys={b.key for b in cfg.eval.benchmarks for g in cfg.registry.guards
                                            if g.metric in (f"bench.{b.key}.acc", f"bench.{b.key}.acc_norm")})
-        all_scores, answers = {}, {}
+        all_scores, answers, logps = {}, {}, {}
         for who, folder in models.items():
-            all_scores[who], answers[who] = score(folder, frozen, cfg, guarded if who != "base" else None)
-            logger.info("decide: %s on the frozen set: %s", who, json.dumps(all_scores[who]))
-            log_metrics(client, run_id, {f"{who}.{k}": v for k, v in all_scores[who].items()})
+            all_scores[who], answers[who], logps[who] = score(folder, frozen, cfg, guarded if who != "base" else None)
+        if logps["base"] is not None:  # preference pairs: each model's implicit reward, the base as reference
+            for who, scores in all_scores.items():
+                scores.update(preference(*logps[who], *logps["base"], cfg.train.preference.beta))
+        for who, scores in all_scores.items():
+            logger.info("decide: %s on the frozen set: %s", who, json.dumps(scores))
+            log_metrics(client, run_id, {f"{who}.{k}": v for k, v in scores.items()})
         if any(g.metric.startswith("judge.") for g in cfg.registry.guards):  # the champion, else the base, as opponent
             judged = judge_and_log(cfg, client, run_id, logger, frozen, answers["challenger"],
                                    answers["champion" if champion is not None else "base"], {"": device()})

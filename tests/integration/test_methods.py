@@ -35,10 +35,16 @@ def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict 
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
     env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_api)
-    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), "run", "--config", str(config)],
+    command = "retrain" if "registry" in (extra or {}) else "run"  # retrain: the decision is stdout's last line
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), command, "--config", str(config)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
-    summary = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+    last = done.stdout.strip().splitlines()[-1]
+    if command == "retrain":
+        [path] = (tmp_path / "runs").glob("*/summary.json")
+        summary = {**json.loads(path.read_text()), "decision": json.loads(last)}
+    else:
+        summary = json.loads(Path(last).read_text())
     assert summary["status"] == "completed" and summary["stages"]["train"]["global_step"] == 20
     metrics = summary["metrics"]
     assert not lower_loss or metrics["eval_loss"] < metrics["base"]["eval_loss"], metrics
@@ -143,10 +149,12 @@ def test_a_paged_optimizer_is_refused_on_a_machine_without_cuda(tmp_path, tiny_a
     assert "use adamw_8bit here" in done.stderr and not list(tmp_path.glob("run-*")), "it started anyway"
 
 
-def test_dpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
+def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_api):
     """train.objective: dpo over qlora (TRL's DPOTrainer, the reference the adapter switched off) on pairs in TRL's
-    layout: the reward accuracy on the training pairs rises above its start, TRL's metrics reach the train run, and
-    the export merges the trained adapter (not TRL's reference copy) with parity."""
+    layout, through `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the training pairs rises above
+    its start, TRL's metrics reach the train run, held-out preference accuracy is logged for tuned and base, the
+    export merges the trained adapter (not TRL's reference copy) with parity, and the version is registered and
+    promoted on the frozen pairs."""
     from mlflow import MlflowClient
 
     rows = json.loads(Path(tiny_assets["data"]).read_text())
@@ -154,9 +162,10 @@ def test_dpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
     pairs.write_text("".join(json.dumps({
         "prompt": r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), "chosen": r["output"],
         "rejected": rows[i - 1]["output"]}) + "\n" for i, r in enumerate(rows) if r["output"] != rows[i - 1]["output"]))
-    summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra={"dataset": {
-        "name_or_path": str(pairs), "format": "preference", "eval_size": 16}}, objective="dpo", learning_rate=5e-3,
-        preference={"beta": 0.1}, lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+    extra = {"dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 16},
+             "registry": {"model_name": "dpo-assistant", "metric": "pref_accuracy", "eval_samples": 8}}
+    summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra=extra, objective="dpo",
+                  learning_rate=5e-3, preference={"beta": 0.1}, lora={"rank": 8, "alpha": 16, "dropout": 0.0})
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     train_run = summary["stages"]["train"]["mlflow_run_id"]
     accuracies = [m.value for m in sorted(client.get_metric_history(train_run, "rewards/accuracies"),
@@ -176,3 +185,6 @@ def test_dpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
                                             "predictions/predictions.jsonl", str(tmp_path))
     first = json.loads(Path(predictions).read_text().splitlines()[0])
     assert first["rejected"] and first["rejected"] != first["reference"]
+    decision = summary["decision"]
+    assert decision["decision"] == "promoted" and decision["metric"] == "pref_accuracy", decision
+    assert decision["scores"]["challenger"] > decision["scores"]["base"] == 0, decision

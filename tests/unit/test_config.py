@@ -493,6 +493,10 @@ PAIRS = {"name_or_path": "pairs.jsonl", "format": "preference"}
      "train.eval_steps", "dpo's held-out loss needs pairs"),
     ({"dataset": PAIRS, "train": {"objective": "dpo", "preference": {"loss_type": "kto"}}},
      "train.preference.loss_type", "Input should be"),
+    ({"dataset": {"name_or_path": "d.json"}, "registry": {"metric": "pref_accuracy"}}, "registry.metric",
+     "pref_accuracy is scored on preference pairs: it needs train.objective dpo"),
+    ({"dataset": {"name_or_path": "d.json"}, "registry": {"guards": [{"metric": "pref_margin", "min": 0}]}},
+     "registry.guards", "pref_margin is scored on preference pairs"),
 ])
 def test_preference_tuning_refuses_what_cannot_work(data, key, said):
     found = problems(config_error(data))

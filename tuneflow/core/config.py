@@ -13,7 +13,13 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from tuneflow.core.data_sources import DatasetConfig, SourceConfig
-from tuneflow.core.evaluation import JUDGE_DIRECTIONS, METRIC_DIRECTIONS, EvalConfig, RegistryConfig
+from tuneflow.core.evaluation import (
+    JUDGE_DIRECTIONS,
+    METRIC_DIRECTIONS,
+    PAIR_METRICS,
+    EvalConfig,
+    RegistryConfig,
+)
 from tuneflow.core.objective import Objective, PreferenceConfig
 from tuneflow.core.section import Section, parse_size
 
@@ -363,6 +369,10 @@ class TuneflowConfig(Section):
                                                                       for g in self.registry.guards):
             problems.append("eval.judge judges tuned vs base answers (set eval.compare_base true) or, in retrain, "
                             "challenger vs champion for a judge.* guard of registry.guards: neither is set")
+        if t.objective != "dpo":
+            problems += [f"{key}: {metric} is scored on preference pairs: it needs train.objective dpo" for key, metric
+                         in [("registry.metric", self.registry.metric),
+                             *(("registry.guards", g.metric) for g in self.registry.guards)] if metric in PAIR_METRICS]
         scored = [*METRIC_DIRECTIONS, *sorted(f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc",
                   "acc_norm")), *(JUDGE_DIRECTIONS if self.eval.judge else [])]
         for guard in self.registry.guards:

@@ -92,7 +92,9 @@ class EvalConfig(Section):
 
 METRIC_DIRECTIONS = {  # held-out metrics evaluate reports, and whether a greater value is better
     "eval_loss": False, "perplexity": False, "bleu-4": True, "rouge-1": True, "rouge-2": True, "rouge-l": True,
+    "pref_accuracy": True, "pref_margin": True,  # on preference pairs (train.objective dpo)
 }
+PAIR_METRICS = ("pref_accuracy", "pref_margin")
 JUDGE_DIRECTIONS = {"judge.win_rate": True, "judge.loss_rate": False, "judge.consistency": True, "judge.elo": True}
 
 
@@ -125,9 +127,10 @@ class RegistryConfig(Section):
                                    "registered model that `tuneflow retrain` registers each new export as a version "
                                    "of, and whose `champion` alias it moves when a challenger wins. Required by "
                                    "retrain; unused by run.")
-    metric: Literal["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l"] = Field(
+    metric: Literal["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "pref_accuracy",
+                    "pref_margin"] = Field(
         "eval_loss", description="Held-out metric that decides between champion and challenger, scored for both on "
-        "the same frozen evaluation set.",
+        "the same frozen evaluation set (pref_accuracy, pref_margin: on preference pairs, train.objective dpo).",
     )
     greater_is_better: bool | None = Field(None, description="Whether a greater registry.metric is better; unset: "
                                            "false for eval_loss and perplexity, true for BLEU and ROUGE.")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig
 from tuneflow.core.errors import TuneflowError
+from tuneflow.core.evaluation import PAIR_METRICS
 from tuneflow.core.params import config_hash
 from tuneflow.core.results import ArtifactRef, SourceRef
 from tuneflow.tracking.runs import tracking_uri
@@ -189,13 +190,21 @@ class Registry:
             return None
         try:
             folder = materialize(ref, self.uri)
-            return [json.loads(line) for line in (folder / EVAL_ROWS).read_text(encoding="utf-8").splitlines()]
+            rows = [json.loads(line) for line in (folder / EVAL_ROWS).read_text(encoding="utf-8").splitlines()]
         except Exception as exc:
             raise RegistryProblem(
                 f"registry.model_name {self.name}: its frozen evaluation set ({ref.uri}, tag {EVAL_SET_TAG}) can no "
                 f"longer be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); retrain "
                 "with --refreeze-eval-set (flow parameter refreeze_eval_set) to draw a new one from this run's "
                 "held-out split") from None
+        r = self.cfg.registry
+        paired = sorted({r.metric, *(g.metric for g in r.guards)} & set(PAIR_METRICS))
+        if paired and not all("rejected" in row for row in rows):
+            raise RegistryProblem(
+                f"registry: {', '.join(paired)} is scored on preference pairs, and the frozen evaluation set of "
+                f"{self.name} holds none (it was frozen from a run on instruction data); retrain with "
+                "--refreeze-eval-set to draw one from this run's held-out pairs")
+        return rows
 
     def freeze(self, run_id: str, rows: list[dict]) -> ArtifactRef:
         """Store ``rows`` as the frozen evaluation set (an artifact of ``run_id``)."""
@@ -228,15 +237,17 @@ class Registry:
 
 def draw_eval_set(records: list[dict], n: int) -> list[dict]:
     """The first ``n`` held-out rows evaluate scored (its predictions, in the run's seeded order), as plain chat:
-    prompt messages and reference answer, so any model's own tokenizer and template can score them."""
-    return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records[:n]]
+    prompt messages and reference answer (and a preference pair's rejected answer), so any model's own tokenizer
+    and template can score them."""
+    return [{k: r[k] for k in ("prompt", "reference", "rejected") if k in r} for r in records[:n]]
 
 
 def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig,
-          benchmarks=None) -> tuple[dict[str, float], list[str]]:
+          benchmarks=None) -> tuple[dict[str, float], list[str], tuple[list[float], list[float]] | None]:
     """Every held-out metric of the model in ``model_dir`` on ``rows``, with the generation settings of cfg.eval,
-    and the scores of ``benchmarks`` (`tuneflow.sources.benchmarks.Prepared`, the guards' benchmarks) if given; and
-    its answers to ``rows``."""
+    and the scores of ``benchmarks`` (`tuneflow.sources.benchmarks.Prepared`, the guards' benchmarks) if given; its
+    answers to ``rows``; and for preference pairs, its log-probabilities of the chosen and the rejected answers (what
+    `tuneflow.modeling.metrics.preference` compares with the base's)."""
     import gc
 
     from tuneflow.data.prepare import encode_rows
@@ -255,9 +266,18 @@ def score(model_dir: Path, rows: list[dict], cfg: TuneflowConfig,
     if benchmarks is not None and benchmarks.benchmarks:
         metrics.update(score_benchmarks(model, tokenizer, benchmarks.benchmarks, benchmarks.task_dir,
                                         cfg.eval.batch_size)[0])
+    logps = None
+    if rows and "rejected" in rows[0]:
+        from tuneflow.modeling.generation import answer_logps
+
+        worse = encode_rows(tokenizer, [r["prompt"] + [{"role": "assistant", "content": r["rejected"]}] for r in rows],
+                            cfg.prep.cutoff_len, num_proc=1)
+        worse = [{"input_ids": i, "labels": lab} for i, lab in zip(worse["input_ids"], worse["labels"])]
+        logps = (answer_logps(model, tokenizer, examples, cfg.eval.batch_size),
+                 answer_logps(model, tokenizer, worse, cfg.eval.batch_size))
     del model
     gc.collect()
-    return metrics, answers
+    return metrics, answers, logps
 
 
 def decide(cfg: TuneflowConfig, challenger: dict[str, float], champion: dict[str, float] | None,
