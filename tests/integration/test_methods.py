@@ -149,6 +149,21 @@ def test_a_paged_optimizer_is_refused_on_a_machine_without_cuda(tmp_path, tiny_a
     assert "use adamw_8bit here" in done.stderr and not list(tmp_path.glob("run-*")), "it started anyway"
 
 
+def write_pairs(path: Path, tiny_assets) -> Path:
+    """The tiny rows as preference pairs in TRL's layout: the right answer chosen over the previous row's."""
+    rows = json.loads(Path(tiny_assets["data"]).read_text())
+    path.write_text("".join(json.dumps({
+        "prompt": r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), "chosen": r["output"],
+        "rejected": rows[i - 1]["output"]}) + "\n" for i, r in enumerate(rows) if r["output"] != rows[i - 1]["output"]))
+    return path
+
+
+def rising(client, run_id: str, key: str) -> list[float]:
+    values = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+    assert len(values) == 20 and sum(values[-5:]) / 5 > values[0], (key, values)
+    return values
+
+
 def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_api):
     """train.objective: dpo over qlora (TRL's DPOTrainer, the reference the adapter switched off) on pairs in TRL's
     layout, through `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the training pairs rises above
@@ -157,20 +172,14 @@ def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_
     promoted on the frozen pairs."""
     from mlflow import MlflowClient
 
-    rows = json.loads(Path(tiny_assets["data"]).read_text())
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({
-        "prompt": r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), "chosen": r["output"],
-        "rejected": rows[i - 1]["output"]}) + "\n" for i, r in enumerate(rows) if r["output"] != rows[i - 1]["output"]))
+    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets)
     extra = {"dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 16},
              "registry": {"model_name": "dpo-assistant", "metric": "pref_accuracy", "eval_samples": 8}}
     summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra=extra, objective="dpo",
                   learning_rate=5e-3, preference={"beta": 0.1}, lora={"rank": 8, "alpha": 16, "dropout": 0.0})
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     train_run = summary["stages"]["train"]["mlflow_run_id"]
-    accuracies = [m.value for m in sorted(client.get_metric_history(train_run, "rewards/accuracies"),
-                                          key=lambda m: m.step)]
-    assert len(accuracies) == 20 and sum(accuracies[-5:]) / 5 > accuracies[0], accuracies
+    rising(client, train_run, "rewards/accuracies")
     margins = client.get_metric_history(train_run, "rewards/margins")
     assert max(margins, key=lambda m: m.step).value > 0, margins
     assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(
@@ -188,3 +197,22 @@ def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_
     decision = summary["decision"]
     assert decision["decision"] == "promoted" and decision["metric"] == "pref_accuracy", decision
     assert decision["scores"]["challenger"] > decision["scores"]["base"] == 0, decision
+
+
+def test_orpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
+    """train.objective: orpo (TRL's ORPOTrainer, no reference model) over qlora on the same pairs: the log odds of
+    the chosen answer over the rejected one rise above zero on the training pairs, ORPO's own metrics reach the train
+    run, held-out pairs get a positive reward margin, and the export holds parity."""
+    from mlflow import MlflowClient
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets)
+    summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra={"dataset": {
+        "name_or_path": str(pairs), "format": "preference", "eval_size": 16}}, objective="orpo", learning_rate=5e-3,
+        preference={"beta": 1.0}, lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    train_run = summary["stages"]["train"]["mlflow_run_id"]
+    odds = rising(client, train_run, "log_odds_chosen")  # log odds of the chosen answer over the rejected one
+    assert sum(odds[-5:]) / 5 > 0, odds
+    assert {"log_odds_ratio", "nll_loss", "rewards/accuracies"} <= set(client.get_run(train_run).data.metrics)
+    metrics = summary["metrics"]
+    assert metrics["pref_margin"] > 0 and metrics["pref_accuracy"] > metrics["base"]["pref_accuracy"] == 0, metrics

@@ -484,7 +484,7 @@ PAIRS = {"name_or_path": "pairs.jsonl", "format": "preference"}
 @pytest.mark.parametrize(("data", "key", "said"), [
     ({"dataset": {"name_or_path": "d.json"}, "train": {"objective": "dpo"}}, "dataset.format",
      "alpaca rows have no rejected answer; train.objective dpo trains on pairs"),
-    ({"dataset": PAIRS}, "dataset.format", "preference pairs train with train.objective: dpo"),
+    ({"dataset": PAIRS}, "dataset.format", "preference pairs train with train.objective: dpo or orpo"),
     ({"dataset": PAIRS, "train": {"objective": "dpo", "method": "full"}}, "train.objective",
      "use method qlora or lora"),
     ({"dataset": PAIRS, "train": {"objective": "dpo", "tokens_per_batch": 512}}, "train.tokens_per_batch",
@@ -494,7 +494,7 @@ PAIRS = {"name_or_path": "pairs.jsonl", "format": "preference"}
     ({"dataset": PAIRS, "train": {"objective": "dpo", "preference": {"loss_type": "kto"}}},
      "train.preference.loss_type", "Input should be"),
     ({"dataset": {"name_or_path": "d.json"}, "registry": {"metric": "pref_accuracy"}}, "registry.metric",
-     "pref_accuracy is scored on preference pairs: it needs train.objective dpo"),
+     "pref_accuracy is scored on preference pairs: it needs train.objective dpo or orpo"),
     ({"dataset": {"name_or_path": "d.json"}, "registry": {"guards": [{"metric": "pref_margin", "min": 0}]}},
      "registry.guards", "pref_margin is scored on preference pairs"),
 ])
@@ -503,11 +503,18 @@ def test_preference_tuning_refuses_what_cannot_work(data, key, said):
     assert said in found[key], found
 
 
+def test_orpo_takes_the_same_pairs_and_ignores_dpos_loss_type():
+    orpo = load_config(data={"dataset": PAIRS, "train": {"objective": "orpo", "preference": {"loss_type": "ipo"}}})
+    assert orpo.ignored_settings() == ["train.preference.loss_type applies to objective dpo, not orpo: ignored"]
+    found = problems(config_error({"dataset": {"name_or_path": "d.json"}, "train": {"objective": "orpo"}}))
+    assert "train.objective orpo trains on pairs" in found["dataset.format"], found
+
+
 def test_preference_settings_are_ignored_by_sft_and_part_of_the_hash():
     from tuneflow.core.params import config_hash
 
     sft = load_config(data=with_(train={"preference": {"beta": 0.5}}))
-    assert "train.preference applies to objective dpo, not sft: ignored" in sft.ignored_settings()
+    assert "train.preference applies to objectives dpo and orpo, not sft: ignored" in sft.ignored_settings()
     dpo = load_config(data={"dataset": PAIRS, "train": {"objective": "dpo"}})
     assert dpo.ignored_settings() == [] and dpo.train.preference.loss_type == "sigmoid"
     beta = load_config(data={"dataset": PAIRS, "train": {"objective": "dpo", "preference": {"beta": 0.5}}})

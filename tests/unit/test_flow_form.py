@@ -15,7 +15,7 @@ def test_flow_parameter_form_has_dropdowns_and_descriptions():
     assert train["method"]["enum"] == ["qlora", "lora", "full", "freeze"]
     assert "reduce_lr_on_plateau" in train["lr_scheduler"]["enum"]
     assert defs["DatasetConfig"]["properties"]["format"]["enum"] == ["alpaca", "sharegpt", "messages", "preference"]
-    assert train["objective"]["enum"] == ["sft", "dpo"]
+    assert train["objective"]["enum"] == ["sft", "dpo", "orpo"]
     for name, definition in defs.items():
         for key, prop in definition["properties"].items():
             assert prop.get("description"), f"{name}.{key} has no description for the Prefect form"

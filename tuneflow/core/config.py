@@ -20,7 +20,7 @@ from tuneflow.core.evaluation import (
     EvalConfig,
     RegistryConfig,
 )
-from tuneflow.core.objective import Objective, PreferenceConfig
+from tuneflow.core.objective import PREFERENCE_OBJECTIVES, Objective, PreferenceConfig
 from tuneflow.core.section import Section, parse_size
 
 LrScheduler = Literal[
@@ -116,9 +116,9 @@ class TrainConfig(Section):
     objective: Objective = Field(
         "sft", description="sft: supervised fine-tuning on the answers; dpo: Direct Preference Optimization on pairs "
         "of a chosen and a rejected answer (dataset.format: preference) through TRL's DPOTrainer, against the base "
-        "model as reference (the adapter switched off).")
+        "model as reference (the adapter switched off); orpo: TRL's ORPOTrainer on the same pairs, no reference.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
-                                         description="Preference tuning (objective dpo).")
+                                         description="Preference tuning (objective dpo or orpo).")
     method: Literal["qlora", "lora", "full", "freeze"] = Field(
         "qlora",
         description="qlora: LoRA over a quantised base (train.quantization: 4-bit NF4 by default); lora: LoRA over a "
@@ -346,31 +346,34 @@ class TuneflowConfig(Section):
             problems.append(f"train.optimizer: {t.optimizer} cannot step states offloaded to the CPU by zero3_offload "
                             "(DeepSpeed steps them with its CPU Adam); use adamw_torch, or zero3")
         formats = {f"{key}.format": source.format for key, source in self.sources}
-        if t.objective == "dpo":
-            problems += [f"{key}: {fmt} rows have no rejected answer; train.objective dpo trains on pairs: use "
+        if t.objective in PREFERENCE_OBJECTIVES:
+            o = t.objective
+            problems += [f"{key}: {fmt} rows have no rejected answer; train.objective {o} trains on pairs: use "
                          "format: preference (prompt, chosen, rejected)" for key, fmt in formats.items()
                          if fmt != "preference"]
             if t.method not in ("qlora", "lora"):
-                problems.append(f"train.objective: dpo trains an adapter here, its reference the base with the "
-                                f"adapter switched off; use method qlora or lora (not {t.method})")
+                problems.append(f"train.objective: {o} trains an adapter here (held-out preference accuracy is "
+                                f"measured against the base, the adapter switched off); use method qlora or lora "
+                                f"(not {t.method})")
             if t.tokens_per_batch is not None:
-                problems.append("train.tokens_per_batch: dpo batches pairs of padded rows; unset it and size "
+                problems.append(f"train.tokens_per_batch: {o} batches pairs of padded rows; unset it and size "
                                 "batches with per_device_batch_size")
             if t.lora.init in ("pissa", "olora"):
-                problems.append(f"train.lora.init: {t.lora.init} with objective dpo: its reference would be the "
-                                "rewritten base; use init default or gaussian")
+                problems.append(f"train.lora.init: {t.lora.init} with objective {o}: the base it rewrites would be "
+                                "the reference; use init default or gaussian")
             if t.eval_steps and self.eval_dataset is not None and self.eval_dataset.format != "preference":
-                problems.append("train.eval_steps: dpo's held-out loss needs pairs, and eval_dataset.format is "
+                problems.append(f"train.eval_steps: {o}'s held-out loss needs pairs, and eval_dataset.format is "
                                 f"{self.eval_dataset.format}; use a preference eval_dataset, or eval_steps: 0")
         else:
-            problems += [f"{key}: preference pairs train with train.objective: dpo" for key, fmt in formats.items()
-                         if fmt == "preference"]
+            problems += [f"{key}: preference pairs train with train.objective: dpo or orpo" for key, fmt
+                         in formats.items() if fmt == "preference"]
         if self.eval.judge and not self.eval.compare_base and not any(g.metric in JUDGE_DIRECTIONS
                                                                       for g in self.registry.guards):
             problems.append("eval.judge judges tuned vs base answers (set eval.compare_base true) or, in retrain, "
                             "challenger vs champion for a judge.* guard of registry.guards: neither is set")
-        if t.objective != "dpo":
-            problems += [f"{key}: {metric} is scored on preference pairs: it needs train.objective dpo" for key, metric
+        if t.objective not in PREFERENCE_OBJECTIVES:
+            problems += [f"{key}: {metric} is scored on preference pairs: it needs train.objective dpo or orpo"
+                         for key, metric
                          in [("registry.metric", self.registry.metric),
                              *(("registry.guards", g.metric) for g in self.registry.guards)] if metric in PAIR_METRICS]
         scored = [*METRIC_DIRECTIONS, *sorted(f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc",
@@ -404,11 +407,14 @@ class TuneflowConfig(Section):
         if t.method != "qlora" and t.quantization != QuantizationConfig():
             ignored.append(f"train.quantization applies to method qlora, not {t.method}: ignored")
         if t.objective == "sft" and t.preference != PreferenceConfig():
-            ignored.append("train.preference applies to objective dpo, not sft: ignored")
-        if t.objective == "dpo" and not t.packing:
-            ignored.append("train.packing applies to objective sft (dpo pads each pair of answers): ignored")
-        if t.objective == "dpo" and t.loss_chunk_tokens != TrainConfig.model_fields["loss_chunk_tokens"].default:
-            ignored.append("train.loss_chunk_tokens applies to objective sft (TRL computes dpo's loss): ignored")
+            ignored.append("train.preference applies to objectives dpo and orpo, not sft: ignored")
+        if t.objective != "sft" and not t.packing:
+            ignored.append(f"train.packing applies to objective sft ({t.objective} pads each pair of answers): ignored")
+        if t.objective != "sft" and t.loss_chunk_tokens != TrainConfig.model_fields["loss_chunk_tokens"].default:
+            ignored.append(f"train.loss_chunk_tokens applies to objective sft (TRL computes {t.objective}'s loss): "
+                           "ignored")
+        if t.objective == "orpo" and t.preference.loss_type != PreferenceConfig().loss_type:
+            ignored.append("train.preference.loss_type applies to objective dpo, not orpo: ignored")
         default_layers = TrainConfig.model_fields["freeze_trainable_layers"].default
         if t.method != "freeze" and t.freeze_trainable_layers != default_layers:
             ignored.append(f"train.freeze_trainable_layers applies to method freeze only, not {t.method}: ignored")

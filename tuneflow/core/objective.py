@@ -2,8 +2,9 @@
 
     train: {objective: dpo, preference: {beta: 0.1, loss_type: sigmoid}}   # on rows of dataset.format: preference
 
-sft trains on the answers of instruction data; dpo on pairs of a chosen and a rejected answer to one prompt, through
-TRL's DPOTrainer, the reference being the base model (the adapter switched off, or a frozen copy of it).
+sft trains on the answers of instruction data; dpo and orpo on pairs of a chosen and a rejected answer to one prompt,
+through TRL's DPOTrainer (against a reference: the base, the adapter switched off) and ORPOTrainer (no reference: the
+answers' odds ratio added to the chosen answer's loss).
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from pydantic import Field
 
 from tuneflow.core.section import Section
 
-Objective = Literal["sft", "dpo"]
+Objective = Literal["sft", "dpo", "orpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 # TRL's DPO loss types that need no setting besides beta (exo_pair needs label smoothing; aot, discopop extra terms).
 DpoLoss = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
                   "sigmoid_norm"]
 
 
 class PreferenceConfig(Section):
-    """Preference tuning (train.objective: dpo)."""
+    """Preference tuning (train.objective: dpo or orpo)."""
 
-    beta: float = Field(0.1, gt=0, le=10, description="How far the tuned model may move from the reference: higher "
-                        "keeps it closer (DPO's beta; IPO's regularisation).")
-    loss_type: DpoLoss = Field("sigmoid", description="TRL's DPO loss: sigmoid (the DPO paper's), ipo, hinge, robust, "
-                               "bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm.")
+    beta: float = Field(0.1, gt=0, le=10, description="dpo: how far the tuned model may move from the reference, "
+                        "higher keeps it closer (DPO's beta; IPO's regularisation); orpo: the weight of the odds-ratio "
+                        "term (the ORPO paper's lambda).")
+    loss_type: DpoLoss = Field("sigmoid", description="dpo: TRL's DPO loss, sigmoid (the DPO paper's), ipo, hinge, "
+                               "robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm.")

@@ -100,7 +100,7 @@ class Settings:
     quant_compute: str = "auto"
     dora: bool = False  # train.lora.use_dora
     modules_to_save: tuple = ()  # train.lora.modules_to_save
-    pairs: bool = False  # train.objective dpo: a row is a pair, two padded sequences (chosen, rejected)
+    pairs: bool = False  # train.objective dpo, orpo: a row is a pair, two padded sequences (chosen, rejected)
 
     @property
     def sequences(self) -> int:
@@ -122,7 +122,7 @@ class Settings:
         budget = t.tokens_per_batch if isinstance(t.tokens_per_batch, int) else None
         if t.tokens_per_batch == "auto":
             budget = cfg.prep.cutoff_len  # searched upwards from one full row
-        dpo = t.objective == "dpo"  # TRL pads each pair's two sequences and computes the full logits' loss
+        dpo = t.objective != "sft"  # TRL pads each pair's two sequences and computes the full logits' loss
         return cls(method=t.method, precision=t.precision, batch=batch, seq=cfg.prep.cutoff_len, pairs=dpo,
                    checkpointing=t.gradient_checkpointing, zero=zero_setup(t.deepspeed),
                    world=world_size if world_size is not None else resolve_world_size(cfg),

@@ -38,7 +38,7 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
                          if s.loss_chunk else " of every token, fp32")
     micro = (f"up to {s.tokens} tokens (train.tokens_per_batch {s.tokens_per_batch}, rows of <= {s.seq})"
              if s.tokens_per_batch is not None else f"{s.batch} x {s.seq} tokens" + (" packed" if s.packing else "")
-             + (" per answer: pairs of a chosen and a rejected one (dpo)" if s.pairs else ""))
+             + (" per answer: pairs of a chosen and a rejected one" if s.pairs else ""))
     loss = f"loss chunked by {s.loss_chunk} tokens" if s.loss_chunk else "full-logits loss"
     head = (f"memory plan per rank: {model} ({shape.model_type}, {p.params['total'] / 1e9:.2f}B params), {s.method}, "
             f"{'auto (bf16, fp16 before Ampere)' if s.precision == 'auto' else s.precision}, {s.zero.label} over "

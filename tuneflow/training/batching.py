@@ -109,10 +109,14 @@ class CountingCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.inner(features)
-        # Preference pairs (TRL's collator) come as prompt_ids, chosen_ids, rejected_ids: count what it attends to.
-        self.real += (sum(len(f["input_ids"]) for f in features) if "input_ids" in features[0]
-                      else int(batch["attention_mask"].sum()))
-        self.positions += batch["input_ids"].numel()
+        if "input_ids" in features[0]:
+            self.real += sum(len(f["input_ids"]) for f in features)
+            self.positions += batch["input_ids"].numel()
+        else:  # preference pairs, padded by TRL's collators: DPO's both answers in one batch, ORPO's in two
+            masks = [batch[k] for k in ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
+                     if k in batch]
+            self.real += sum(int(m.sum()) for m in masks)
+            self.positions += sum(m.numel() for m in masks)
         return batch
 
     @property

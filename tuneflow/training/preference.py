@@ -1,10 +1,11 @@
-"""Preference tuning in the training worker (train.objective: dpo): TRL's DPOTrainer over the prepared pairs.
+"""Preference tuning in the training worker (train.objective: dpo, orpo): TRL's DPOTrainer or ORPOTrainer over the
+prepared pairs.
 
 The prepare stage writes a preference row as the prompt, the chosen answer (``reference``) and the ``rejected`` one;
-TRL tokenizes them with the model's chat template. The reference model is the base with the adapter switched off: TRL
-keeps a frozen copy of the initial adapter (``ref``) beside the trained one, which the worker leaves out of the
-adapter it publishes (``drop_reference_adapter``). Per-step metrics keep TRL's names (``rewards/chosen``,
-``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ...).
+TRL tokenizes them with the model's chat template. DPO's reference model is the base with the adapter switched off:
+TRL keeps a frozen copy of the initial adapter (``ref``) beside the trained one, which the worker leaves out of the
+adapter it publishes (``drop_reference_adapter``); ORPO needs none. Per-step metrics keep TRL's names
+(``rewards/chosen``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ORPO's ``log_odds_ratio``, ...).
 """
 
 from __future__ import annotations
@@ -25,29 +26,39 @@ def pairs(split):
     return split.map(pair, remove_columns=split.column_names)
 
 
-def dpo_arguments(cfg) -> dict:
-    """DPOConfig's settings beyond TrainingArguments'."""
+def arguments(cfg) -> tuple[type, dict]:
+    """TRL's config class for train.objective and its settings beyond TrainingArguments'."""
     p = cfg.train.preference
-    return {"beta": p.beta, "loss_type": [p.loss_type], "max_length": cfg.prep.cutoff_len,
-            "precompute_ref_log_probs": False}
+    if cfg.train.objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig, {"beta": p.beta, "max_length": cfg.prep.cutoff_len}
+    from trl import DPOConfig
+
+    return DPOConfig, {"beta": p.beta, "loss_type": [p.loss_type], "max_length": cfg.prep.cutoff_len,
+                       "precompute_ref_log_probs": False}
 
 
-def dpo_trainer(model, args, train_dataset, eval_dataset, tokenizer, callbacks, loraplus_lr_ratio: float | None):
-    from trl import DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
+def preference_trainer(cfg, model, args, train_dataset, eval_dataset, tokenizer, callbacks,
+                       loraplus_lr_ratio: float | None):
+    """TRL's trainer for train.objective over the prepared pairs, with LoRA+ when set, and its collator counting
+    the tokens it pads (for tokens/s and the padding fraction)."""
     from tuneflow.training.batching import CountingCollator
     from tuneflow.training.trainer import LoraPlus
 
-    class TuneflowDPOTrainer(LoraPlus, DPOTrainer):
+    if cfg.train.objective == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Base
+    else:
+        from trl import DPOTrainer as Base
+
+    class PreferenceTrainer(LoraPlus, Base):
         pass
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = CountingCollator(DataCollatorForPreference(pad_token_id=pad, max_length=args.max_length))
-    trainer = TuneflowDPOTrainer(model=model, args=args, train_dataset=pairs(train_dataset),
-                                 eval_dataset=pairs(eval_dataset) if eval_dataset is not None else None,
-                                 data_collator=batches, processing_class=tokenizer, callbacks=callbacks)
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=pairs(train_dataset),
+                                eval_dataset=pairs(eval_dataset) if eval_dataset is not None else None,
+                                processing_class=tokenizer, callbacks=callbacks)
     trainer.loraplus_lr_ratio = loraplus_lr_ratio
+    trainer.data_collator = batches = CountingCollator(trainer.data_collator)  # TRL's own: pairs padded
     return trainer, batches
 
 

@@ -183,12 +183,10 @@ def train(spec: TrainSpec) -> TrainOutcome:
     ds_config = deepspeed_config(t.deepspeed)
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
     Arguments, objective_args = TrainingArguments, {}
-    if t.objective == "dpo":
-        from trl import DPOConfig
+    if t.objective != "sft":
+        from tuneflow.training.preference import arguments
 
-        from tuneflow.training.preference import dpo_arguments
-
-        Arguments, objective_args = DPOConfig, dpo_arguments(cfg)
+        Arguments, objective_args = arguments(cfg)
     args = Arguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.per_device_batch_size,  # unused for training when tokens_per_batch is set
@@ -276,12 +274,14 @@ def train(spec: TrainSpec) -> TrainOutcome:
                 if uploader:
                     uploader.submit(folder)
 
-    if t.objective == "dpo":
-        from tuneflow.training.preference import dpo_trainer
+    if t.objective != "sft":
+        from tuneflow.training.preference import preference_trainer
 
-        trainer, step_logger.batches = dpo_trainer(model, args, data["train"], data["eval"] if t.eval_steps else None,
-                                                   tokenizer, [OnLog(), OnSave()], loraplus)
-        log(f"loss: TRL's DPO ({t.preference.loss_type}, beta {t.preference.beta}), reference: the adapter off")
+        trainer, step_logger.batches = preference_trainer(cfg, model, args, data["train"],
+                                                          data["eval"] if t.eval_steps else None, tokenizer,
+                                                          [OnLog(), OnSave()], loraplus)
+        log(f"loss: TRL's {t.objective.upper()} (beta {t.preference.beta}"
+            + (f", {t.preference.loss_type}), reference: the adapter off" if t.objective == "dpo" else ")"))
     else:
         trainer = TuneflowTrainer(
             model=model,
@@ -328,7 +328,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
     else:
         trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the shards here
     if IS_RANK_ZERO:
-        if t.objective == "dpo":
+        if t.objective != "sft":
             from tuneflow.training.preference import drop_reference_adapter
 
             drop_reference_adapter(staging)
