@@ -165,18 +165,19 @@ def rising(client, run_id: str, key: str) -> list[float]:
 
 
 def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_api):
-    """train.objective: dpo over qlora (TRL's DPOTrainer, the reference the adapter switched off) on pairs in TRL's
-    layout, through `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the training pairs rises above
-    its start, TRL's metrics reach the train run, held-out preference accuracy is logged for tuned and base, the
-    export merges the trained adapter (not TRL's reference copy) with parity, and the version is registered and
-    promoted on the frozen pairs."""
+    """train.objective: dpo over qlora (TRL's DPOTrainer, the reference the adapter switched off; 2 processes under
+    ZeRO-2) on pairs in TRL's layout, through `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the
+    training pairs rises above its start, TRL's metrics reach the train run, held-out preference accuracy is logged
+    for tuned and base, the export merges the trained adapter (not TRL's reference copy) with parity, and the version
+    is registered and promoted on the frozen pairs."""
     from mlflow import MlflowClient
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets)
     extra = {"dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 16},
              "registry": {"model_name": "dpo-assistant", "metric": "pref_accuracy", "eval_samples": 8}}
     summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra=extra, objective="dpo",
-                  learning_rate=5e-3, preference={"beta": 0.1}, lora={"rank": 8, "alpha": 16, "dropout": 0.0})
+                  learning_rate=5e-3, preference={"beta": 0.1}, lora={"rank": 8, "alpha": 16, "dropout": 0.0},
+                  nproc_per_node=2, deepspeed="zero2", per_device_batch_size=4)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     train_run = summary["stages"]["train"]["mlflow_run_id"]
     rising(client, train_run, "rewards/accuracies")
