@@ -417,11 +417,15 @@ def chosen_over(answer: str, rejected: str) -> dict:
     # TRL's implicit prompt: whole conversations that share it
     ({"chosen": [user("Hi"), assistant("Hello")], "rejected": [user("Hi"), assistant("No")]},
      [user("Hi"), chosen_over("Hello", "No")]),
+    # UltraFeedback (TRL's binarized copy): a prompt, and each answer as the whole conversation
+    ({"prompt": "Hi", "chosen": [user("Hi"), assistant("Hello")], "rejected": [user("Hi"), assistant("No")]},
+     [user("Hi"), chosen_over("Hello", "No")]),
     # LLaMA-Factory's alpaca and sharegpt preference layouts
     ({"instruction": "Add", "input": "1 2", "chosen": "3", "rejected": "4"}, [user("Add\n1 2"), chosen_over("3", "4")]),
     ({"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello"},
       "rejected": {"from": "gpt", "value": "No"}}, [user("Hi"), chosen_over("Hello", "No")]),
-], ids=["trl-text", "trl-messages", "messages", "trl-implicit", "llamafactory-alpaca", "llamafactory-sharegpt"])
+], ids=["trl-text", "trl-messages", "messages", "trl-implicit", "ultrafeedback", "llamafactory-alpaca",
+        "llamafactory-sharegpt"])
 def test_preference_layouts(tmp_path, row, expected):
     assert load_rows(tmp_path, "preference", [row]) == [expected]
 
@@ -429,7 +433,7 @@ def test_preference_layouts(tmp_path, row, expected):
 @pytest.mark.parametrize(("row", "said"), [
     ({"prompt": "Hi", "chosen": "Same", "rejected": " Same"}, "fields 'chosen' and 'rejected' are the same answer"),
     ({"prompt": "Hi", "chosen": "Hello"}, "field 'rejected' is missing"),
-    ({"prompt": "Hi", "chosen": [user("x")], "rejected": "No"}, "field 'chosen' must be the answer"),
+    ({"prompt": "Hi", "chosen": [assistant("x"), user("y")], "rejected": "No"}, "field 'chosen' must be the answer"),
     ({"question": "Hi", "chosen": "a", "rejected": "b"}, "no prompt: expected field 'prompt' or 'messages'"),
 ])
 def test_bad_preference_rows_are_named(tmp_path, row, said):

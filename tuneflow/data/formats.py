@@ -184,12 +184,12 @@ def messages_to_messages(row: Any, where: str) -> list[dict]:
 
 
 def _answer(value: Any, where: str, field: str) -> str:
-    """A chosen or rejected answer: a string, or one assistant message ({role, content} or ShareGPT's {from, value},
-    alone or in a list of one)."""
+    """A chosen or rejected answer: a string, or one assistant message ({role, content} or ShareGPT's {from, value}),
+    alone or last in a list (UltraFeedback's layout repeats the prompt's messages before it)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
+    if isinstance(value, list) and value:
+        value = value[-1]
     if isinstance(value, dict):
         role = value.get("role", SHAREGPT_ROLES.get(value.get("from")))
         content = value.get("content", value.get("value"))
