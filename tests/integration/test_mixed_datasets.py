@@ -9,13 +9,13 @@ The tests of this module run in order: each starts from the registry the previou
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.integration.test_retrain import tuneflow
+from tests.integration.test_retrain import client
+from tests.integration.test_retrain import config as retrain_config
+from tests.integration.test_retrain import retrain as retrain_decision
 from tests.support.servers import add_repo
 from tuneflow.modeling.demo import make_rows
 
@@ -59,38 +59,18 @@ def world(hub_mirror, tiny_assets, mlflow_server, tmp_path_factory):
 
 
 def config(world) -> Path:
-    cfg = {
-        "run_name": "mixed",
-        "output_dir": str(world["folder"] / "runs"),
-        "model": {"name_or_path": world["hub"].model_id},
+    return retrain_config(world, {
+        "run_name": "mixed", "output_dir": str(world["folder"] / "runs"), "dataset": None,
         "datasets": [{"name_or_path": FIRST, "weight": 3},
                      {"name_or_path": SECOND, "weight": 1,
                       "columns": {"instruction": "question", "input": "context", "output": "answer"}}],
         "eval_dataset": {"name_or_path": HELD_OUT, "format": "messages", "split": "test"},
-        "prep": {"cutoff_len": 128},
-        "train": {"method": "qlora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "learning_rate": 5e-3,
-                  "max_steps": 6, "save_steps": 6, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-                  "deepspeed": "none", "nproc_per_node": 1, "retries": 0},
-        "eval": {"max_samples": 8, "max_new_tokens": 8, "batch_size": 8, "compare_base": False},
-        "export": {"max_shard_size": "300KB", "parity_samples": 4},
-        "tracking": {"experiment": "mixed"},
-        "registry": {"model_name": NAME, "eval_samples": 8},
-    }
-    path = world["folder"] / f"config-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        "tracking": {"experiment": "mixed"}, "registry": {"model_name": NAME, "eval_samples": 8}}, max_steps=6,
+        save_steps=6)
 
 
 def retrain(world) -> dict:
-    done = tuneflow(world, "retrain", "--config", str(config(world)))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def client(world):
-    from mlflow import MlflowClient
-
-    return MlflowClient(world["mlflow"], registry_uri=world["mlflow"])
+    return retrain_decision(world, "--config", str(config(world)))
 
 
 def newest_version(world):

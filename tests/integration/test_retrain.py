@@ -38,7 +38,8 @@ def world(hub_mirror, tiny_assets, mlflow_server, tmp_path_factory):
             "data": tiny_assets["data"]}
 
 
-def config(world, **train) -> Path:
+def config(world, sections: dict | None = None, **train) -> Path:
+    """The retrain config of these tests, with train settings and whole sections (None: left out) replaced."""
     cfg = {
         "run_name": "retrain",
         "output_dir": str(world["folder"] / "runs"),
@@ -53,6 +54,11 @@ def config(world, **train) -> Path:
         "tracking": {"experiment": "retrain"},
         "registry": {"model_name": NAME, "eval_samples": 8},
     }
+    for key, value in (sections or {}).items():
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
     path = world["folder"] / f"config-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
