@@ -39,7 +39,7 @@ def fetch_weights(src: Source, cfg: TuneflowConfig, logger) -> Path:
 def download(cfg: TuneflowConfig, ctx: RunContext) -> DownloadResult:
     logger = get_run_logger()
     with ctx.stage("download") as (client, run_id):
-        checked = preflight(cfg, logger)
+        checked = preflight(cfg, logger, ctx.tracking_uri)
         names = ", ".join(source.name_or_path for _, source in cfg.all_sources)
         logger.info("pre-flight checks passed: model %s, datasets %s", cfg.model.name_or_path, names)
         refs = {"model": pinned(checked.model, fetch_weights(checked.model, cfg, logger))}

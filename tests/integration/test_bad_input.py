@@ -201,6 +201,28 @@ def test_every_problem_of_mixed_datasets_at_once_each_named_by_its_key(tmp_path,
     assert code == 0, err
 
 
+def test_an_adapter_to_start_from_that_does_not_fit_is_refused_before_training(tmp_path, capsys, tiny_assets):
+    import torch
+    from safetensors.torch import save_file
+
+    pairs = write(tmp_path / "pairs.json", [{"prompt": f"Add {i} and 1.", "chosen": f"{i + 1}", "rejected": "0"}
+                                            for i in range(1, 13)])
+    other = tmp_path / "adapter"
+    other.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 999)},
+              other / "adapter_model.safetensors")
+    config = {"model": {"name_or_path": str(tiny_assets["model"])},
+              "dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 2},
+              "train": {"objective": "dpo", "preference": {"init_adapter": str(other)}},
+              "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and (f"train.preference.init_adapter: {other} was trained on another model: its layer 0 "
+                          "q_proj adapter takes 999 features") in err, err
+    code, err = validate(tmp_path, merge(config, {"train.preference.init_adapter": "runs:/0123456789abcdef/adapter"}),
+                         capsys)
+    assert code == 2 and "train.preference.init_adapter: runs:/0123456789abcdef/adapter cannot be fetched" in err, err
+
+
 def test_bad_benchmarks_are_refused_before_training_each_named(tmp_path, capsys, tiny_assets):
     bad_row = tmp_path / "mc.jsonl"
     bad_row.write_text(json.dumps({"question": "2 + 2?", "choices": ["4", "5"], "answer": "C"}) + "\n")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict | None = None, lower_loss=True,
-        **train) -> dict:
+        export_dtype: str = "bf16", **train) -> dict:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "run_name": method,
@@ -30,7 +30,7 @@ def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict 
         "train": {"method": method, "max_steps": 20, "per_device_batch_size": 8, "gradient_accumulation_steps": 1,
                   "deepspeed": "none", "nproc_per_node": 1, "save_steps": 10, "retries": 0, **train},
         "eval": {"max_samples": 16, "max_new_tokens": 12, "batch_size": 16},
-        "export": {"max_shard_size": "2MB", "dtype": "bf16", "parity_samples": 8},
+        "export": {"max_shard_size": "2MB", "dtype": export_dtype, "parity_samples": 8},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": method},
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
@@ -164,21 +164,43 @@ def rising(client, run_id: str, key: str) -> list[float]:
     return values
 
 
+def earlier_adapter(tiny_assets, folder: Path) -> Path:
+    """A rank-4 adapter of the tiny model that already changes it (as an SFT stage's would): B is not zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_assets["model"]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    model.save_pretrained(folder)
+    return folder
+
+
 def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_api):
-    """train.objective: dpo over qlora (TRL's DPOTrainer, the reference the adapter switched off; 2 processes under
-    ZeRO-2) on pairs in TRL's layout, through `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the
-    training pairs rises above its start, TRL's metrics reach the train run, held-out preference accuracy is logged
-    for tuned and base, the export merges the trained adapter (not TRL's reference copy) with parity, and the version
-    is registered and promoted on the frozen pairs."""
+    """train.objective: dpo over qlora (TRL's DPOTrainer; 2 processes under ZeRO-2), starting from an earlier stage's
+    adapter logged to MLflow (runs:/.../adapter, the reference its frozen copy), on pairs in TRL's layout, through
+    `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the training pairs rises above its start, TRL's
+    metrics reach the train run, held-out preference accuracy is logged for tuned and base, the export merges the
+    trained adapter (not TRL's reference copy) with parity, and the version is registered and promoted on the frozen
+    pairs."""
     from mlflow import MlflowClient
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    first_stage = client.create_run(client.create_experiment("sft", str(tmp_path / "sft-artifacts"))).info.run_id
+    client.log_artifacts(first_stage, str(earlier_adapter(tiny_assets, tmp_path / "sft-adapter")), "adapter")
     extra = {"dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 16},
              "registry": {"model_name": "dpo-assistant", "metric": "pref_accuracy", "eval_samples": 8}}
     summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra=extra, objective="dpo",
-                  learning_rate=5e-3, preference={"beta": 0.1}, lora={"rank": 8, "alpha": 16, "dropout": 0.0},
-                  nproc_per_node=2, deepspeed="zero2", per_device_batch_size=4)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+                  learning_rate=5e-3, preference={"beta": 0.1, "init_adapter": f"runs:/{first_stage}/adapter"},
+                  nproc_per_node=2, deepspeed="zero2", per_device_batch_size=4,
+                  # the tiny model's next-token logits lie closer together (0.004 apart) than bf16's rounding of the
+                  # merged weights moves them (0.005): fp32 throughout, for an exact parity
+                  precision="fp32", export_dtype="fp32")
     train_run = summary["stages"]["train"]["mlflow_run_id"]
     rising(client, train_run, "rewards/accuracies")
     margins = client.get_metric_history(train_run, "rewards/margins")
@@ -187,6 +209,7 @@ def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_
         client.get_run(train_run).data.metrics)
     adapter = Path(summary["adapter_dir"])
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4  # the earlier adapter, trained on
     # held-out pairs: the implicit reward against the base ranks chosen over rejected; the base against itself ties
     metrics = summary["metrics"]
     assert metrics["pref_accuracy"] > 0.5 and metrics["pref_margin"] > 0, metrics

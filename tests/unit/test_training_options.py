@@ -199,3 +199,34 @@ def test_attention_kernels_by_machine():
     assert machine_problem(cfg("flash_attention_2"), flash) is None
     assert "flex_attention does not train on CPU AVX512" in machine_problem(cfg("flex_attention"), cpu)
     assert machine_problem(cfg("flex_attention"), gpu) is None and machine_problem(cfg("auto"), cpu) is None
+
+
+# --- an adapter to start from (train.preference.init_adapter) ------------------------------------------------------
+
+
+def test_an_adapter_to_start_from_must_fit_the_base(tiny_assets, tmp_path):
+    """An adapter trained on this model fits; one whose matrices were sized for another model is named with the
+    layer and what differs; a folder without adapter weights says so."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tuneflow.sources.adapters import fit_problems
+
+    config = json.loads((tiny_assets["model"] / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["model"])
+    get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "fits")
+    assert fit_problems(tmp_path / "fits", config, "train.preference.init_adapter") == []
+
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 999)},
+              other / "adapter_model.safetensors")
+    [problem] = fit_problems(other, config, "train.preference.init_adapter")
+    assert problem == (f"train.preference.init_adapter: {other} was trained on another model: its layer 0 q_proj "
+                       f"adapter takes 999 features, this model's q_proj takes {config['hidden_size']}")
+    [problem] = fit_problems(tmp_path, config, "train.preference.init_adapter")
+    assert "holds no adapter_model.safetensors" in problem

@@ -45,7 +45,9 @@ def cmd_validate(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger = logging.getLogger("tuneflow.sources.preflight")
     logger.setLevel(logging.INFO)
-    checked = preflight(cfg, logger)
+    from tuneflow.tracking.runs import tracking_uri
+
+    checked = preflight(cfg, logger, tracking_uri(cfg.tracking.uri))
     def where(src) -> str:
         return "local" if src.local else f"commit {src.sha}" if src.sha else "cached"
 

@@ -413,6 +413,8 @@ class TuneflowConfig(Section):
         if t.objective != "sft" and t.loss_chunk_tokens != TrainConfig.model_fields["loss_chunk_tokens"].default:
             ignored.append(f"train.loss_chunk_tokens applies to objective sft (TRL computes {t.objective}'s loss): "
                            "ignored")
+        if t.objective != "sft" and t.preference.init_adapter and t.lora != LoraConfig():
+            ignored.append("train.lora: train.preference.init_adapter brings its own rank and targets: ignored")
         if t.objective == "orpo" and t.preference.loss_type != PreferenceConfig().loss_type:
             ignored.append("train.preference.loss_type applies to objective dpo, not orpo: ignored")
         default_layers = TrainConfig.model_fields["freeze_trainable_layers"].default

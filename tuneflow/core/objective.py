@@ -30,3 +30,7 @@ class PreferenceConfig(Section):
                         "term (the ORPO paper's lambda).")
     loss_type: DpoLoss = Field("sigmoid", description="dpo: TRL's DPO loss, sigmoid (the DPO paper's), ipo, hinge, "
                                "robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm.")
+    init_adapter: str | None = Field(
+        None, description="Start from a trained adapter instead of a new one (a two-stage run: SFT, then DPO from "
+        "it; dpo's reference is then that adapter, frozen): an earlier run's `runs:/RUN_ID/adapter` (its summary.json "
+        "`stages.train.weights`) or a local folder; its rank and targets replace train.lora's.")

@@ -108,6 +108,25 @@ def memory_problems(model_dir: Path, cfg: TuneflowConfig) -> list[str]:
     return plan_problems(cfg, json.loads(config_file.read_text()), gpu)
 
 
+def init_adapter_problems(cfg: TuneflowConfig, model_dir: Path | None, tracking_uri: str | None) -> list[str]:
+    """train.preference.init_adapter is there (a local folder, or an MLflow artifact) and fits the base model."""
+    import tempfile
+
+    from tuneflow.sources.adapters import adapter_folder, fit_problems
+
+    where, key = cfg.train.preference.init_adapter, "train.preference.init_adapter"
+    if cfg.train.objective == "sft" or not where or model_dir is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = adapter_folder(where, Path(tmp) / "adapter", tracking_uri)
+        except Exception as exc:  # MLflow says what is missing: the run, or the artifact in it
+            return [f"{key}: {where} cannot be fetched ({str(exc).splitlines()[0][:200]})"]
+        if not folder.is_dir():
+            return [f"{key}: no such folder: {folder}"]
+        return fit_problems(folder, json.loads((model_dir / "config.json").read_text()), key)
+
+
 def hardware_problems(cfg: TuneflowConfig) -> list[str]:
     import torch
 
@@ -124,8 +143,9 @@ class Checked:
     dataset_dirs: list[Path]
 
 
-def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
-    """Run every check; raise PreflightError listing all problems found."""
+def preflight(cfg: TuneflowConfig, logger: logging.Logger, tracking_uri: str | None = None) -> Checked:
+    """Run every check; raise PreflightError listing all problems found (``tracking_uri``: the MLflow server an
+    adapter to start from, runs:/..., is fetched from)."""
     problems: list[str] = hardware_problems(cfg)
     model = model_dir = None
     try:
@@ -142,6 +162,7 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger) -> Checked:
             problems += weights_problems(model, [p.name for p in model_dir.iterdir()])
         problems += model_folder_problems(model_dir, cfg)
         problems += memory_problems(model_dir, cfg)
+        problems += init_adapter_problems(cfg, model_dir, tracking_uri)
     except Problem as exc:
         problems.append(str(exc))
     datasets, dataset_dirs = [], []

@@ -212,3 +212,4 @@ def prune(keep_days: float, dry_run: bool = False) -> Pruned:
                 _discard(path)
                 path.with_name(path.name + ".published.json").unlink(missing_ok=True)
     return Pruned(entries, size)
+

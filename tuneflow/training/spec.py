@@ -18,6 +18,7 @@ class TrainSpec(BaseModel):
     model_dir: str  # the base model's folder on this machine
     data_dir: str  # the prepared DatasetDict on this machine
     output_dir: str  # checkpoints/, the final weights, result.json, errors/
+    init_adapter_dir: str | None = None  # train.preference.init_adapter on this machine
 
 
 class TrainOutcome(BaseModel):

@@ -42,7 +42,7 @@ def log(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
-def build_model(cfg, model_dir: str, init_adapter_dir: Path | None = None):
+def build_model(cfg, model_dir: str, init_adapter_dir: Path | None = None, start_from: str | None = None):
     """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
     from peft import LoraConfig, get_peft_model
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -56,6 +56,10 @@ def build_model(cfg, model_dir: str, init_adapter_dir: Path | None = None):
     t = cfg.train
     # No prepare_model_for_kbit_training: it upcasts every frozen non-4-bit weight (embeddings, lm_head, norms) to
     # fp32, doubling their memory for nothing the compute dtype cannot do (TRL >= 1.7 skips it too).
+    if start_from is not None:  # train.preference.init_adapter: go on training it (its own rank and targets)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, start_from, is_trainable=True)
     if t.method in ("qlora", "lora"):
         lora = LoraConfig(
             r=t.lora.rank,
@@ -228,7 +232,9 @@ def train(spec: TrainSpec) -> TrainOutcome:
     agree_on_precision(t.precision, args)
     tokenizer = load_tokenizer(spec.model_dir, cfg)
     data = load_from_disk(spec.data_dir)
-    model = build_model(cfg, spec.model_dir, out / "adapter-init")
+    model = build_model(cfg, spec.model_dir, out / "adapter-init", spec.init_adapter_dir)
+    if spec.init_adapter_dir:
+        log(f"starting from the adapter {t.preference.init_adapter}")
     if IS_RANK_ZERO and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 

@@ -24,6 +24,7 @@ from tuneflow.memory.auto import resolve_auto_batches
 from tuneflow.memory.estimate import resolve_nproc
 from tuneflow.modeling.precision import machine_problem
 from tuneflow.modeling.precision import resolved as resolve_precision
+from tuneflow.sources.adapters import adapter_folder
 from tuneflow.sources.hub import fetch
 from tuneflow.tracking.artifacts import materialize, publish
 from tuneflow.tracking.runs import log_params
@@ -72,9 +73,11 @@ def train_once(request: TrainRequest, folder: Path, logger,
         log_params(client, run_id, {"nproc": nproc, "nnodes": place.nnodes, "world_size": world_size,
                                     "deepspeed": cfg.train.deepspeed, "method": cfg.train.method,
                                     "train.precision_resolved": precision.precision, **resolved})
+    init = cfg.train.preference.init_adapter if cfg.train.objective != "sft" else None
+    init_dir = adapter_folder(init, folder / "init-adapter", request.tracking_uri) if init else None
     spec = folder / "spec.json"
-    spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir),
-                              output_dir=str(folder)).model_dump_json(indent=1))
+    spec.write_text(TrainSpec(config=cfg, model_dir=str(model_dir), data_dir=str(data_dir), output_dir=str(folder),
+                              init_adapter_dir=str(init_dir) if init_dir else None).model_dump_json(indent=1))
     env = {"MLFLOW_TRACKING_URI": request.tracking_uri, "MLFLOW_RUN_ID": run_id, "TOKENIZERS_PARALLELISM": "false"}
     launch(spec, nproc, place.master_port, env, on_line=logger.info, nnodes=place.nnodes, node_rank=place.node_rank,
            master_addr=place.master_addr, rdzv_id=place.rdzv_id,
