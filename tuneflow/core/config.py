@@ -115,8 +115,9 @@ class QuantizationConfig(Section):
 class TrainConfig(Section):
     objective: Objective = Field(
         "sft", description="sft: supervised fine-tuning on the answers; dpo: Direct Preference Optimization on pairs "
-        "of a chosen and a rejected answer (dataset.format: preference) through TRL's DPOTrainer, against the base "
-        "model as reference (the adapter switched off); orpo: TRL's ORPOTrainer on the same pairs, no reference.")
+        "of a chosen and a rejected answer (dataset.format: preference) through TRL's DPOTrainer, against the model "
+        "it starts from as reference (the base, or train.preference.init_adapter); orpo: TRL's ORPOTrainer on the "
+        "same pairs, no reference.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
                                          description="Preference tuning (objective dpo or orpo).")
     method: Literal["qlora", "lora", "full", "freeze"] = Field(

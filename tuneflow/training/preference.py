@@ -2,10 +2,11 @@
 prepared pairs.
 
 The prepare stage writes a preference row as the prompt, the chosen answer (``reference``) and the ``rejected`` one;
-TRL tokenizes them with the model's chat template. DPO's reference model is the base with the adapter switched off:
-TRL keeps a frozen copy of the initial adapter (``ref``) beside the trained one, which the worker leaves out of the
-adapter it publishes (``drop_reference_adapter``); ORPO needs none. Per-step metrics keep TRL's names
-(``rewards/chosen``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ORPO's ``log_odds_ratio``, ...).
+TRL tokenizes them with the model's chat template. DPO's reference model is the starting point: TRL keeps a frozen
+copy of the initial adapter (``ref``: a new adapter, i.e. the base itself, or train.preference.init_adapter) beside
+the trained one, which the worker leaves out of the adapter it publishes (``drop_reference_adapter``); ORPO needs
+none. Per-step metrics keep TRL's names (``rewards/chosen``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ORPO's ``log_odds_ratio``, ...).
 """
 
 from __future__ import annotations

@@ -42,8 +42,10 @@ def log(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
-def build_model(cfg, model_dir: str, init_adapter_dir: Path | None = None, start_from: str | None = None):
-    """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers."""
+def build_model(cfg, model_dir: str, conversion_dir: Path | None = None, start_from: str | None = None):
+    """The trainable model for train.method: LoRA over NF4 (qlora) or bf16 (lora), all weights, or top layers.
+    ``start_from``: an adapter folder to go on training (train.preference.init_adapter) instead of a new adapter;
+    ``conversion_dir``: where PiSSA/OLoRA keep the initial adapter, to convert the trained one when saving."""
     from peft import LoraConfig, get_peft_model
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -76,7 +78,7 @@ def build_model(cfg, model_dir: str, init_adapter_dir: Path | None = None, start
         if t.lora.init in ("pissa", "olora"):  # the base now holds the residual: keep the initial adapter, to convert
             model.peft_config["default"].init_lora_weights = True  # the trained one into an adapter of the original
             if IS_RANK_ZERO:  # base when saving (as peft documents it); reloading either must not initialise again
-                model.save_pretrained(init_adapter_dir)
+                model.save_pretrained(conversion_dir)
     elif t.method == "freeze":
         layers = model.config.num_hidden_layers
         keep = {f"layers.{i}." for i in range(max(0, layers - t.freeze_trainable_layers), layers)}
@@ -286,8 +288,8 @@ def train(spec: TrainSpec) -> TrainOutcome:
         trainer, step_logger.batches = preference_trainer(cfg, model, args, data["train"],
                                                           data["eval"] if t.eval_steps else None, tokenizer,
                                                           [OnLog(), OnSave()], loraplus)
-        log(f"loss: TRL's {t.objective.upper()} (beta {t.preference.beta}"
-            + (f", {t.preference.loss_type}), reference: the adapter off" if t.objective == "dpo" else ")"))
+        dpo = f", {t.preference.loss_type}), reference: the starting adapter, frozen" if t.objective == "dpo" else ")"
+        log(f"loss: TRL's {t.objective.upper()} (beta {t.preference.beta}{dpo}")
     else:
         trainer = TuneflowTrainer(
             model=model,
