@@ -80,7 +80,8 @@ def evaluate(
             log_metrics(client, run_id, {f"base.{k}": v for k, v in base_metrics.items()})
         tuned = load_trained(model_dir, weights_dir, cfg, device_map=device_map, base=base)
         metrics, answers = measure(tuned, tokenizer, examples, prompts, references, cfg)
-        rejected = list(rows["rejected"]) if "rejected" in rows.column_names else None
+        # preference pairs, after preference tuning (an adapter: the base is the adapter switched off)
+        rejected = list(rows["rejected"]) if "rejected" in rows.column_names and cfg.train.objective != "sft" else None
         if rejected is not None:  # preference pairs: DPO's implicit reward, the base (the adapter off) as reference
             tuned_pairs, base_pairs = pair_metrics(tuned, tokenizer, examples, prompts, rejected, cfg)
             metrics.update(tuned_pairs)

@@ -497,6 +497,8 @@ PAIRS = {"name_or_path": "pairs.jsonl", "format": "preference"}
      "pref_accuracy is scored on preference pairs: it needs train.objective dpo or orpo"),
     ({"dataset": {"name_or_path": "d.json"}, "registry": {"guards": [{"metric": "pref_margin", "min": 0}]}},
      "registry.guards", "pref_margin is scored on preference pairs"),
+    ({"dataset": PAIRS, "eval_dataset": {"name_or_path": "e.json"}, "train": {"objective": "dpo"},
+      "registry": {"metric": "pref_accuracy"}}, "registry.metric", "eval_dataset.format is alpaca"),
 ])
 def test_preference_tuning_refuses_what_cannot_work(data, key, said):
     found = problems(config_error(data))

@@ -440,3 +440,15 @@ def test_bad_preference_rows_are_named(tmp_path, row, said):
     with pytest.raises(DatasetError, match="1 invalid row for dataset.format=preference") as info:
         load_rows(tmp_path, "preference", [row])
     assert f"row 1: {said}" in str(info.value)
+
+
+def test_a_split_is_read_from_the_files_named_after_it_exactly(tmp_path):
+    """split: train reads train.jsonl and data/train-00000.parquet-style names, not train_prefs or train_sft."""
+    from tuneflow.data.formats import split_files
+
+    for name in ("train.jsonl", "data/train-00000-of-00001.jsonl", "data/train_prefs-00000.jsonl", "test.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    assert [f.relative_to(tmp_path).as_posix() for f in split_files(tmp_path, "train")] == [
+        "data/train-00000-of-00001.jsonl", "train.jsonl"]
+    assert [f.name for f in split_files(tmp_path, "train_prefs")] == ["train_prefs-00000.jsonl"]

@@ -262,8 +262,10 @@ def test_datasets_are_mixed_to_their_weights_until_one_runs_out(model_dir, tmp_p
     assert train["A"] == 36 and 6 <= train["B"] <= 18, train
     assert [(m["rows"], m["available"], m["weight"]) for m in stats["mix"]] == [(36, 36, 3.0), (train["B"], 18, 1.0)]
     assert stats["mix"][0]["share"] == pytest.approx(36 / (36 + train["B"]))
-    # Each source holds out its own eval_size before the mix; none of those rows trains.
+    # Each source holds out its own eval_size before the mix, shuffled together (evaluation scores the first rows);
+    # none of those rows trains.
     assert _origins(saved["eval"]["reference"]) == {"A": 4, "B": 2}
+    assert [r[0] for r in saved["eval"]["reference"]] != ["A"] * 4 + ["B"] * 2
     assert not set(saved["eval"]["reference"]) & set(saved["train"]["reference"])
     again = build(cfg, model_dir, paths, tmp_path / "again")
     assert again == stats

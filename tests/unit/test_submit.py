@@ -50,3 +50,25 @@ def test_an_unknown_deployment_is_named_with_the_command_that_registers_it(tmp_p
 def test_several_nodes_without_the_training_deployment_are_refused(tmp_path, prefect_api):
     line = one_line_refusal(submit(tmp_path, "--set", "train.nnodes=2", "--train-deployment", "", api=prefect_api))
     assert "train.nnodes=2" in line and "tuneflow-train/gpu" in line, line
+
+
+def test_local_paths_of_every_source_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Workers of `make stack` share this machine but not its working folder: every local path the config names
+    (the model, each of datasets, eval_dataset, an adapter to start from) reaches them absolute; Hub ids stay."""
+    from tuneflow.cli.main import _portable
+    from tuneflow.core.loading import load_config
+
+    for name in ("a.json", "eval.json", "model", "sft-adapter"):
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(data={"model": {"name_or_path": "model"},
+                            "datasets": [{"name_or_path": "a.json", "format": "preference"},
+                                         {"name_or_path": "org/pairs", "format": "preference"}],
+                            "eval_dataset": {"name_or_path": "eval.json", "format": "preference"},
+                            "train": {"objective": "dpo", "preference": {"init_adapter": "sft-adapter"}}})
+    data, notes = _portable(cfg)
+    assert data["model"]["name_or_path"] == str(tmp_path / "model")
+    assert [d["name_or_path"] for d in data["datasets"]] == [str(tmp_path / "a.json"), "org/pairs"]
+    assert data["eval_dataset"]["name_or_path"] == str(tmp_path / "eval.json")
+    assert data["train"]["preference"]["init_adapter"] == str(tmp_path / "sft-adapter")
+    assert f"datasets.0 a.json is a local path: the workers read {tmp_path / 'a.json'}" in notes

@@ -147,13 +147,19 @@ def cmd_submit(args) -> int:
 
 def _portable(cfg) -> tuple[dict, list[str]]:
     """The config as the workers get it: the keys the user set, and local paths made absolute (the stack's
-    workers share this machine; on other machines, push the model and dataset to the Hub); and notes on those."""
+    workers share this machine; on other machines, push the model and datasets to the Hub); and notes on those."""
     data, notes = cfg.model_dump(mode="json", exclude_unset=True), []
-    for section in ("model", "dataset"):
-        name = Path(getattr(cfg, section).name_or_path).expanduser()
+    for key, section in [("model", cfg.model), *cfg.all_sources]:
+        name = Path(section.name_or_path).expanduser()
         if name.exists() and not name.is_absolute():
-            data[section]["name_or_path"] = str(name.resolve())
-            notes.append(f"{section} {name} is a local path: the workers read {name.resolve()}")
+            node = data
+            for part in key.split("."):  # model, dataset, datasets.1, eval_dataset
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            node["name_or_path"] = str(name.resolve())
+            notes.append(f"{key} {name} is a local path: the workers read {name.resolve()}")
+    start = cfg.train.preference.init_adapter
+    if start and not start.startswith("runs:/") and Path(start).expanduser().exists():
+        data["train"]["preference"]["init_adapter"] = str(Path(start).expanduser().resolve())
     return data, notes
 
 

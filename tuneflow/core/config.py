@@ -170,7 +170,8 @@ class TrainConfig(Section):
     )
     packing: bool = Field(
         True, description="Padding-free batches: the rows of a micro-batch are concatenated (position ids restart "
-        "per row, attention never crosses rows) instead of padded to the longest; same loss, no compute on padding."
+        "per row, attention never crosses rows) instead of padded to the longest; same loss, no compute on padding. "
+        "Objective sft only: dpo and orpo pad each pair (TRL's collators)."
     )
     deepspeed: str = Field(
         "zero2",
@@ -362,6 +363,10 @@ class TuneflowConfig(Section):
             if t.lora.init in ("pissa", "olora"):
                 problems.append(f"train.lora.init: {t.lora.init} with objective {o}: the base it rewrites would be "
                                 "the reference; use init default or gaussian")
+            paired = [m for m in (self.registry.metric, *(g.metric for g in self.registry.guards)) if m in PAIR_METRICS]
+            if paired and self.eval_dataset is not None and self.eval_dataset.format != "preference":
+                problems.append(f"registry.metric: {paired[0]} is scored on held-out pairs, and eval_dataset.format "
+                                f"is {self.eval_dataset.format}; use a preference eval_dataset, or another metric")
             if t.eval_steps and self.eval_dataset is not None and self.eval_dataset.format != "preference":
                 problems.append(f"train.eval_steps: {o}'s held-out loss needs pairs, and eval_dataset.format is "
                                 f"{self.eval_dataset.format}; use a preference eval_dataset, or eval_steps: 0")
@@ -409,8 +414,6 @@ class TuneflowConfig(Section):
             ignored.append(f"train.quantization applies to method qlora, not {t.method}: ignored")
         if t.objective == "sft" and t.preference != PreferenceConfig():
             ignored.append("train.preference applies to objectives dpo and orpo, not sft: ignored")
-        if t.objective != "sft" and not t.packing:
-            ignored.append(f"train.packing applies to objective sft ({t.objective} pads each pair of answers): ignored")
         if t.objective != "sft" and t.loss_chunk_tokens != TrainConfig.model_fields["loss_chunk_tokens"].default:
             ignored.append(f"train.loss_chunk_tokens applies to objective sft (TRL computes {t.objective}'s loss): "
                            "ignored")

@@ -55,7 +55,7 @@ def split_files(path: Path, split: str | None) -> list[Path]:
     files = data_files(path)
     if path.is_file() or split is None:
         return files
-    named = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    named = re.compile(rf"(^|[/_.-]){re.escape(split)}([/.-]|$)")  # train: not train_prefs-0000.parquet
     chosen = [f for f in files if named.search(f.relative_to(path).as_posix())]
     if not chosen:
         listed = ", ".join(f.relative_to(path).as_posix() for f in files[:5])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 import uuid
 from collections import Counter
@@ -131,6 +132,8 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_paths: list[Path], out: 
     if cfg.eval_dataset is not None:
         held_out, dropped = load_dataset_rows(Path(eval_path), cfg, cfg.eval_dataset, "eval_dataset")
         invalid += dropped
+    elif len(parts) > 1:  # evaluation and the frozen set take the first rows: every source among them
+        random.Random(cfg.train.seed).shuffle(held_out)
     order = mix([len(p) for p in parts], [s.weight for _, s in cfg.sources], cfg.prep.mix_strategy, cfg.train.seed)
     rows = {"train": [parts[source][row] for source, row in order], "eval": held_out}
     splits, lengths, label_tokens = {}, [], {}

@@ -44,9 +44,13 @@ def preference_trainer(cfg, model, args, train_dataset, eval_dataset, tokenizer,
                        loraplus_lr_ratio: float | None):
     """TRL's trainer for train.objective over the prepared pairs, with LoRA+ when set, and its collator counting
     the tokens it pads (for tokens/s and the padding fraction)."""
+    import datasets
+
     from tuneflow.training.batching import CountingCollator
     from tuneflow.training.trainer import LoraPlus
 
+    # The prepared data is a verified cache entry (by content digest): maps must not write cache files beside it.
+    datasets.disable_caching()
     if cfg.train.objective == "orpo":
         from trl.experimental.orpo import ORPOTrainer as Base
     else:
