@@ -94,7 +94,7 @@ def main() -> None:
         print("bench.flow: timing each stage's work without Prefect or MLflow ...", flush=True)
         work = {"download": timed(preflight, cfg, logging.getLogger("bench"))}
         prepared = iter(range(2))
-        work["prepare"] = timed(lambda: prepare(cfg, assets["model"], assets["data"],
+        work["prepare"] = timed(lambda: prepare(cfg, assets["model"], [assets["data"]],
                                                 root / f"prepared{next(prepared)}"))
         work["train"] = metrics["train"]["train_runtime"]
 

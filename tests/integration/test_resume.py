@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
                   "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
                   "lora": {"dropout": 0.0}, "deepspeed": "zero2", "nproc_per_node": 2},
     })
-    prepare(cfg, assets["model"], assets["data"], root / "prepared")
+    prepare(cfg, assets["model"], [assets["data"]], root / "prepared")
     return root, cfg, assets
 
 
