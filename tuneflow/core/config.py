@@ -348,6 +348,9 @@ class TuneflowConfig(Section):
             problems.append(f"train.optimizer: {t.optimizer} cannot step states offloaded to the CPU by zero3_offload "
                             "(DeepSpeed steps them with its CPU Adam); use adamw_torch, or zero3")
         formats = {f"{key}.format": source.format for key, source in self.sources}
+        paired = [(key, m) for key, m in [("registry.metric", self.registry.metric),
+                                          *(("registry.guards", g.metric) for g in self.registry.guards)]
+                  if m in PAIR_METRICS]  # scored on held-out preference pairs
         if t.objective in PREFERENCE_OBJECTIVES:
             o = t.objective
             problems += [f"{key}: {fmt} rows have no rejected answer; train.objective {o} trains on pairs: use "
@@ -363,9 +366,8 @@ class TuneflowConfig(Section):
             if t.lora.init in ("pissa", "olora"):
                 problems.append(f"train.lora.init: {t.lora.init} with objective {o}: the base it rewrites would be "
                                 "the reference; use init default or gaussian")
-            paired = [m for m in (self.registry.metric, *(g.metric for g in self.registry.guards)) if m in PAIR_METRICS]
             if paired and self.eval_dataset is not None and self.eval_dataset.format != "preference":
-                problems.append(f"registry.metric: {paired[0]} is scored on held-out pairs, and eval_dataset.format "
+                problems.append(f"registry.metric: {paired[0][1]} is scored on held-out pairs, and eval_dataset.format "
                                 f"is {self.eval_dataset.format}; use a preference eval_dataset, or another metric")
             if t.eval_steps and self.eval_dataset is not None and self.eval_dataset.format != "preference":
                 problems.append(f"train.eval_steps: {o}'s held-out loss needs pairs, and eval_dataset.format is "
@@ -373,15 +375,12 @@ class TuneflowConfig(Section):
         else:
             problems += [f"{key}: preference pairs train with train.objective: dpo or orpo" for key, fmt
                          in formats.items() if fmt == "preference"]
+            problems += [f"{key}: {metric} is scored on preference pairs: it needs train.objective dpo or orpo"
+                         for key, metric in paired]
         if self.eval.judge and not self.eval.compare_base and not any(g.metric in JUDGE_DIRECTIONS
                                                                       for g in self.registry.guards):
             problems.append("eval.judge judges tuned vs base answers (set eval.compare_base true) or, in retrain, "
                             "challenger vs champion for a judge.* guard of registry.guards: neither is set")
-        if t.objective not in PREFERENCE_OBJECTIVES:
-            problems += [f"{key}: {metric} is scored on preference pairs: it needs train.objective dpo or orpo"
-                         for key, metric
-                         in [("registry.metric", self.registry.metric),
-                             *(("registry.guards", g.metric) for g in self.registry.guards)] if metric in PAIR_METRICS]
         scored = [*METRIC_DIRECTIONS, *sorted(f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc",
                   "acc_norm")), *(JUDGE_DIRECTIONS if self.eval.judge else [])]
         for guard in self.registry.guards:
