@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.pairs import write_pairs
+from tests.support.servers import add_repo
+
 pytestmark = pytest.mark.slow
 
 
 def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict | None = None, lower_loss=True,
-        export_dtype: str = "bf16", **train) -> dict:
+        export_dtype: str = "bf16", hub=None, **train) -> dict:
+    """`tuneflow run` (or `retrain`, given a registry section) of the tiny model and data in local folders, or of
+    ``extra``'s model and dataset on the Hub mirror ``hub``."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "run_name": method,
@@ -34,7 +39,9 @@ def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict 
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": method},
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
-    env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_api)
+    env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), PREFECT_API_URL=prefect_api,
+               **({"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf-cache")} if hub else
+                  {"HF_HUB_OFFLINE": "1"}))
     command = "retrain" if "registry" in (extra or {}) else "run"  # retrain: the decision is stdout's last line
     done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), command, "--config", str(config)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -149,15 +156,6 @@ def test_a_paged_optimizer_is_refused_on_a_machine_without_cuda(tmp_path, tiny_a
     assert "use adamw_8bit here" in done.stderr and not list(tmp_path.glob("run-*")), "it started anyway"
 
 
-def write_pairs(path: Path, tiny_assets) -> Path:
-    """The tiny rows as preference pairs in TRL's layout: the right answer chosen over the previous row's."""
-    rows = json.loads(Path(tiny_assets["data"]).read_text())
-    path.write_text("".join(json.dumps({
-        "prompt": r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), "chosen": r["output"],
-        "rejected": rows[i - 1]["output"]}) + "\n" for i, r in enumerate(rows) if r["output"] != rows[i - 1]["output"]))
-    return path
-
-
 def rising(client, run_id: str, key: str) -> list[float]:
     values = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
     assert len(values) == 20 and sum(values[-5:]) / 5 > values[0], (key, values)
@@ -180,27 +178,31 @@ def earlier_adapter(tiny_assets, folder: Path) -> Path:
     return folder
 
 
-def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, prefect_api):
-    """train.objective: dpo over qlora (TRL's DPOTrainer; 2 processes under ZeRO-2), starting from an earlier stage's
-    adapter logged to MLflow (runs:/.../adapter, the reference its frozen copy), on pairs in TRL's layout, through
-    `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the training pairs rises above its start, TRL's
-    metrics reach the train run, held-out preference accuracy is logged for tuned and base, the export merges the
-    trained adapter (not TRL's reference copy) with parity, and the version is registered and promoted on the frozen
-    pairs."""
+def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, hub_mirror, prefect_api):
+    """train.objective: dpo over qlora (TRL's DPOTrainer; 2 processes under ZeRO-2) of the model and a dataset of pairs
+    in TRL's layout on the Hub mirror, starting from an earlier stage's adapter logged to MLflow (runs:/.../adapter,
+    the reference its frozen copy), through `tuneflow retrain` gated on pref_accuracy: the reward accuracy on the
+    training pairs rises above its start, TRL's metrics reach the train run, held-out preference accuracy is logged
+    for tuned and base, the export merges the trained adapter (not TRL's reference copy) with parity, and the
+    version is registered and promoted on the frozen pairs."""
     from mlflow import MlflowClient
 
-    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets)
+    (tmp_path / "pairs").mkdir()
+    pairs = write_pairs(tmp_path / "pairs" / "train.jsonl", tiny_assets["data"])
+    dataset_sha = add_repo(hub_mirror.mirror, "dataset", "tiny-org/tiny-prefs", pairs.parent)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     first_stage = client.create_run(client.create_experiment("sft", str(tmp_path / "sft-artifacts"))).info.run_id
     client.log_artifacts(first_stage, str(earlier_adapter(tiny_assets, tmp_path / "sft-adapter")), "adapter")
-    extra = {"dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 16},
+    extra = {"model": {"name_or_path": hub_mirror.model_id},
+             "dataset": {"name_or_path": "tiny-org/tiny-prefs", "format": "preference", "eval_size": 16},
              "registry": {"model_name": "dpo-assistant", "metric": "pref_accuracy", "eval_samples": 8}}
     summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra=extra, objective="dpo",
                   learning_rate=5e-3, preference={"beta": 0.1, "init_adapter": f"runs:/{first_stage}/adapter"},
                   nproc_per_node=2, deepspeed="zero2", per_device_batch_size=4,
                   # the tiny model's next-token logits lie closer together (0.004 apart) than bf16's rounding of the
                   # merged weights moves them (0.005): fp32 throughout, for an exact parity
-                  precision="fp32", export_dtype="fp32")
+                  precision="fp32", export_dtype="fp32", hub=hub_mirror)
+    assert summary["lineage"]["dataset_revision"] == dataset_sha, summary["lineage"]
     train_run = summary["stages"]["train"]["mlflow_run_id"]
     rising(client, train_run, "rewards/accuracies")
     margins = client.get_metric_history(train_run, "rewards/margins")
@@ -229,7 +231,7 @@ def test_orpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
     run, held-out pairs get a positive reward margin, and the export holds parity."""
     from mlflow import MlflowClient
 
-    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets["data"])
     summary = run(tmp_path, tiny_assets, prefect_api, "qlora", lower_loss=False, extra={"dataset": {
         "name_or_path": str(pairs), "format": "preference", "eval_size": 16}}, objective="orpo", learning_rate=5e-3,
         preference={"beta": 1.0}, lora={"rank": 8, "alpha": 16, "dropout": 0.0})

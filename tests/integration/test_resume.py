@@ -1,6 +1,6 @@
 """A training rank killed with SIGKILL: the launch fails naming the dead rank, and the relaunch resumes from the
-last complete checkpoint and ends where an uninterrupted run ends. A checkpoint whose save was cut short is never
-picked up."""
+last complete checkpoint and ends where an uninterrupted run ends (supervised fine-tuning under ZeRO-2, DPO under
+ZeRO-3). A checkpoint whose save was cut short is never picked up."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pairs import write_pairs
 from tests.support.servers import training_rank_pid
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.data.prepare import build as prepare
@@ -24,19 +25,27 @@ pytestmark = pytest.mark.slow
 STEPS, SAVE_EVERY = 24, 4
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
+# objective -> what differs: DPO (TRL's trainer, its reference adapter in every checkpoint) under ZeRO-3
+OBJECTIVES = {"sft": {"deepspeed": "zero2"}, "dpo": {"deepspeed": "zero3", "objective": "dpo"}}
+
+
+@pytest.fixture(scope="module", params=list(OBJECTIVES))
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"resume-{request.param}")
     assets = build(root / "assets", n_rows=120)
+    data = assets["data"]
+    if request.param == "dpo":
+        data = write_pairs(root / "pairs.jsonl", data)
     cfg = TuneflowConfig.model_validate({
         "model": {"name_or_path": str(assets["model"])},
-        "dataset": {"name_or_path": str(assets["data"]), "eval_size": 8},
+        "dataset": {"name_or_path": str(data), "eval_size": 8,
+                    **({"format": "preference"} if request.param == "dpo" else {})},
         "prep": {"cutoff_len": 128},
         "train": {"method": "qlora", "max_steps": STEPS, "save_steps": SAVE_EVERY, "save_total_limit": 10,
                   "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
-                  "lora": {"dropout": 0.0}, "deepspeed": "zero2", "nproc_per_node": 2},
+                  "lora": {"dropout": 0.0}, "nproc_per_node": 2, **OBJECTIVES[request.param]},
     })
-    prepare(cfg, assets["model"], [assets["data"]], root / "prepared")
+    prepare(cfg, assets["model"], [data], root / "prepared")
     return root, cfg, assets
 
 
