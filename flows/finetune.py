@@ -18,10 +18,9 @@ from tasks.evaluate import evaluate
 from tasks.export import export
 from tasks.prepare import prepare
 from tasks.train import train
-from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig, tracking_uri
 from tuneflow.placement.pool import placement_problem
 from tuneflow.tracking.run_record import RunRecord
-from tuneflow.tracking.runs import tracking_uri
 from tuneflow.tracking.servers import check_mlflow
 
 

@@ -45,7 +45,7 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
     from tuneflow.modeling.load import device
     from tuneflow.modeling.metrics import preference
     from tuneflow.sources.hub import fetch
-    from tuneflow.tracking.artifacts import materialize_model
+    from tuneflow.sources.registered import registered_folder
     from tuneflow.tracking.judging import judge_and_log
     from tuneflow.tracking.registry import (
         CHALLENGER,
@@ -81,10 +81,10 @@ def decide_task(cfg: TuneflowConfig, summary: dict, fp, frozen: list[dict] | Non
                     "evaluation")
 
         champion = registry.alias(CHAMPION)
-        models = {"challenger": materialize_model(summary["model_uri"], registry.uri),
+        models = {"challenger": registered_folder(summary["model_uri"], registry.uri),
                   "base": fetch(base_ref, cfg, logger)}
         if champion is not None:
-            models["champion"] = materialize_model(f"models:/{registry.name}/{champion.version}", registry.uri)
+            models["champion"] = registered_folder(f"models:/{registry.name}/{champion.version}", registry.uri)
         guarded = prepare_benchmarks(cfg, Path(summary["run_dir"]) / "decide" / "benchmarks", client, run_id, logger,
                                      keys={b.key for b in cfg.eval.benchmarks for g in cfg.registry.guards
                                            if g.metric in (f"bench.{b.key}.acc", f"bench.{b.key}.acc_norm")})
@@ -152,8 +152,8 @@ def retrain(config: TuneflowConfig, train_deployment: str | None = None, refreez
     """
     from prefect.artifacts import create_markdown_artifact
 
+    from tuneflow.core.config import tracking_uri
     from tuneflow.tracking.registry import Registry
-    from tuneflow.tracking.runs import tracking_uri
     from tuneflow.tracking.servers import check_mlflow
 
     logger = get_run_logger()

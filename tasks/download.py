@@ -22,7 +22,7 @@ from tuneflow.tracking.runs import log_params
 
 def fetch_weights(src: Source, cfg: TuneflowConfig, logger) -> Path:
     patterns = model_patterns(cfg)
-    if src.sha:
+    if src.sha and not src.registry:
         cached, wanted = cached_fraction(src, patterns)
         if cached == wanted:
             logger.info("model %s@%s: all %d files already in the Hub cache; nothing to download",

@@ -5,7 +5,7 @@ prompts: its greedy answers must match the ones base + adapter gave in evaluate 
 logged as an MLflow model (transformers flavour) of the pipeline's parent run and an output of this stage's run, with
 the held-out metrics linked to it: the
 model is what the registry's versions point to, and `models:/<id>` is how any machine loads it
-(`tuneflow.tracking.artifacts.materialize_model`). The model card is logged beside it.
+(`tuneflow.sources.registered.registered_folder`). The model card is logged beside it.
 """
 
 from __future__ import annotations

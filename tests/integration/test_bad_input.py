@@ -223,6 +223,20 @@ def test_an_adapter_to_start_from_that_does_not_fit_is_refused_before_training(t
     assert code == 2 and "train.preference.init_adapter: runs:/0123456789abcdef/adapter cannot be fetched" in err, err
 
 
+def test_a_registered_model_that_is_not_there_is_refused_before_training(tmp_path, capsys, tiny_assets):
+    """model.name_or_path: models:/… names a version of a registered model the MLflow store lacks; a dataset cannot
+    be an MLflow model. Both said before anything is downloaded."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    config = merge(base_config("models:/assistant/1", tiny_assets["data"]), {"tracking.uri": store})
+    code, err = validate(tmp_path, config, capsys)
+    assert code == 2 and (f"model.name_or_path: models:/assistant/1 is not a version of a registered model in MLflow "
+                          f"at {store}") in err and "Traceback" not in err, err
+    code, err = validate(tmp_path, merge(base_config(tiny_assets["model"], "models:/rows/1"), {"tracking.uri": store}),
+                         capsys)
+    assert code == 2 and ("dataset.name_or_path: models:/rows/1 names an MLflow model; a dataset is a local path or a "
+                          "Hub repo") in err, err
+
+
 def test_bad_benchmarks_are_refused_before_training_each_named(tmp_path, capsys, tiny_assets):
     bad_row = tmp_path / "mc.jsonl"
     bad_row.write_text(json.dumps({"question": "2 + 2?", "choices": ["4", "5"], "answer": "C"}) + "\n")

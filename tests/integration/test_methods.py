@@ -21,9 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict | None = None, lower_loss=True,
-        export_dtype: str = "bf16", hub=None, **train) -> dict:
-    """`tuneflow run` (or `retrain`, given a registry section) of the tiny model and data in local folders, or of
-    ``extra``'s model and dataset on the Hub mirror ``hub``."""
+        export_dtype: str = "bf16", hub=None, args: tuple[str, ...] = (), **train) -> dict:
+    """`tuneflow run` (or `retrain`, given a registry section, with ``args``) of the tiny model and data in local
+    folders, or of ``extra``'s model and dataset on the Hub mirror ``hub``; ``extra``'s sections replace the
+    defaults'."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "run_name": method,
@@ -31,19 +32,19 @@ def run(tmp_path: Path, tiny_assets, prefect_api: str, method: str, extra: dict 
         "model": {"name_or_path": str(tiny_assets["model"])},
         "dataset": {"name_or_path": str(tiny_assets["data"]), "eval_size": 16},
         "prep": {"cutoff_len": 128},
-        **(extra or {}),
         "train": {"method": method, "max_steps": 20, "per_device_batch_size": 8, "gradient_accumulation_steps": 1,
                   "deepspeed": "none", "nproc_per_node": 1, "save_steps": 10, "retries": 0, **train},
         "eval": {"max_samples": 16, "max_new_tokens": 12, "batch_size": 16},
         "export": {"max_shard_size": "2MB", "dtype": export_dtype, "parity_samples": 8},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": method},
+        **(extra or {}),
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
     env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), PREFECT_API_URL=prefect_api,
                **({"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf-cache")} if hub else
                   {"HF_HUB_OFFLINE": "1"}))
     command = "retrain" if "registry" in (extra or {}) else "run"  # retrain: the decision is stdout's last line
-    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), command, "--config", str(config)],
+    done = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), command, "--config", str(config), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
     last = done.stdout.strip().splitlines()[-1]
@@ -242,3 +243,45 @@ def test_orpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
     assert {"log_odds_ratio", "nll_loss", "rewards/accuracies"} <= set(client.get_run(train_run).data.metrics)
     metrics = summary["metrics"]
     assert metrics["pref_margin"] > 0 and metrics["pref_accuracy"] > metrics["base"]["pref_accuracy"] == 0, metrics
+
+
+def test_sft_then_dpo_from_the_sft_version_under_one_name(tmp_path, tiny_assets, prefect_api):
+    """The two-stage recipe of README: `tuneflow retrain` of SFT registers version 1 of a name; `tuneflow retrain` of
+    DPO from that registered model (model.name_or_path: models:/NAME/1, fetched from MLflow and pinned by its model
+    id) on preference pairs, with the frozen set drawn anew from its held-out pairs, registers version 2 of the same
+    name and promotes it over the SFT version on pref_accuracy; run again, it finds nothing changed."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    shared = {"tracking": {"uri": store, "experiment": "assistant"}}
+    registry = {"model_name": "assistant", "eval_samples": 8}
+    (tmp_path / "sft").mkdir()
+    sft = run(tmp_path / "sft", tiny_assets, prefect_api, "lora", precision="fp32", export_dtype="fp32",
+              extra={**shared, "registry": {**registry, "metric": "eval_loss"}})
+    assert sft["decision"]["decision"] == "promoted" and sft["decision"]["version"] == 1, sft["decision"]
+    sft_model = MlflowClient(store).get_model_version("assistant", "1").source.removeprefix("models:/")
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets["data"])
+    dpo_config = {**shared, "model": {"name_or_path": "models:/assistant/1"},
+                  "dataset": {"name_or_path": str(pairs), "format": "preference", "eval_size": 16},
+                  "registry": {**registry, "metric": "pref_accuracy"}}
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    dpo = run(dpo_dir, tiny_assets, prefect_api, "lora", lower_loss=False, precision="fp32", export_dtype="fp32",
+              extra=dpo_config, args=("--refreeze-eval-set",), objective="dpo", learning_rate=5e-3)
+    assert dpo["lineage"]["model_revision"] == sft_model, dpo["lineage"]
+    decision = dpo["decision"]
+    assert decision["decision"] == "promoted" and (decision["version"], decision["champion"]) == (2, 2), decision
+    # the SFT version is the base here: its implicit reward against itself is 0, the DPO version's above it
+    assert decision["scores"]["challenger"] > decision["scores"]["champion"] == decision["scores"]["base"] == 0
+    client = MlflowClient(store)
+    download = client.get_run(dpo["stages"]["download"]["mlflow_run_id"]).data.params
+    assert (download["model.source"], download["model.revision"]) == ("mlflow", sft_model), download
+    assert client.get_model_version("assistant", "2").tags["tuneflow.model_sha"] == sft_model
+
+    again = subprocess.run([str(Path(sys.executable).parent / "tuneflow"), "retrain", "--config",
+                            str(dpo_dir / "config.yaml")], cwd=dpo_dir, capture_output=True, text=True, timeout=600,
+                           env={**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))},
+                                "PREFECT_API_URL": prefect_api, "TUNEFLOW_CACHE": str(dpo_dir / "cache")})
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["decision"] == "skipped", again.stdout[-2000:]

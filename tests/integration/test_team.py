@@ -71,12 +71,12 @@ def test_pipeline_on_cpu_pool_trains_on_gpu_pool(team):
     from tuneflow.core.config import TuneflowConfig
     from tuneflow.modeling.generation import generate
     from tuneflow.modeling.load import load_pretrained, load_tokenizer
-    from tuneflow.tracking.artifacts import materialize_model
+    from tuneflow.sources.registered import registered_folder
 
     logged = mlflow.search_logged_models(experiment_ids=[children["export"].info.experiment_id],
                                          filter_string=f"source_run_id = '{parent.info.run_id}'")
     assert len(logged) == 1, logged  # the export is the pipeline run's MLflow model (the runs view's Models column)
-    export = materialize_model(f"models:/{logged[0].model_id}", team.mlflow)
+    export = registered_folder(f"models:/{logged[0].model_id}", team.mlflow)
     predictions = Path(mlflow.download_artifacts(children["evaluate"].info.run_id, "predictions/predictions.jsonl",
                                                  str(client_dir / "dl")))
     records = [json.loads(line) for line in predictions.read_text().splitlines()]

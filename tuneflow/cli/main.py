@@ -45,11 +45,13 @@ def cmd_validate(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger = logging.getLogger("tuneflow.sources.preflight")
     logger.setLevel(logging.INFO)
-    from tuneflow.tracking.runs import tracking_uri
+    from tuneflow.core.config import tracking_uri
 
     checked = preflight(cfg, logger, tracking_uri(cfg.tracking.uri))
+
     def where(src) -> str:
-        return "local" if src.local else f"commit {src.sha}" if src.sha else "cached"
+        return ("local" if src.local else f"MLflow model {src.sha}" if src.registry else f"commit {src.sha}" if src.sha
+                else "cached")
 
     datasets = ", ".join(f"{source.name_or_path} ({where(src)})"
                          for (_, source), src in zip(cfg.all_sources, checked.datasets, strict=True))
@@ -201,7 +203,7 @@ def _follow(flow_run_id, cfg) -> int:
 
 def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
     """summary.json of the pipeline's MLflow parent run, when this machine reaches the tracking server."""
-    from tuneflow.tracking.runs import tracking_uri
+    from tuneflow.core.config import tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri)
     if not uri.startswith(("http://", "https://")):
@@ -277,10 +279,10 @@ def cmd_generate(args) -> int:
 
     model_dir = args.model
     if model_dir.startswith("models:/"):  # a model logged by the export stage, e.g. models:/my-model@champion
-        from tuneflow.tracking.artifacts import materialize_model
-        from tuneflow.tracking.runs import tracking_uri
+        from tuneflow.core.config import tracking_uri
+        from tuneflow.sources.registered import registered_folder
 
-        model_dir = str(materialize_model(model_dir, tracking_uri(None)))
+        model_dir = str(registered_folder(model_dir, tracking_uri(None)))
     cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "-"}, "train": {"method": "lora",
                                          "precision": args.dtype}, "model": {"name_or_path": model_dir}})
     tokenizer = load_tokenizer(model_dir, cfg)

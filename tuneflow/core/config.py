@@ -7,6 +7,7 @@ It imports pydantic only, so the Prefect deployment form keeps its descriptions 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal, Optional, Union
 
@@ -48,7 +49,9 @@ class ModelConfig(Section):
     name_or_path: str = Field(
         "Qwen/Qwen2.5-0.5B-Instruct",
         min_length=1,
-        description="Hugging Face Hub model repo id (org/name), or a local folder with config.json and weights.",
+        description="Hugging Face Hub model repo id (org/name), a local folder with config.json and weights, or a "
+        "model the export stage logged to MLflow: models:/NAME@ALIAS or models:/NAME/VERSION (e.g. the SFT champion "
+        "to start DPO from; model.revision is then unused, the model id is recorded).",
     )
     revision: str = Field(
         "main", min_length=1, description="Branch, tag or commit of the Hub repo; the resolved commit SHA is recorded."
@@ -280,6 +283,14 @@ class TrackingConfig(Section):
         None, description="MLflow tracking URI; unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
     )
     experiment: str = Field("tuneflow", min_length=1, description="MLflow experiment name.")
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(configured: str | None) -> str:
+    """The MLflow tracking URI: tracking.uri, else MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 class TuneflowConfig(Section):

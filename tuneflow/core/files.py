@@ -21,6 +21,13 @@ from typing import Iterator
 STAGING_SUFFIX = ".partial"
 
 
+def cache_root() -> Path:
+    """This machine's cache of artifacts, models and prepared datasets: $TUNEFLOW_CACHE, else ~/.cache/tuneflow."""
+    root = Path(os.environ.get("TUNEFLOW_CACHE") or Path.home() / ".cache" / "tuneflow").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve()
+
+
 def staging_path(final: Path, unique: bool = False) -> Path:
     """Where ``final`` is written before it is renamed into place: `.<name>.partial` beside it, or with ``unique``
     `.<name>.<random>.partial`, a name of this writer's own when several may write the same entry at once."""

@@ -22,16 +22,17 @@ class Ref(BaseModel):
 
 
 class SourceRef(Ref):
-    """A model or dataset as configured, pinned: a Hub repo at a commit, or a local path at a content digest."""
+    """A model or dataset as configured, pinned: a Hub repo at a commit, a local path at a content digest, or a model
+    logged to MLflow at its model id."""
 
     kind: Literal["model", "dataset"]
-    name: str = Field(description="Hub repo id, or the local path as configured.")
-    revision: str = Field(description="Hub commit SHA, or 'sha256:<digest>' of the local files.")
+    name: str = Field(description="Hub repo id, the local path as configured, or a models:/ URI.")
+    revision: str = Field(description="Hub commit SHA, 'sha256:<digest>' of the local files, or the MLflow model id.")
     local_path: str | None = Field(None, description="Absolute path, for a local source only.")
 
     @property
     def source(self) -> str:
-        return "local" if self.local_path else "hub"
+        return "local" if self.local_path else "mlflow" if self.name.startswith("models:/") else "hub"
 
 
 class ArtifactRef(Ref):

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.config import tracking_uri as core_tracking_uri
 from tuneflow.core.errors import TuneflowError
 from tuneflow.core.results import SourceRef
 from tuneflow.data.formats import DATA_SUFFIXES
+from tuneflow.sources.registered import RegisteredModelProblem, is_registered, model_folder, resolve
 
 # What loading a model needs: configs, tokenizer files, chat templates; weights (safetensors only) come last.
 MODEL_SMALL_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
@@ -45,6 +47,7 @@ class Source:
     sha: str | None = None  # None when offline: the cache decides
     files: list[str] = field(default_factory=list)
     token: str | None = field(default=None, repr=False)  # None: huggingface_hub's own (HF_TOKEN, hf auth login)
+    registry: str | None = None  # a model logged to MLflow (models:/…, sha its model id): the tracking URI
 
     @property
     def repo_type(self) -> str:
@@ -168,8 +171,19 @@ def has_main(api, name: str, repo_type: str) -> bool:
     return True
 
 
-def locate(name_or_path: str, revision: str, key: str, logger: logging.Logger, token: str | None = None) -> Source:
-    """A local path as it is; a Hub repo resolved to a commit SHA with its file listing (nothing downloaded)."""
+def locate(name_or_path: str, revision: str, key: str, logger: logging.Logger, token: str | None = None,
+           tracking_uri: str | None = None) -> Source:
+    """A local path as it is; a Hub repo resolved to a commit SHA with its file listing; a model logged to MLflow
+    (models:/…, at ``tracking_uri``, else MLFLOW_TRACKING_URI) resolved to its model id. Nothing is downloaded."""
+    if is_registered(name_or_path):
+        if key != "model":
+            raise Problem(f"{key}.name_or_path: {name_or_path} names an MLflow model; a {key} is a local path or a "
+                          "Hub repo")
+        uri = tracking_uri or core_tracking_uri(None)
+        try:
+            return Source(key, name_or_path, revision, sha=resolve(name_or_path, uri), registry=uri)
+        except RegisteredModelProblem as exc:
+            raise Problem(str(exc)) from None
     local = Path(name_or_path).expanduser()
     if local.exists():
         return Source(key, name_or_path, revision, local=local.resolve())
@@ -209,6 +223,8 @@ def snapshot(src: Source, patterns: list[str], logger: logging.Logger) -> Path:
     """The files matching ``patterns`` from the Hub cache, downloading what it lacks (atomically, per file)."""
     if src.local is not None:
         return src.local
+    if src.registry:
+        return model_folder(src.sha, src.registry)  # the logged model is one download: weights included
     from huggingface_hub import snapshot_download
 
     folder = Path(hub_call(lambda: snapshot_download(src.name, repo_type=src.repo_type, revision=src.revision,
@@ -263,15 +279,20 @@ def local_revision(path: Path) -> str:
 
 def pinned(src: Source, folder: Path) -> SourceRef:
     """What a stage on another machine needs to find the same files: the Hub repo at the snapshot's commit, or the
-    local path at a content digest."""
+    local path at a content digest; a model logged to MLflow at its model id."""
     if src.local is not None:
         return SourceRef(kind=src.key, name=src.name, revision=local_revision(folder), local_path=str(folder))
+    if src.registry:
+        return SourceRef(kind=src.key, name=src.name, revision=src.sha)
     return SourceRef(kind=src.key, name=src.name, revision=folder.name)  # snapshots/<commit sha>
 
 
 def fetch(ref: SourceRef, cfg: TuneflowConfig, logger: logging.Logger, weights: bool = True) -> Path:
     """The local folder of a pinned model or dataset on this machine: the Hub cache at the recorded commit
-    (downloading what it lacks), or the local path, which must exist here too."""
+    (downloading what it lacks), the logged model from MLflow (tracking.uri), or the local path, which must exist
+    here too."""
+    if is_registered(ref.name):
+        return model_folder(ref.revision, core_tracking_uri(cfg.tracking.uri))
     if ref.local_path:
         path = Path(ref.local_path)
         if not path.exists():

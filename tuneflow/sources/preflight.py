@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.config import tracking_uri as core_tracking_uri
 from tuneflow.core.errors import TuneflowError
 from tuneflow.sources.hub import (
     DATASET_PATTERNS,
@@ -144,8 +145,8 @@ class Checked:
 
 
 def preflight(cfg: TuneflowConfig, logger: logging.Logger, tracking_uri: str | None = None) -> Checked:
-    """Run every check; raise PreflightError listing all problems found (``tracking_uri``: the MLflow server an
-    adapter to start from, runs:/..., is fetched from)."""
+    """Run every check; raise PreflightError listing all problems found (``tracking_uri``: the MLflow server a model
+    logged there, models:/..., or an adapter to start from, runs:/..., is fetched from)."""
     problems: list[str] = hardware_problems(cfg)
     model = model_dir = None
     try:
@@ -153,12 +154,13 @@ def preflight(cfg: TuneflowConfig, logger: logging.Logger, tracking_uri: str | N
     except Problem as exc:
         raise PreflightError(problems + [str(exc)]) from None
     try:
-        model = locate(cfg.model.name_or_path, cfg.model.revision, "model", logger, token)
-        if model.sha:
+        model = locate(cfg.model.name_or_path, cfg.model.revision, "model", logger, token,
+                       tracking_uri or core_tracking_uri(cfg.tracking.uri))
+        if model.sha and not model.registry:
             problems += weights_problems(model, model.files)
         small = [p for p in model_patterns(cfg) if p not in WEIGHTS]
         model_dir = snapshot(model, small, logger)
-        if model.local is not None:
+        if model.local is not None or model.registry:
             problems += weights_problems(model, [p.name for p in model_dir.iterdir()])
         problems += model_folder_problems(model_dir, cfg)
         problems += memory_problems(model_dir, cfg)

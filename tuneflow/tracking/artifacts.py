@@ -22,17 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneflow.core.files import install, is_staging, staging_path
+from tuneflow.core.files import cache_root, install, is_staging, staging_path
 from tuneflow.core.results import ArtifactRef
 
 CHUNK = 1 << 20
 KINDS = ("artifacts", "models", "prepared")  # the cache's folders of entries
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("TUNEFLOW_CACHE") or Path.home() / ".cache" / "tuneflow").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root.resolve()
 
 
 def digest(folder: Path) -> str:
@@ -135,43 +129,6 @@ def materialize(ref: ArtifactRef, tracking_uri: str) -> Path:
             raise RuntimeError(f"artifact {ref.uri}: content digest {found} does not match the reference "
                                f"{ref.digest}; it was changed after it was logged")
         _install(got, entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entry
-
-
-def materialize_model(uri: str, tracking_uri: str) -> Path:
-    """A local Hugging Face folder (weights, config, tokenizer) of an MLflow model logged by the export stage:
-    ``models:/<model_id>``, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``. Downloaded once per model
-    (into a temporary folder, then renamed), reused after."""
-    from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
-
-    target = uri.removeprefix("models:/").strip("/")
-    client = MlflowClient(tracking_uri)
-    if "@" in target or "/" in target:
-        version = (client.get_model_version_by_alias(*target.split("@", 1)) if "@" in target
-                   else client.get_model_version(*target.split("/", 1)))
-        model_id = version.model_id or (version.source.removeprefix("models:/")
-                                        if version.source.startswith("models:/m-") else None)
-    else:
-        model_id = target
-    if not model_id:
-        raise ValueError(f"{uri}: this registered version does not point to a logged model (registered by hand?)")
-    entry = cache_root() / "models" / model_id
-    if entry.is_dir():
-        os.utime(entry)  # last use, for `tuneflow cache prune`
-        return entry
-    entry.parent.mkdir(exist_ok=True)
-    staging = staging_path(entry, unique=True)
-    try:
-        location = client.get_logged_model(model_id).artifact_location  # e.g. mlflow-artifacts:/… (proxied)
-        got = Path(download_artifacts(artifact_uri=location, dst_path=str(staging / "dl"), tracking_uri=tracking_uri))
-        folder = staging / "hf"
-        shutil.move(got / "model", folder)  # the flavour's layout: model/ and components/tokenizer/
-        for file in (got / "components" / "tokenizer").iterdir():
-            shutil.move(file, folder / file.name)
-        _install(folder, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entry

@@ -19,11 +19,11 @@ def judge_config(cfg: TuneflowConfig) -> TuneflowConfig:
 def judge_folder(cfg: TuneflowConfig, tracking_uri: str, logger: logging.Logger) -> tuple[Path, str]:
     """The judge model's folder on this machine, and what it is (name@commit, or the models:/ URI)."""
     from tuneflow.sources.hub import hub_token, locate, model_patterns, pinned, snapshot
-    from tuneflow.tracking.artifacts import materialize_model
+    from tuneflow.sources.registered import registered_folder
 
     j = cfg.eval.judge
     if j.model.startswith("models:/"):
-        return materialize_model(j.model, tracking_uri), j.model
+        return registered_folder(j.model, tracking_uri), j.model
     src = locate(j.model, j.revision, "model", logger, hub_token(cfg))
     folder = snapshot(src, model_patterns(judge_config(cfg)), logger)
     ref = pinned(src, folder)

@@ -18,12 +18,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig
+from tuneflow.core.config import METRIC_DIRECTIONS, TuneflowConfig, tracking_uri
 from tuneflow.core.errors import TuneflowError
 from tuneflow.core.evaluation import PAIR_METRICS
 from tuneflow.core.params import config_hash
 from tuneflow.core.results import ArtifactRef, SourceRef
-from tuneflow.tracking.runs import tracking_uri
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 EVAL_SET_TAG = "tuneflow.eval_set"
@@ -102,7 +101,7 @@ def pinned_sources(cfg: TuneflowConfig, logger: logging.Logger) -> list[SourceRe
     token, refs = hub_token(cfg), []
     for key, section in [("model", cfg.model), *cfg.all_sources]:
         kind = "model" if key == "model" else "dataset"
-        src = locate(section.name_or_path, section.revision, kind, logger, token)
+        src = locate(section.name_or_path, section.revision, kind, logger, token, tracking_uri(cfg.tracking.uri))
         if src.local is not None:
             refs.append(SourceRef(kind=kind, name=src.name, revision=local_revision(src.local),
                                   local_path=str(src.local)))

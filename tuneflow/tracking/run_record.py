@@ -16,12 +16,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.config import TuneflowConfig, tracking_uri
 from tuneflow.core.files import staged
 from tuneflow.core.params import config_hash, flatten
 from tuneflow.core.results import DownloadResult, EvalResult, ExportResult, PrepareResult, SourceRef, TrainResult
 from tuneflow.tracking.context import RunContext
-from tuneflow.tracking.runs import experiment_id, log_dataset, log_metrics, log_params, run_url, tracking_uri
+from tuneflow.tracking.runs import experiment_id, log_dataset, log_metrics, log_params, run_url
 
 STAGES = ("download", "prepare", "train", "evaluate", "export")
 SUMMARY_METRICS = ("eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l")

@@ -7,19 +7,13 @@ multi-process job still leaves exactly one run per stage. Every run ends FINISHE
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Iterator
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LEN = 6000
-
-
-def tracking_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")  # the MLflow UI opens the model-training view, not GenAI
