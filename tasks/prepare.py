@@ -56,6 +56,11 @@ def build_entry(cfg: TuneflowConfig, downloaded: DownloadResult, final: Path, lo
         paths = [fetch(ref, cfg, logger) for ref in downloaded.datasets]
         stats = build(cfg, tokenizer_dir, paths, staging, eval_path=eval_path)
         logger.info("prepare: %s", json.dumps(stats))
+        if stats["dropped_cut_off"]:
+            what = ("pairs whose prompt leaves no room for the answers" if cfg.train.objective != "sft" else
+                    "rows whose answer lies entirely")
+            logger.warning("prepare: dropped %d %s past prep.cutoff_len=%d; raise it to keep them",
+                           stats["dropped_cut_off"], what, cfg.prep.cutoff_len)
 
 
 def published(final: Path, client, tracking_uri: str) -> ArtifactRef | None:

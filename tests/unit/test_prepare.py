@@ -322,3 +322,21 @@ def test_preference_pairs_keep_their_rejected_answer(model_dir, tmp_path):
         i = int(json.loads(row["prompt"])[-1]["content"].split()[1])
         assert (row["reference"], row["rejected"]) == (f"{i + 1}.", f"{i + 2}.")
         assert json.loads(row["prompt"]) == [{"role": "user", "content": f"Add {i} and 1."}]
+
+
+def test_pairs_whose_prompt_leaves_no_room_are_dropped_and_named(model_dir, tmp_path):
+    """A pair whose prompt fills prep.cutoff_len has no answer tokens to compare: dropped and counted; when none is
+    left, the error says why in a pair's terms."""
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Add {i} and 1.", "chosen": f"{i + 1}.", "rejected": f"{i + 2}."} for i in range(10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[0], "prompt": "word " * 200}]))
+    cfg = TuneflowConfig.model_validate({
+        "model": {"name_or_path": str(model_dir)},
+        "dataset": {"name_or_path": str(data), "format": "preference", "eval_size": 2},
+        "prep": {"cutoff_len": 128}, "train": {"objective": "dpo"},
+    })
+    assert build(cfg, model_dir, [data], tmp_path / "out")["dropped_cut_off"] == 1
+    cfg.prep.cutoff_len = 8
+    with pytest.raises(ValueError, match=r"^no train pairs left: every prompt leaves no room for its answers under "
+                                         r"prep.cutoff_len=8$"):
+        build(cfg, model_dir, [data], tmp_path / "out2")

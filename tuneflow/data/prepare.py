@@ -141,10 +141,13 @@ def build(cfg: TuneflowConfig, model_dir: Path, dataset_paths: list[Path], out: 
         encoded = encode_rows(tokenizer, chosen, cfg.prep.cutoff_len, num_proc, desc=f"Tokenizing {split} rows")
         lengths += encoded["full_length"]
         counts = encoded["label_tokens"]
-        # A row whose answer lies entirely past cutoff_len has nothing to learn from: drop it.
+        # A row whose answer lies entirely past cutoff_len has nothing to learn from (a pair: its prompt leaves no
+        # room for either answer): drop it.
         kept = [row for row, count in enumerate(counts) if count]
         if not kept:
-            raise ValueError(f"no {split} rows left: every answer lies past prep.cutoff_len={cfg.prep.cutoff_len}")
+            raise ValueError(f"no {split} pairs left: every prompt leaves no room for its answers under "
+                             f"prep.cutoff_len={cfg.prep.cutoff_len}" if "rejected" in encoded.column_names else
+                             f"no {split} rows left: every answer lies past prep.cutoff_len={cfg.prep.cutoff_len}")
         splits[split] = encoded.select(kept).remove_columns("label_tokens")
         label_tokens[split] = sum(counts)
         if split == "train":
