@@ -10,6 +10,7 @@ the exported model answers exactly as the adapter did.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -27,10 +28,11 @@ from tuneflow.tracking.run_record import prepare_benchmarks
 from tuneflow.tracking.runs import log_metrics
 
 
-def pair_metrics(tuned, tokenizer, chosen: list[dict], prompts: list[list[dict]], rejected: list[str],
+def pair_metrics(tuned, reference, tokenizer, chosen: list[dict], prompts: list[list[dict]], rejected: list[str],
                  cfg: TuneflowConfig) -> tuple[dict, dict]:
-    """pref_accuracy and pref_margin (`tuneflow.modeling.metrics.preference`) of the tuned adapter, and of the
-    reference itself (the base: 0 and 0), on held-out pairs: ``chosen`` encoded, ``rejected`` the other answers."""
+    """pref_accuracy and pref_margin (`tuneflow.modeling.metrics.preference`) of the tuned model, and of the
+    reference itself (the base: 0 and 0), on held-out pairs: ``chosen`` encoded, ``rejected`` the other answers.
+    ``reference``: the base model, or None for the tuned adapter switched off."""
     from tuneflow.data.tokenize import encode_batch
     from tuneflow.modeling.generation import answer_logps
     from tuneflow.modeling.metrics import preference
@@ -40,9 +42,10 @@ def pair_metrics(tuned, tokenizer, chosen: list[dict], prompts: list[list[dict]]
     worse = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
     size, beta = cfg.eval.batch_size, cfg.train.preference.beta
     policy = answer_logps(tuned, tokenizer, chosen, size), answer_logps(tuned, tokenizer, worse, size)
-    with tuned.disable_adapter():
-        reference = answer_logps(tuned, tokenizer, chosen, size), answer_logps(tuned, tokenizer, worse, size)
-    return preference(*policy, *reference, beta), preference(*reference, *reference, beta)
+    with tuned.disable_adapter() if reference is None else contextlib.nullcontext():
+        model = tuned if reference is None else reference
+        base = answer_logps(model, tokenizer, chosen, size), answer_logps(model, tokenizer, worse, size)
+    return preference(*policy, *base, beta), preference(*base, *base, beta)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -80,10 +83,14 @@ def evaluate(
             log_metrics(client, run_id, {f"base.{k}": v for k, v in base_metrics.items()})
         tuned = load_trained(model_dir, weights_dir, cfg, device_map=device_map, base=base)
         metrics, answers = measure(tuned, tokenizer, examples, prompts, references, cfg)
-        # preference pairs, after preference tuning (an adapter: the base is the adapter switched off)
+        # preference pairs, after preference tuning: DPO's implicit reward against the base (an adapter switched off)
         rejected = list(rows["rejected"]) if "rejected" in rows.column_names and cfg.train.objective != "sft" else None
-        if rejected is not None:  # preference pairs: DPO's implicit reward, the base (the adapter off) as reference
-            tuned_pairs, base_pairs = pair_metrics(tuned, tokenizer, examples, prompts, rejected, cfg)
+        if rejected is not None:
+            reference = None
+            if cfg.train.method in ("full", "freeze"):
+                reference = base or load_base(model_dir, cfg, quantized=True, device_map=device_map)
+            tuned_pairs, base_pairs = pair_metrics(tuned, reference, tokenizer, examples, prompts, rejected, cfg)
+            del reference
             metrics.update(tuned_pairs)
             if cfg.eval.compare_base:
                 base_metrics.update(base_pairs)

@@ -226,6 +226,25 @@ def test_dpo_on_preference_pairs_through_retrain(tmp_path, tiny_assets, hub_mirr
     assert decision["scores"]["challenger"] > decision["scores"]["base"] == 0, decision
 
 
+def test_dpo_of_every_weight_against_a_frozen_copy(tmp_path, tiny_assets, prefect_api):
+    """train.objective: dpo over full (2 processes under ZeRO-3): TRL loads a frozen copy of the starting model as the
+    reference and shards it as it does the policy; the reward accuracy on the training pairs rises, held-out pairs
+    rank chosen over rejected against the base, and the export, every weight trained, holds parity."""
+    from mlflow import MlflowClient
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", tiny_assets["data"])
+    summary = run(tmp_path, tiny_assets, prefect_api, "full", lower_loss=False, extra={"dataset": {
+        "name_or_path": str(pairs), "format": "preference", "eval_size": 16}}, objective="dpo", learning_rate=1e-3,
+        nproc_per_node=2, deepspeed="zero3", per_device_batch_size=4, precision="fp32", export_dtype="fp32")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    rising(client, summary["stages"]["train"]["mlflow_run_id"], "rewards/accuracies")
+    metrics = summary["metrics"]
+    assert metrics["pref_accuracy"] > 0.5 and metrics["pref_margin"] > 0, metrics
+    assert metrics["base"]["pref_accuracy"] == metrics["base"]["pref_margin"] == 0, metrics
+    base, tuned = layer_weights(tiny_assets["model"], 0), layer_weights(Path(summary["export_dir"]), 0)
+    assert all(not base[k].equal(tuned[k]) for k in base if k.endswith("proj.weight"))
+
+
 def test_orpo_on_preference_pairs(tmp_path, tiny_assets, prefect_api):
     """train.objective: orpo (TRL's ORPOTrainer, no reference model) over qlora on the same pairs: the log odds of
     the chosen answer over the rejected one rise above zero on the training pairs, ORPO's own metrics reach the train

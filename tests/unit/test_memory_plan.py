@@ -21,6 +21,7 @@ from tuneflow.cli.main import main
 from tuneflow.core.config import TuneflowConfig, parse_size
 from tuneflow.memory.auto import largest_batch_that_fits, plan_problems
 from tuneflow.memory.estimate import plan, zero_setup
+from tuneflow.memory.render import render
 from tuneflow.memory.shape import GiB, ModelShape, lora_param_count, nf4_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -434,3 +435,18 @@ def test_dpo_counts_both_answers_of_each_pair_and_the_full_logits():
     assert pairs == rows
     assert pairs["activations"] > plan(config(per_device_batch_size=2, packing=False, **base), LLAMA_7B,
                                        world_size=1).per_rank["activations"] * 1.8
+
+
+def test_dpo_of_every_weight_counts_its_frozen_reference_copy():
+    """dpo over full or freeze holds a frozen copy of the model (TRL's reference; ZeRO-3 shards it), `tuneflow plan`
+    says so; over an adapter there is none (the adapter switched off is the reference)."""
+    def dpo(method, ds, world):
+        cfg = {"dataset": {"name_or_path": "x", "format": "preference"},
+               "train": {"objective": "dpo", "method": method, "deepspeed": ds, "nproc_per_node": world}}
+        return plan(TuneflowConfig.model_validate(cfg), LLAMA_7B, world_size=world)
+    one = dpo("full", "zero2", 1).per_rank["reference_weights"]
+    four, lora = dpo("full", "zero3", 4), dpo("lora", "zero2", 1)
+    assert one == ModelShape.from_config(LLAMA_7B).total_params() * 2 < 4 * four.per_rank[
+        "reference_weights"] < 4 * one / 3
+    assert lora.per_rank["reference_weights"] == 0 and "reference" not in render(lora, "m") and "DPO reference (a " \
+        "frozen copy of the model)" in render(four, "m")

@@ -119,8 +119,9 @@ class TrainConfig(Section):
     objective: Objective = Field(
         "sft", description="sft: supervised fine-tuning on the answers; dpo: Direct Preference Optimization on pairs "
         "of a chosen and a rejected answer (dataset.format: preference) through TRL's DPOTrainer, against the model "
-        "it starts from as reference (the base, or train.preference.init_adapter); orpo: TRL's ORPOTrainer on the "
-        "same pairs, no reference.")
+        "it starts from as reference (qlora, lora: the base with the adapter switched off, or "
+        "train.preference.init_adapter; full, freeze: a frozen copy of the model, in memory beside it); orpo: TRL's "
+        "ORPOTrainer on the same pairs, no reference.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
                                          description="Preference tuning (objective dpo or orpo).")
     method: Literal["qlora", "lora", "full", "freeze"] = Field(
@@ -367,10 +368,9 @@ class TuneflowConfig(Section):
             problems += [f"{key}: {fmt} rows have no rejected answer; train.objective {o} trains on pairs: use "
                          "format: preference (prompt, chosen, rejected)" for key, fmt in formats.items()
                          if fmt != "preference"]
-            if t.method not in ("qlora", "lora"):
-                problems.append(f"train.objective: {o} trains an adapter here (held-out preference accuracy is "
-                                f"measured against the base, the adapter switched off); use method qlora or lora "
-                                f"(not {t.method})")
+            if t.method not in ("qlora", "lora") and t.preference.init_adapter:
+                problems.append(f"train.preference.init_adapter: method {t.method} trains the model's own weights, "
+                                "not an adapter; use method qlora or lora to go on training an adapter")
             if t.tokens_per_batch is not None:
                 problems.append(f"train.tokens_per_batch: {o} batches pairs of padded rows; unset it and size "
                                 "batches with per_device_batch_size")

@@ -101,6 +101,7 @@ class Settings:
     dora: bool = False  # train.lora.use_dora
     modules_to_save: tuple = ()  # train.lora.modules_to_save
     pairs: bool = False  # train.objective dpo, orpo: a row is a pair, two padded sequences (chosen, rejected)
+    reference: bool = False  # dpo over full or freeze: a frozen copy of the model beside it (an adapter: none)
 
     @property
     def sequences(self) -> int:
@@ -124,6 +125,7 @@ class Settings:
             budget = cfg.prep.cutoff_len  # searched upwards from one full row
         dpo = t.objective != "sft"  # TRL pads each pair's two sequences and computes the full logits' loss
         return cls(method=t.method, precision=t.precision, batch=batch, seq=cfg.prep.cutoff_len, pairs=dpo,
+                   reference=t.objective == "dpo" and t.method in ("full", "freeze"),
                    checkpointing=t.gradient_checkpointing, zero=zero_setup(t.deepspeed),
                    world=world_size if world_size is not None else resolve_world_size(cfg),
                    lora_rank=t.lora.rank, lora_targets=t.lora.target_modules, lora_dropout=t.lora.dropout,
@@ -342,13 +344,17 @@ def estimate(shape: ModelShape, s: Settings, gpu_memory: int | None = None) -> M
         grads *= 2  # DDP's gradient buckets hold a second copy
     adapter = params_on_gpu(trainable * train_b, trainable_unit * train_b) + grads
     optimizer = 0 if z.offload_optimizer else math.ceil(trainable * optim_b / optim_div)
+    # DPO's reference for full/freeze: TRL loads the model again, in the training precision, frozen (ZeRO-3 shards
+    # it as it does the policy); its forward keeps no activations.
+    reference = params_on_gpu(shape.total_params() * b, max(shape.embed_params, shape.lm_head_params, layer_all) * b
+                              ) if s.reference else 0
     activations = activation_bytes(shape, s, adapters_fp32, residual_bytes=b)
     logits = loss_bytes(shape, s)
-    subtotal = quantized + frozen_bytes + adapter + optimizer + activations + logits
+    subtotal = quantized + frozen_bytes + reference + adapter + optimizer + activations + logits
     margin = MARGIN_FIXED + int(MARGIN_FRACTION * subtotal)
-    per_rank = {"quantized_weights": quantized, "frozen_weights": frozen_bytes, "adapter": adapter,
-                "optimizer": optimizer, "activations": activations, "logits": logits, "margin": margin,
-                "total": subtotal + margin}
+    per_rank = {"quantized_weights": quantized, "frozen_weights": frozen_bytes, "reference_weights": reference,
+                "adapter": adapter, "optimizer": optimizer, "activations": activations, "logits": logits,
+                "margin": margin, "total": subtotal + margin}
     per_rank = {k: int(v) for k, v in per_rank.items()}
     params = {"total": shape.total_params(), "trainable": trainable,
               "quantized": shape.layers * layer_lin if s.method == "qlora" else 0, "frozen": frozen}

@@ -8,6 +8,7 @@ from tuneflow.memory.shape import GiB
 LINES = (
     ("quantized_weights", "quantised weights"),
     ("frozen_weights", "frozen weights"),
+    ("reference_weights", "DPO reference (a frozen copy of the model)"),
     ("adapter", "trainable parameters + gradients"),
     ("optimizer", "optimizer states"),
     ("activations", "activations (estimate, uncalibrated)"),
@@ -44,8 +45,9 @@ def render(p: MemoryPlan, model: str, largest: int | None = None) -> str:
             f"{'auto (bf16, fp16 before Ampere)' if s.precision == 'auto' else s.precision}, {s.zero.label} over "
             f"{s.world} rank{'s' if s.world > 1 else ''}\n"
             f"  micro-batch {micro}, gradient checkpointing {'on' if s.checkpointing else 'off'}, {loss}")
-    width = max(len(v) for v in labels.values()) + 2
-    rows = [head] + [f"  {labels[k]:<{width}}{p.per_rank[k] / GiB:9.2f} GiB" for k, _ in LINES]
+    shown = [k for k, _ in LINES if k != "reference_weights" or s.reference]
+    width = max(len(labels[k]) for k in shown) + 2
+    rows = [head] + [f"  {labels[k]:<{width}}{p.per_rank[k] / GiB:9.2f} GiB" for k in shown]
     rows.append(f"  {'total':<{width}}{p.per_rank['total'] / GiB:9.2f} GiB")
     if p.gpu_memory is None:
         rows.append("GPU memory unknown (no GPU visible, train.gpu_memory unset): pass --gpu-memory, "

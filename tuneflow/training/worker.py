@@ -232,6 +232,12 @@ def train(spec: TrainSpec) -> TrainOutcome:
         **objective_args,
     )
     agree_on_precision(t.precision, args)
+    if ds_config is not None and not on_gpu:
+        # DeepSpeed reads the world size through its own comm layer, which accelerate starts on GPUs only: without it
+        # transformers' zero.Init (full, freeze under ZeRO-3) and a DPO reference's engine see one rank.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = load_tokenizer(spec.model_dir, cfg)
     data = load_from_disk(spec.data_dir)
     model = build_model(cfg, spec.model_dir, out / "adapter-init", spec.init_adapter_dir)
@@ -288,7 +294,8 @@ def train(spec: TrainSpec) -> TrainOutcome:
         trainer, step_logger.batches = preference_trainer(cfg, model, args, data["train"],
                                                           data["eval"] if t.eval_steps else None, tokenizer,
                                                           [OnLog(), OnSave()], loraplus)
-        dpo = f", {t.preference.loss_type}), reference: the starting adapter, frozen" if t.objective == "dpo" else ")"
+        reference = "the starting adapter" if t.method in ("qlora", "lora") else "a copy of the starting model"
+        dpo = f", {t.preference.loss_type}), reference: {reference}, frozen" if t.objective == "dpo" else ")"
         log(f"loss: TRL's {t.objective.upper()} (beta {t.preference.beta}{dpo}")
     else:
         trainer = TuneflowTrainer(
