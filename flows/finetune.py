@@ -25,7 +25,8 @@ from tuneflow.tracking.servers import check_mlflow
 
 
 @flow(name="tuneflow-finetune")
-def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_dir: str | None = None) -> dict:
+def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_dir: str | None = None,
+             mlflow_tags: dict[str, str] | None = None) -> dict:
     """Fine-tune a model on an instruction dataset; returns the run's summary (also its summary.json).
 
     Args:
@@ -33,6 +34,8 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
         train_deployment: Run training as a flow run of this deployment, e.g. tuneflow-train/gpu on the gpu work
             pool. Empty: train on the machine that runs this flow.
         run_dir: Use this run folder instead of a new one.
+        mlflow_tags: Tags of the pipeline's MLflow run (a sweep nests its trials under its run with
+            mlflow.parentRunId).
     """
     logger = get_run_logger()
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators
@@ -46,7 +49,7 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
     if problem:
         raise ValueError(problem)
     check_mlflow(tracking_uri(cfg.tracking.uri))  # refused credentials: one line naming the server, before any work
-    record = RunRecord(cfg, run_dir, logger)
+    record = RunRecord(cfg, run_dir, logger, mlflow_tags)
     ctx = record.ctx
     with record.failing_on_error():
         downloaded = record.stage("download", download, cfg, ctx)

@@ -24,11 +24,12 @@ import os
 import sys
 from pathlib import Path
 
-from tuneflow.cli.common import add_config_arguments, load
+from tuneflow.cli.common import add_config_arguments, check_trains_here, load, print_json_result
 from tuneflow.cli.demo import add_demo_command
 from tuneflow.cli.k8s import add_k8s_command
 from tuneflow.cli.plan import add_plan_command
 from tuneflow.cli.stack import add_stack_command
+from tuneflow.cli.sweep import add_sweep_command
 from tuneflow.cli.worker import add_worker_command
 from tuneflow.core.errors import TuneflowError
 
@@ -62,14 +63,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = load(args)  # every config problem is reported here, before Prefect or any model starts
-    from tuneflow.modeling.precision import machine_problem
-    from tuneflow.placement.pool import placement_problem
-    from tuneflow.tracking.servers import check_servers
-
-    problem = placement_problem(cfg, None) or machine_problem(cfg)  # `tuneflow run` trains on this machine only
-    if problem:
-        raise TuneflowError(problem)
-    check_servers(cfg.tracking.uri)  # a server that refuses our credentials: one line, before any work
+    check_trains_here(cfg)  # `tuneflow run` trains on this machine only
     from flows.finetune import finetune
 
     try:
@@ -228,17 +222,12 @@ def cmd_retrain(args) -> int:
     from tuneflow.tracking.registry import Registry, RegistryProblem
     from tuneflow.tracking.servers import ServerRefused, check_servers
 
-    try:
+    def checked_retrain() -> dict:
         check_servers(cfg.tracking.uri)  # refused credentials, no registry.model_name, a store without a registry:
         Registry(cfg)                    # one line each, before Prefect starts
-        decision = retrain(cfg, refreeze_eval_set=args.refreeze_eval_set)
-    except (ServerRefused, RegistryProblem):
-        raise
-    except Exception as exc:
-        print(f"tuneflow: retrain failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(decision), flush=True)
-    return 0
+        return retrain(cfg, refreeze_eval_set=args.refreeze_eval_set)
+
+    return print_json_result("retrain", checked_retrain, passes=(ServerRefused, RegistryProblem))
 
 
 def cmd_emit_dataset_updated(args) -> int:
@@ -375,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     add_k8s_command(sub)
     add_stack_command(sub)
     add_demo_command(sub)
+    add_sweep_command(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -23,6 +23,7 @@ from tuneflow.core.evaluation import (
 )
 from tuneflow.core.objective import PREFERENCE_OBJECTIVES, Objective, PreferenceConfig
 from tuneflow.core.section import Section, parse_size
+from tuneflow.core.sweep import SweepConfig
 
 LrScheduler = Literal[
     "linear",
@@ -326,6 +327,8 @@ class TuneflowConfig(Section):
         default_factory=RegistryConfig, description="MLflow Model Registry: where `tuneflow retrain` registers and "
         "promotes.",
     )
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="`tuneflow sweep`: a search over config "
+                               "keys (docs/sweeps.md).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "TuneflowConfig":
@@ -394,6 +397,8 @@ class TuneflowConfig(Section):
                             "challenger vs champion for a judge.* guard of registry.guards: neither is set")
         scored = [*METRIC_DIRECTIONS, *sorted(f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc",
                   "acc_norm")), *(JUDGE_DIRECTIONS if self.eval.judge else [])]
+        if self.sweep.metric and self.sweep.metric not in scored:
+            problems.append(f"sweep.metric: {self.sweep.metric} is no metric evaluate logs; one of {', '.join(scored)}")
         for guard in self.registry.guards:
             if guard.metric not in scored:
                 problems.append(f"registry.guards: {guard.metric} is no metric a retrain scores (add its benchmark to "

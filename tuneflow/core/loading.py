@@ -70,20 +70,36 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    assign(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "", "--set")
+
+
+def assign(data: dict, key: str, value: Any, said: str) -> None:
+    """Set ``dotted.key`` of a nested dict to ``value`` (``said``: where the key was given, for messages)."""
+    parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):  # an entry of a list of sections: datasets.1.weight
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is none")
+                raise ConfigError(f"{said} {key}: '{'.'.join(parts[:i])}' has {len(node)} entries; '{part}' is none")
             part = int(part)
         elif not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: '{parts[i - 1]}' is not a section")
+            raise ConfigError(f"{said} {key}: '{parts[i - 1]}' is not a section")
         if last:
-            node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            node[part] = value
         else:
             node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+
+
+def with_values(cfg: TuneflowConfig, values: dict[str, Any], said: str = "--set") -> TuneflowConfig:
+    """``cfg`` with each dotted key of ``values`` set; raise ConfigError naming every bad key."""
+    data = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        assign(data, key, value, said)
+    try:
+        return TuneflowConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,

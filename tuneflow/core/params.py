@@ -22,14 +22,15 @@ def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
             for i, entry in enumerate(value):  # datasets.0.weight, eval.benchmarks.1.task
                 out.update(flatten(entry, f"{key}.{i}."))
         else:
-            out[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            out[key] = json.dumps(value, default=lambda v: v.model_dump()) if isinstance(value, (list, dict)) else \
+                str(value)  # a dict may hold sections (sweep.space's ranges)
     return out
 
 
 # What does not change the trained model: names, folders, where things are logged, how failures and checkpoints
 # are handled, where processes meet. Every other key (new ones included) is part of the config hash.
 NOT_IN_CONFIG_HASH = (
-    "run_name", "output_dir", "tracking", "registry", "hub", "eval", "model.revision", "dataset.revision",
+    "run_name", "output_dir", "tracking", "registry", "sweep", "hub", "eval", "model.revision", "dataset.revision",
     "datasets.*.revision", "eval_dataset.revision",
     "model.attn_implementation",  # the kernel, not the result (as train.precision's machine-dependent choice)
     "export.max_shard_size", "export.device", "export.parity_samples", "export.enabled",

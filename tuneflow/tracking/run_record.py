@@ -94,7 +94,7 @@ def prepare_benchmarks(cfg: TuneflowConfig, folder: Path, client, run_id: str, l
 
 
 class RunRecord:
-    def __init__(self, cfg: TuneflowConfig, run_dir: str | None, logger):
+    def __init__(self, cfg: TuneflowConfig, run_dir: str | None, logger, tags: dict[str, str] | None = None):
         from mlflow import MlflowClient
         from prefect.runtime import flow_run
 
@@ -105,7 +105,7 @@ class RunRecord:
         self.client = MlflowClient(uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment)
         tags = {"tuneflow.run_dir": str(self.folder), "prefect.flow_run_id": str(flow_run.id),
-                "tuneflow.config_hash": config_hash(cfg), "tuneflow.version": tuneflow_version()}
+                "tuneflow.config_hash": config_hash(cfg), "tuneflow.version": tuneflow_version(), **(tags or {})}
         self.parent = self.client.create_run(exp_id, run_name=self.folder.name, tags=tags).info.run_id
         log_params(self.client, self.parent, flatten(cfg))
         self.ctx = RunContext(run_dir=str(self.folder), tracking_uri=uri, experiment_id=exp_id,

@@ -1,0 +1,112 @@
+"""A hyperparameter search as one Prefect flow: trials of the pipeline over sweep.space, proposed by Optuna.
+
+    tuneflow sweep --config configs/demo.yaml --space configs/spaces/demo.yaml   # on this machine (docs/sweeps.md)
+
+Each trial is the whole pipeline (`tuneflow-finetune` as a subflow) with the trial's values set, scored by the held-out
+metric evaluate logs (sweep.metric, else registry.metric), on the same evaluation rows for every trial. Its MLflow run
+is nested under the sweep's parent run (tags tuneflow.sweep, tuneflow.trial), so MLflow's runs table, Compare and
+parallel coordinates work over the trials. A trial that fails is recorded as failed and the sweep goes on. The study
+is kept in a database (tuneflow/tracking/sweeps.py): run again, a sweep that stopped resumes where it was.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.finetune import finetune
+from tuneflow.core.config import TuneflowConfig, tracking_uri
+from tuneflow.core.loading import ConfigError, with_values
+from tuneflow.core.sweep import check_space
+from tuneflow.tracking.runs import log_metrics, log_params, run_url
+from tuneflow.tracking.servers import check_mlflow
+from tuneflow.tracking.sweeps import (
+    counted,
+    distributions,
+    log_plots,
+    metric_of,
+    open_study,
+    sweep_run,
+    trial_record,
+)
+
+
+@flow(name="tuneflow-sweep")
+def sweep(config: TuneflowConfig, train_deployment: str | None = None) -> dict:
+    """Search sweep.space: sweep.trials runs of the pipeline, each with the values Optuna proposes; returns the best
+    trial and every trial's state, value, values and MLflow run.
+
+    Args:
+        config: The pipeline config with a sweep section (its space, trials, sampler, seed, metric, storage).
+        train_deployment: Run each trial's training as a flow run of this deployment, e.g. tuneflow-train/gpu on the
+            gpu work pool. Empty: train on the machine that runs this flow.
+    """
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+
+    logger = get_run_logger()
+    cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators
+    problems = check_space(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    uri = tracking_uri(cfg.tracking.uri)
+    check_mlflow(uri)
+    client = MlflowClient(uri)
+    metric, maximize = metric_of(cfg)
+    study = open_study(cfg, logger)
+    run_id = sweep_run(cfg, client, study.study_name,
+                       {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()})
+    space = distributions(cfg)
+    logger.info("sweep: study %s, %d of %d trials done; %s %s by %s sampling", study.study_name,
+                len(counted(study)), cfg.sweep.trials, "maximising" if maximize else "minimising", metric,
+                cfg.sweep.sampler)
+    while len(counted(study)) < cfg.sweep.trials:
+        trial = study.ask(space)
+        values = {key: trial.params[key] for key in space}
+        trial_cfg = with_values(cfg, {**values, "run_name": f"{cfg.run_name}-trial-{trial.number}"}, "sweep.space")
+        logger.info("sweep: trial %d: %s", trial.number, ", ".join(f"{k}={v:g}" if isinstance(v, float) else
+                                                                    f"{k}={v}" for k, v in values.items()))
+        tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
+        state = finetune(trial_cfg, train_deployment, mlflow_tags=tags, return_state=True)
+        found = client.search_runs([client.get_run(run_id).info.experiment_id], max_results=1,
+                                   filter_string=f"tags.`tuneflow.sweep` = '{run_id}' and "
+                                                 f"tags.`tuneflow.trial` = '{trial.number}'")
+        if found:
+            trial.set_user_attr("mlflow_run_id", found[0].info.run_id)
+        value = state.result().get("metrics", {}).get(metric) if state.is_completed() else None
+        if value is None:
+            why = state.message if not state.is_completed() else f"evaluate logged no {metric}"
+            trial.set_user_attr("error", str(why)[:1000])
+            study.tell(trial, state=TrialState.FAIL)
+            logger.warning("sweep: trial %d failed: %s", trial.number, why)
+            continue
+        study.tell(trial, value)
+        log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
+        best = study.best_trial
+        logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
+                    best.value)
+    return finish(client, uri, run_id, study, metric, logger)
+
+
+def finish(client, uri: str, run_id: str, study, metric: str, logger) -> dict:
+    """The sweep run's best trial, plots and status; the result as `tuneflow sweep` prints it."""
+    from optuna.trial import TrialState
+
+    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    result = {"sweep": run_id, "study": study.study_name, "metric": metric, "best_trial": None, "best_value": None,
+              "best_params": {}, "trials": trials}
+    if done:
+        best = study.best_trial
+        result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+        log_params(client, run_id, {f"best.{k}": v for k, v in best.params.items()})
+        log_metrics(client, run_id, {f"best.{metric}": best.value, "trials.complete": len(done),
+                                     "trials.failed": sum(t["state"] == "fail" for t in trials)})
+        best_run = best.user_attrs.get("mlflow_run_id")
+        if best_run:
+            client.set_tag(run_id, "tuneflow.best_run", best_run)
+            run = client.get_run(best_run)
+            client.set_tag(run_id, "tuneflow.best_run_url", run_url(uri, run.info.experiment_id, best_run))
+        logger.info("sweep: best trial %d, %s %.4g: %s", best.number, metric, best.value, best.params)
+    log_plots(client, run_id, study, logger)
+    client.set_terminated(run_id, "FINISHED" if done else "FAILED")
+    return result

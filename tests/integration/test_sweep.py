@@ -1,0 +1,98 @@
+"""`tuneflow sweep` end to end on the tiny model: trials of the pipeline proposed by Optuna, each nested under the
+sweep's MLflow run with its values as params; killed after two finished trials and started again, the sweep resumes
+the study, runs a trial cut off midway again and only the trials still missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+TRIALS = 3
+
+
+def sweep_command(tmp_path: Path, tiny_assets, prefect_api: str) -> tuple[list[str], dict]:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_name": "search",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name_or_path": str(tiny_assets["model"])},
+        "dataset": {"name_or_path": str(tiny_assets["data"]), "eval_size": 16},
+        "prep": {"cutoff_len": 128},
+        "train": {"method": "lora", "max_steps": 8, "per_device_batch_size": 8, "deepspeed": "none",
+                  "nproc_per_node": 1, "save_steps": 100, "retries": 0, "precision": "fp32"},
+        "eval": {"max_samples": 8, "max_new_tokens": 4, "batch_size": 8, "compare_base": False},
+        "export": {"enabled": False},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweep"},
+        "sweep": {"sampler": "random", "seed": 3, "trials": TRIALS},
+    }))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                                     "train.lora.rank": [4, 8]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
+    env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_api)
+    return [str(Path(sys.executable).parent / "tuneflow"), "sweep", "--config", str(config), "--space",
+            str(space)], env
+
+
+def finished(storage: str) -> int:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name="search", storage=storage)
+    except KeyError:  # not created yet
+        return 0
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def test_a_sweep_nests_its_trials_and_resumes_after_a_kill(tmp_path, tiny_assets, prefect_api):
+    from mlflow import MlflowClient
+
+    command, env = sweep_command(tmp_path, tiny_assets, prefect_api)
+    storage = f"sqlite:///{tmp_path}/optuna.db"  # next to the MLflow store
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None and finished(storage) < 2:
+        time.sleep(0.5)
+    assert first.poll() is None, first.stdout.read()[-4000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep and its trial's training processes
+    first.wait()
+    assert finished(storage) == 2
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-6000:]
+    result = json.loads(again.stdout.strip().splitlines()[-1])
+    trials = result["trials"]
+    complete = [t for t in trials if t["state"] == "complete"]
+    cut_off = [t for t in trials if t["state"] == "interrupted"]
+    assert len(complete) == TRIALS and len(trials) == TRIALS + len(cut_off) and len(cut_off) <= 1, trials
+    for t in cut_off:  # run again with the same values
+        assert any(c["params"] == t["params"] and c["number"] > t["number"] for c in complete), trials
+    best = min(complete, key=lambda t: t["value"])  # eval_loss: lower is better
+    assert (result["best_trial"], result["best_value"], result["best_params"]) == (
+        best["number"], best["value"], best["params"]), result
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    sweep = client.get_run(result["sweep"])
+    assert sweep.data.tags["tuneflow.sweep.study"] == "search" and sweep.info.status == "FINISHED"
+    assert float(sweep.data.params["best.train.learning_rate"]) == pytest.approx(best["params"]["train.learning_rate"])
+    assert sweep.data.metrics["best.eval_loss"] == pytest.approx(best["value"])
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= {
+        f.path for f in client.list_artifacts(result["sweep"], "optuna")}
+    for t in complete:  # each trial a pipeline run nested under the sweep, its values among its params
+        run = client.get_run(t["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == result["sweep"] == run.data.tags["tuneflow.sweep"]
+        assert run.data.tags["tuneflow.trial"] == str(t["number"])
+        assert float(run.data.params["train.learning_rate"]) == pytest.approx(t["params"]["train.learning_rate"])
+        assert run.data.params["train.lora.rank"] == str(t["params"]["train.lora.rank"])
+        assert run.data.metrics["eval_loss"] == pytest.approx(t["value"])
+    assert len({t["params"]["train.learning_rate"] for t in complete}) == TRIALS  # every trial its own values

@@ -1,0 +1,94 @@
+"""`tuneflow sweep`'s space: every value a trial may take checked by the config tree before the first trial, each
+problem with its key; the Optuna distributions, sampler and study storage it turns into."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tuneflow.cli.main import main
+from tuneflow.core.config import TuneflowConfig
+from tuneflow.core.sweep import check_space
+
+
+def config(space: dict, **sweep) -> TuneflowConfig:
+    return TuneflowConfig.model_validate({"dataset": {"name_or_path": "d.json"}, "sweep": {"space": space, **sweep}})
+
+
+GOOD = {"train.learning_rate": {"low": 1e-5, "high": 5e-4, "log": True}, "train.lora.rank": [8, 16, 32],
+        "train.epochs": {"low": 1, "high": 3, "step": 1}}
+
+
+@pytest.mark.parametrize(("space", "said"), [
+    ({"train.learnin_rate": [1e-4]}, "sweep.space: train.learnin_rate=0.0001: unknown key (did you mean "
+                                     "'train.learning_rate'?)"),
+    ({"train.learning_rate": {"low": -1e-4, "high": 1e-3}}, "sweep.space: train.learning_rate=-0.0001: Input should "
+                                                             "be greater than 0"),
+    ({"train.lora.dropout": {"low": 0.0, "high": 1.5}}, "sweep.space: train.lora.dropout=1.5: Input should be less "
+                                                         "than 1"),
+    ({"train.method": ["qlora", "lorax"]}, "sweep.space: train.method=lorax: Input should be 'qlora', 'lora', 'full' "
+                                            "or 'freeze'"),
+    ({"train.seed": [1, 2]}, "sweep.space: train.seed is the same for every trial"),
+    ({"dataset.eval_size": [8, 16]}, "sweep.space: dataset.eval_size is the same for every trial"),
+    ({"eval.max_samples": [8, 16]}, "sweep.space: eval.max_samples is the same for every trial"),
+    ({}, "sweep.space: empty"),
+])
+def test_a_bad_space_is_refused_naming_its_key(space, said):
+    problems = check_space(config(space))
+    assert any(p.startswith(said) for p in problems), problems
+
+
+def test_a_good_space_has_no_problem_and_grid_needs_steps():
+    assert check_space(config(GOOD)) == []
+    assert check_space(config(GOOD, sampler="grid")) == [
+        "sweep.space: train.learning_rate: sampler grid needs choices or a range with a step"]
+
+
+@pytest.mark.parametrize(("dimension", "said"), [
+    ({"low": 2, "high": 1}, "high 1 is below low 2"),
+    ({"low": 0, "high": 1, "log": True}, "log: true needs low > 0"),
+])
+def test_a_range_that_is_no_range_is_refused(dimension, said):
+    with pytest.raises(ValueError, match=said):
+        config({"train.learning_rate": dimension})
+
+
+def test_distributions_sampler_and_storage(tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from tuneflow.tracking.sweeps import distributions, metric_of, storage_url
+
+    cfg = config(GOOD)
+    dists = distributions(cfg)
+    assert dists["train.learning_rate"] == FloatDistribution(1e-5, 5e-4, log=True)
+    assert dists["train.lora.rank"] == CategoricalDistribution([8, 16, 32])
+    assert dists["train.epochs"] == IntDistribution(1, 3, step=1)
+    assert metric_of(cfg) == ("eval_loss", False)
+    assert metric_of(config(GOOD, metric="rouge-l")) == ("rouge-l", True)
+    tracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path}/m.db"})})
+    assert storage_url(tracked) == f"sqlite:///{tmp_path}/optuna.db"
+
+
+def test_the_command_refuses_a_bad_space_file_before_any_trial(tmp_path, capsys):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": {"name_or_path": "d.json"}}))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lora.rnak": [8, 16], "train.learning_rate": {"low": 0, "high": 1e-3,
+                                                                                          "log": False}}))
+    assert main(["sweep", "--config", str(cfg), "--space", str(space)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems in the sweep's space" in err and "did you mean 'train.lora.rank'?" in err, err
+    assert "sweep.space: train.learning_rate=0.0: Input should be greater than 0" in err, err
+    assert main(["sweep", "--config", str(cfg), "--space", str(tmp_path / "none.yaml")]) == 2
+    assert "--space: no such file" in capsys.readouterr().err
+
+
+def test_the_space_is_a_param_of_every_run_and_not_in_the_config_hash():
+    from tuneflow.core.params import config_hash, flatten
+
+    params = flatten(config(GOOD))
+    assert json.loads(params["sweep.space"])["train.learning_rate"] == {"low": 1e-5, "high": 5e-4, "log": True,
+                                                                            "step": None}
+    assert config_hash(config(GOOD)) == config_hash(config({"train.lora.rank": [4]}, trials=2))

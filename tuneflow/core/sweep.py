@@ -1,0 +1,140 @@
+"""A hyperparameter search over config keys (`tuneflow sweep`, the `sweep:` section): the space, how it is searched,
+and its checks, made before the first trial starts.
+
+    sweep:
+      space:
+        train.learning_rate: {low: 1.0e-5, high: 5.0e-4, log: true}
+        train.lora.rank: [8, 16, 32]
+        train.epochs: {low: 1, high: 3, step: 1}
+      trials: 8
+      sampler: tpe
+
+Every value a trial may take is validated by the config tree itself, so a bound outside a key's own bounds, an unknown
+key ("did you mean ...") or a choice the key does not accept is refused with the key's own message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, model_validator
+
+from tuneflow.core.section import Section
+
+# Keys that decide which rows trials are scored on, where results go, or the search itself: the same for every trial.
+FIXED_KEYS = ("eval.", "eval_dataset.", "train.seed", "registry.", "sweep.", "tracking.", "output_dir", "run_name",
+              "hub.", "export.")
+
+
+class Range(Section):
+    """Numbers between two bounds: floats, or integers when both bounds and step are integers."""
+
+    low: float = Field(..., description="The smallest value.")
+    high: float = Field(..., description="The largest value.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates).")
+    step: Optional[float] = Field(None, gt=0, description="Only values low + k x step.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.high < self.low:
+            raise ValueError(f"high {self.high:g} is below low {self.low:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not go together")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return all(float(v).is_integer() for v in (self.low, self.high, self.step if self.step is not None else 1))
+
+    def ends(self) -> list[float | int]:
+        return [int(v) for v in (self.low, self.high)] if self.integer else [self.low, self.high]
+
+    def grid(self) -> list[float | int] | None:
+        """Every value of a stepped range, None without a step."""
+        if self.step is None:
+            return None
+        n = int(round((self.high - self.low) / self.step))
+        values = [self.low + k * self.step for k in range(n + 1)]
+        return [int(v) for v in values] if self.integer else values
+
+
+Dimension = Union[Range, list]
+
+
+class SweepConfig(Section):
+    """`tuneflow sweep`: trials of the pipeline over a space of config keys, searched by Optuna."""
+
+    space: dict[str, Dimension] = Field(
+        default_factory=dict, description="Dotted config key -> [choices] or {low, high, log, step}, e.g. "
+        "{train.learning_rate: {low: 1e-5, high: 5e-4, log: true}, train.lora.rank: [8, 16, 32]}; "
+        "`tuneflow sweep --space FILE` reads it from a YAML file.")
+    trials: int = Field(8, ge=1, le=1000, description="Trials in the study (a resumed study counts those it has).")
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe", description="Optuna's sampler: tpe (Bayesian), random, or grid (every combination of choices and "
+        "stepped ranges, in seeded order).")
+    seed: int = Field(0, description="Seed of the sampler: the same seed proposes the same trials.")
+    metric: Optional[str] = Field(
+        None, description="The held-out metric trials are ranked by (any metric evaluate logs: eval_loss, rouge-l, "
+        "pref_accuracy, bench.NAME.acc, ...); unset: registry.metric.")
+    greater_is_better: Optional[bool] = Field(
+        None, description="Whether a greater metric is better; unset: known from the metric (false for losses).")
+    storage: Optional[str] = Field(
+        None, description="Optuna's study storage (a database URL, e.g. the stack's PostgreSQL); unset: "
+        "sqlite next to the MLflow store (its sqlite file's folder, else output_dir), optuna.db.")
+    study_name: Optional[str] = Field(None, description="The study's name in the storage; unset: run_name. "
+                                      "A sweep with a study name that exists resumes it.")
+
+
+def values_to_check(dimension: Dimension) -> list[Any]:
+    """The values of a dimension that stand for all of it: its choices, or the ends of its range."""
+    return list(dimension) if isinstance(dimension, list) else dimension.ends()
+
+
+def fixed_key_problem(key: str) -> str | None:
+    if any(key == k.rstrip(".") or key.startswith(k) for k in FIXED_KEYS) or key.endswith(".eval_size"):
+        return (f"sweep.space: {key} is the same for every trial (it decides the rows trials are scored on, where "
+                "results go, or the search itself); sweep training, data and prep settings")
+    return None
+
+
+def space_problems(sweep: SweepConfig, validate) -> list[str]:
+    """Every problem of the space, before any trial: ``validate(key, value)`` returns the config tree's message for
+    a config with ``key`` set to ``value`` (or None when it is valid)."""
+    problems = []
+    if not sweep.space:
+        problems.append("sweep.space: empty; give the keys to search, e.g. train.learning_rate: {low: 1e-5, high: "
+                        "5e-4, log: true} (or --space FILE)")
+    for key, dimension in sweep.space.items():
+        fixed = fixed_key_problem(key)
+        if fixed:
+            problems.append(fixed)
+            continue
+        if isinstance(dimension, list) and not dimension:
+            problems.append(f"sweep.space: {key}: no choices")
+            continue
+        if sweep.sampler == "grid" and isinstance(dimension, Range) and dimension.grid() is None:
+            problems.append(f"sweep.space: {key}: sampler grid needs choices or a range with a step")
+        for value in values_to_check(dimension):
+            said = validate(key, value)
+            if said:
+                problems.append(f"sweep.space: {key}={value}: {said}")
+                break
+    return problems
+
+
+
+def check_space(cfg) -> list[str]:
+    """Every problem of cfg.sweep.space, each value a trial may take validated by the config tree."""
+    from tuneflow.core.loading import ConfigError, with_values
+
+    def validate(key: str, value: Any) -> str | None:
+        try:
+            with_values(cfg, {key: value}, "sweep.space")
+        except ConfigError as exc:
+            return "; ".join(line.strip().removeprefix("- ").removeprefix(f"{key}: ")
+                             for line in str(exc).splitlines())
+        return None
+
+    return space_problems(cfg.sweep, validate)

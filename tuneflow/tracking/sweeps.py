@@ -1,0 +1,136 @@
+"""A sweep's Optuna study and its MLflow parent run (`flows/sweep.py` runs the trials).
+
+The study lives in a database (sweep.storage; by default sqlite next to the MLflow store), so a sweep that stops
+midway resumes the same study: finished trials stay, a trial cut off while it ran is marked failed and its
+parameters are tried again. The MLflow parent run (tag tuneflow.sweep.study) holds the space, the sampler, the best
+trial and Optuna's plots; every trial's pipeline run is nested under it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tuneflow.core.config import TuneflowConfig, tracking_uri
+from tuneflow.core.evaluation import JUDGE_DIRECTIONS, METRIC_DIRECTIONS
+from tuneflow.core.sweep import Range
+from tuneflow.tracking.runs import experiment_id, log_params
+
+STUDY_TAG = "tuneflow.sweep.study"
+INTERRUPTED = "interrupted"  # user attribute of a trial cut off while it ran (its parameters are tried again)
+
+
+def metric_of(cfg: TuneflowConfig) -> tuple[str, bool]:
+    """The metric trials are ranked by, and whether greater is better."""
+    s = cfg.sweep
+    metric = s.metric or cfg.registry.metric
+    if s.greater_is_better is not None:
+        return metric, s.greater_is_better
+    if not s.metric:
+        return metric, cfg.registry.maximize
+    return metric, {**METRIC_DIRECTIONS, **JUDGE_DIRECTIONS}.get(metric, True)  # benchmarks' accuracies: greater
+
+
+def storage_url(cfg: TuneflowConfig) -> str:
+    """sweep.storage, else sqlite in the folder of the MLflow sqlite store, else in output_dir."""
+    if cfg.sweep.storage:
+        return cfg.sweep.storage
+    uri = tracking_uri(cfg.tracking.uri)
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(cfg.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+
+
+def distributions(cfg: TuneflowConfig) -> dict:
+    """Optuna's distribution of every key of sweep.space."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, dim in cfg.sweep.space.items():
+        if isinstance(dim, Range):
+            step = dim.step
+            out[key] = (IntDistribution(int(dim.low), int(dim.high), log=dim.log, step=int(step or 1)) if dim.integer
+                        else FloatDistribution(dim.low, dim.high, log=dim.log, step=step))
+        else:
+            out[key] = CategoricalDistribution(dim)
+    return out
+
+
+def open_study(cfg: TuneflowConfig, logger: logging.Logger):
+    """The study of sweep.study_name (run_name) in the storage, created or resumed; a trial that was running when
+    an earlier sweep stopped is marked failed (interrupted) and its parameters are queued to run again."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = cfg.sweep
+    if s.sampler == "grid":
+        space = {k: (list(d) if isinstance(d, list) else d.grid()) for k, d in s.space.items()}
+        sampler = optuna.samplers.GridSampler(space, seed=s.seed)
+    elif s.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed)
+    _, maximize = metric_of(cfg)
+    name = s.study_name or cfg.run_name
+    study = optuna.create_study(storage=storage_url(cfg), sampler=sampler, study_name=name, load_if_exists=True,
+                                direction="maximize" if maximize else "minimize")
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        logger.info("sweep: trial %d was cut off when the sweep stopped; its parameters run again", trial.number)
+    return study
+
+
+def counted(study) -> list:
+    """The trials that count towards sweep.trials: finished, pruned or failed, but not cut off."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))]
+
+
+def sweep_run(cfg: TuneflowConfig, client, name: str, flat_space: dict) -> str:
+    """The sweep's MLflow parent run: the one of this study name in the experiment (resumed), else a new one."""
+    exp = experiment_id(client, cfg.tracking.experiment)
+    found = client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{name}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    metric, maximize = metric_of(cfg)
+    run_id = client.create_run(exp, run_name=f"sweep-{name}", tags={STUDY_TAG: name, "tuneflow.kind": "sweep"}
+                               ).info.run_id
+    log_params(client, run_id, {"sweep.sampler": cfg.sweep.sampler, "sweep.seed": cfg.sweep.seed,
+                                "sweep.trials": cfg.sweep.trials, "sweep.metric": metric,
+                                "sweep.direction": "maximize" if maximize else "minimize",
+                                "sweep.space": json.dumps(flat_space, sort_keys=True)})
+    return run_id
+
+
+def trial_record(trial) -> dict:
+    state = INTERRUPTED if trial.user_attrs.get(INTERRUPTED) else trial.state.name.lower()  # complete, fail, ...
+    return {"number": trial.number, "state": state, "value": trial.value,
+            "params": trial.params, "mlflow_run_id": trial.user_attrs.get("mlflow_run_id")}
+
+
+def log_plots(client, run_id: str, study, logger: logging.Logger) -> None:
+    """Optuna's optimisation history and parameter importances as images of the sweep run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    for name, draw in (("optimization_history", plots.plot_optimization_history),
+                       ("param_importances", plots.plot_param_importances)):
+        try:
+            axes = draw(study)
+        except (ValueError, RuntimeError) as exc:  # importances need two finished trials that differ
+            logger.info("sweep: no %s plot (%s)", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+        client.log_figure(run_id, figure, f"optuna/{name}.png")
+        plt.close(figure)
