@@ -31,7 +31,7 @@ from tuneflow.tracking.sweeps import (
 
 
 @flow(name="tuneflow-sweep")
-def sweep(config: TuneflowConfig, train_deployment: str | None = None) -> dict:
+def sweep(config: TuneflowConfig, train_deployment: str | None = None, register: bool = False) -> dict:
     """Search sweep.space: sweep.trials runs of the pipeline, each with the values Optuna proposes; returns the best
     trial and every trial's state, value, values and MLflow run.
 
@@ -39,6 +39,8 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None) -> dict:
         config: The pipeline config with a sweep section (its space, trials, sampler, seed, metric, storage).
         train_deployment: Run each trial's training as a flow run of this deployment, e.g. tuneflow-train/gpu on the
             gpu work pool. Empty: train on the machine that runs this flow.
+        register: Register the best trial's export as a version of registry.model_name and decide it against the
+            champion on the frozen evaluation set, as `tuneflow retrain` does.
     """
     from mlflow import MlflowClient
     from optuna.trial import TrialState
@@ -51,6 +53,11 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None) -> dict:
     uri = tracking_uri(cfg.tracking.uri)
     check_mlflow(uri)
     client = MlflowClient(uri)
+    frozen = None
+    if register:  # no registry name, no export, a frozen set that cannot be read: stop before any trial
+        from tuneflow.tracking.registry import Registry
+
+        frozen = Registry(cfg).frozen_rows()
     metric, maximize = metric_of(cfg)
     study = open_study(cfg, logger)
     run_id = sweep_run(cfg, client, study.study_name,
@@ -84,7 +91,38 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None) -> dict:
         best = study.best_trial
         logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
                     best.value)
-    return finish(client, uri, run_id, study, metric, logger)
+    result = finish(client, uri, run_id, study, metric, logger)
+    if register:
+        result["decision"] = decide_best(cfg, client, result, frozen, logger)
+    return result
+
+
+def decide_best(cfg: TuneflowConfig, client, result: dict, frozen: list[dict] | None, logger) -> dict:
+    """The best trial's export through the gate of `tuneflow retrain`: registered as a version of
+    registry.model_name and promoted only if it beats the champion on the frozen set and keeps every guard (skipped
+    when a version was trained from exactly its sources and config)."""
+    import json
+    from pathlib import Path
+
+    from flows.retrain import decide_task, fingerprint_task
+    from tuneflow.tracking.registry import Registry
+
+    if result["best_trial"] is None:
+        raise RuntimeError("no trial finished: nothing to register")
+    best = next(t for t in result["trials"] if t["number"] == result["best_trial"])
+    best_cfg = with_values(cfg, {**best["params"], "run_name": f"{cfg.run_name}-trial-{best['number']}"},
+                           "sweep.space")
+    fp = fingerprint_task(best_cfg)
+    registry = Registry(best_cfg)
+    same = registry.trained_from(fp)
+    if same is not None:
+        decision = registry.skipped(same, fp)
+    else:
+        summary = json.loads(Path(client.download_artifacts(best["mlflow_run_id"], "summary.json")).read_text())
+        decision = decide_task(best_cfg, summary, fp, frozen)
+    logger.info("sweep: trial %d for %s: %s (version %s, champion %s): %s", best["number"], decision.model_name,
+                decision.decision, decision.version, decision.champion, decision.reason)
+    return decision.as_dict()
 
 
 def finish(client, uri: str, run_id: str, study, metric: str, logger) -> dict:

@@ -1,6 +1,7 @@
 """`tuneflow sweep` end to end on the tiny model: trials of the pipeline proposed by Optuna, each nested under the
 sweep's MLflow run with its values as params; killed after two finished trials and started again, the sweep resumes
-the study, runs a trial cut off midway again and only the trials still missing."""
+the study, runs a trial cut off midway again and only the trials still missing, and with --register puts the best
+trial's export through the gate of `tuneflow retrain`."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def sweep_command(tmp_path: Path, tiny_assets, prefect_api: str) -> tuple[list[s
         "train": {"method": "lora", "max_steps": 8, "per_device_batch_size": 8, "deepspeed": "none",
                   "nproc_per_node": 1, "save_steps": 100, "retries": 0, "precision": "fp32"},
         "eval": {"max_samples": 8, "max_new_tokens": 4, "batch_size": 8, "compare_base": False},
-        "export": {"enabled": False},
+        "export": {"max_shard_size": "2MB", "dtype": "fp32", "parity_samples": 2},
+        "registry": {"model_name": "searched", "eval_samples": 8},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweep"},
         "sweep": {"sampler": "random", "seed": 3, "trials": TRIALS},
     }))
@@ -68,7 +70,8 @@ def test_a_sweep_nests_its_trials_and_resumes_after_a_kill(tmp_path, tiny_assets
     first.wait()
     assert finished(storage) == 2
 
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*command, "--register"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0, again.stderr[-6000:]
     result = json.loads(again.stdout.strip().splitlines()[-1])
     trials = result["trials"]
@@ -96,3 +99,9 @@ def test_a_sweep_nests_its_trials_and_resumes_after_a_kill(tmp_path, tiny_assets
         assert run.data.params["train.lora.rank"] == str(t["params"]["train.lora.rank"])
         assert run.data.metrics["eval_loss"] == pytest.approx(t["value"])
     assert len({t["params"]["train.learning_rate"] for t in complete}) == TRIALS  # every trial its own values
+
+    # --register: the best trial's export through retrain's gate, the first version of the name
+    decision = result["decision"]
+    assert (decision["decision"], decision["version"], decision["metric"]) == ("promoted", 1, "eval_loss"), decision
+    version = client.get_model_version("searched", "1")
+    assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == best["mlflow_run_id"]

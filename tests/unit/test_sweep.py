@@ -92,3 +92,11 @@ def test_the_space_is_a_param_of_every_run_and_not_in_the_config_hash():
     assert json.loads(params["sweep.space"])["train.learning_rate"] == {"low": 1e-5, "high": 5e-4, "log": True,
                                                                             "step": None}
     assert config_hash(config(GOOD)) == config_hash(config({"train.lora.rank": [4]}, trials=2))
+
+
+def test_register_without_a_registered_name_is_refused_before_any_trial(tmp_path, capsys):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"dataset": {"name_or_path": "d.json"}, "sweep": {"space": GOOD},
+                                   "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    assert main(["sweep", "--config", str(cfg), "--register"]) == 2
+    assert "registry.model_name: a retrain registers its model under a name" in capsys.readouterr().err

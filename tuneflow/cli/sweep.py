@@ -42,8 +42,11 @@ def cmd_sweep(args) -> int:
                           + "\n".join(f"  - {p}" for p in problems))
     check_trains_here(cfg)  # trials train on this machine
     from flows.sweep import sweep
+    from tuneflow.tracking.registry import Registry, RegistryProblem
 
-    return print_json_result("sweep", lambda: sweep(cfg))
+    if args.register:  # no registry name, no export, a store without a registry: one line, before any trial
+        Registry(cfg)
+    return print_json_result("sweep", lambda: sweep(cfg, register=args.register), passes=(RegistryProblem,))
 
 
 def add_sweep_command(sub) -> None:
@@ -52,4 +55,6 @@ def add_sweep_command(sub) -> None:
     add_config_arguments(p)
     p.add_argument("--space", help="YAML file: {dotted.key: [choices] | {low, high, log, step}} (else sweep.space)")
     p.add_argument("--trials", type=int, help="trials in the study (else sweep.trials)")
+    p.add_argument("--register", action="store_true", help="register the best trial's export as a version of "
+                   "registry.model_name and promote it if it beats the champion, as tuneflow retrain does")
     p.set_defaults(fn=cmd_sweep)
