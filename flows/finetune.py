@@ -55,6 +55,12 @@ def finetune(config: TuneflowConfig, train_deployment: str | None = None, run_di
         downloaded = record.stage("download", download, cfg, ctx)
         prepared = record.stage("prepare", prepare, cfg, downloaded, ctx)
         trained = record.stage("train", train, cfg, downloaded, prepared, ctx, train_deployment)
+        if trained.stopped:  # asked to stop (a sweep's pruner): its checkpoints and weights are kept, nothing to score
+            logger.warning("training stopped after step %d (%s): evaluate and export skipped", trained.global_step,
+                           trained.stopped)
+            record.skip("evaluate")
+            record.skip("export")
+            return record.finish("stopped")
         evaluated = record.stage("evaluate", evaluate, cfg, downloaded, prepared, trained, ctx)
         if cfg.export.enabled:
             record.stage("export", export, cfg, downloaded, trained, evaluated, ctx)

@@ -20,13 +20,16 @@ from tuneflow.core.sweep import check_space
 from tuneflow.tracking.runs import log_metrics, log_params, run_url
 from tuneflow.tracking.servers import check_mlflow
 from tuneflow.tracking.sweeps import (
+    PruneWatch,
     counted,
     distributions,
     log_plots,
     metric_of,
     open_study,
     sweep_run,
+    tell,
     trial_record,
+    trial_run,
 )
 
 
@@ -63,6 +66,7 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register:
     run_id = sweep_run(cfg, client, study.study_name,
                        {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()})
     space = distributions(cfg)
+    experiment = client.get_run(run_id).info.experiment_id
     logger.info("sweep: study %s, %d of %d trials done; %s %s by %s sampling", study.study_name,
                 len(counted(study)), cfg.sweep.trials, "maximising" if maximize else "minimising", metric,
                 cfg.sweep.sampler)
@@ -73,24 +77,43 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register:
         logger.info("sweep: trial %d: %s", trial.number, ", ".join(f"{k}={v:g}" if isinstance(v, float) else
                                                                     f"{k}={v}" for k, v in values.items()))
         tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
+        watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) if cfg.sweep.pruner != "none" else None
+        if watch:
+            watch.start()
         state = finetune(trial_cfg, train_deployment, mlflow_tags=tags, return_state=True)
-        found = client.search_runs([client.get_run(run_id).info.experiment_id], max_results=1,
-                                   filter_string=f"tags.`tuneflow.sweep` = '{run_id}' and "
-                                                 f"tags.`tuneflow.trial` = '{trial.number}'")
-        if found:
-            trial.set_user_attr("mlflow_run_id", found[0].info.run_id)
-        value = state.result().get("metrics", {}).get(metric) if state.is_completed() else None
+        if watch:
+            watch.stop()
+        pipeline_run = trial_run(client, experiment, run_id, trial.number)
+        if pipeline_run:
+            trial.set_user_attr("mlflow_run_id", pipeline_run)
+        summary = state.result() if state.is_completed() else {}
+        if summary.get("status") == "stopped":  # pruned: its training stopped at an evaluation
+            train = summary["stages"]["train"]
+            saved = saved_gpu_seconds(trial_cfg, train)
+            trial.set_user_attr("saved_gpu_seconds", saved)
+            exhausted = tell(study, trial, state=TrialState.PRUNED)
+            logger.info("sweep: trial %d pruned after step %d, about %.0f GPU-seconds saved", trial.number,
+                        train["global_step"], saved)
+            if exhausted:
+                break
+            continue
+        value = summary.get("metrics", {}).get(metric)
         if value is None:
             why = state.message if not state.is_completed() else f"evaluate logged no {metric}"
             trial.set_user_attr("error", str(why)[:1000])
-            study.tell(trial, state=TrialState.FAIL)
+            exhausted = tell(study, trial, state=TrialState.FAIL)
             logger.warning("sweep: trial %d failed: %s", trial.number, why)
+            if exhausted:
+                break
             continue
-        study.tell(trial, value)
+        exhausted = tell(study, trial, value)
         log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
         best = study.best_trial
         logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
                     best.value)
+        if exhausted:
+            logger.info("sweep: every point of the grid is tried")
+            break
     result = finish(client, uri, run_id, study, metric, logger)
     if register:
         result["decision"] = decide_best(cfg, client, result, frozen, logger)
@@ -125,6 +148,15 @@ def decide_best(cfg: TuneflowConfig, client, result: dict, frozen: list[dict] | 
     return decision.as_dict()
 
 
+def saved_gpu_seconds(cfg: TuneflowConfig, train: dict) -> float:
+    """What stopping a trial's training saved: the steps it did not train, at the pace of those it did, on each of
+    its processes (0 when train.max_steps is unset: the full length is then not known up front)."""
+    steps = train["global_step"]
+    if cfg.train.max_steps <= 0 or not steps:
+        return 0.0
+    return train["seconds"] / steps * max(cfg.train.max_steps - steps, 0) * train["world_size"]
+
+
 def finish(client, uri: str, run_id: str, study, metric: str, logger) -> dict:
     """The sweep run's best trial, plots and status; the result as `tuneflow sweep` prints it."""
     from optuna.trial import TrialState
@@ -138,7 +170,10 @@ def finish(client, uri: str, run_id: str, study, metric: str, logger) -> dict:
         result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
         log_params(client, run_id, {f"best.{k}": v for k, v in best.params.items()})
         log_metrics(client, run_id, {f"best.{metric}": best.value, "trials.complete": len(done),
-                                     "trials.failed": sum(t["state"] == "fail" for t in trials)})
+                                     "trials.failed": sum(t["state"] == "fail" for t in trials),
+                                     "trials.pruned": sum(t["state"] == "pruned" for t in trials),
+                                     "pruning.saved_gpu_seconds": sum(t.user_attrs.get("saved_gpu_seconds", 0)
+                                                                      for t in study.get_trials(deepcopy=False))})
         best_run = best.user_attrs.get("mlflow_run_id")
         if best_run:
             client.set_tag(run_id, "tuneflow.best_run", best_run)

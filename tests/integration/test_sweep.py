@@ -20,7 +20,10 @@ pytestmark = pytest.mark.slow
 TRIALS = 3
 
 
-def sweep_command(tmp_path: Path, tiny_assets, prefect_api: str) -> tuple[list[str], dict]:
+def sweep_command(tmp_path: Path, tiny_assets, prefect_api: str, space: dict | None = None,
+                  **sections) -> tuple[list[str], dict]:
+    """`tuneflow sweep` of the tiny model over ``space`` (the learning rate and LoRA rank by default); ``sections``
+    replace the config's."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "run_name": "search",
@@ -35,14 +38,15 @@ def sweep_command(tmp_path: Path, tiny_assets, prefect_api: str) -> tuple[list[s
         "registry": {"model_name": "searched", "eval_samples": 8},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweep"},
         "sweep": {"sampler": "random", "seed": 3, "trials": TRIALS},
+        **sections,
     }))
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"train.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
-                                     "train.lora.rank": [4, 8]}))
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space or {"train.learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                                                   "train.lora.rank": [4, 8]}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MLFLOW_", "PREFECT_", "TUNEFLOW_"))}
     env.update(TUNEFLOW_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_api)
     return [str(Path(sys.executable).parent / "tuneflow"), "sweep", "--config", str(config), "--space",
-            str(space)], env
+            str(space_file)], env
 
 
 def finished(storage: str) -> int:
@@ -105,3 +109,31 @@ def test_a_sweep_nests_its_trials_and_resumes_after_a_kill(tmp_path, tiny_assets
     assert (decision["decision"], decision["version"], decision["metric"]) == ("promoted", 1, "eval_loss"), decision
     version = client.get_model_version("searched", "1")
     assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == best["mlflow_run_id"]
+
+
+def test_a_hopeless_trial_is_pruned_while_it_trains(tmp_path, tiny_assets, prefect_api):
+    """sweep.pruner median: the held-out loss every train.eval_steps goes to Optuna; the third trial (a learning rate
+    too small to learn anything, last in the seeded grid) falls behind the median of the first two and its training
+    stops at an evaluation, its weights kept; the sweep records it as pruned and what it saved, and goes on."""
+    from mlflow import MlflowClient
+
+    lrs = [1e-2, 5e-3, 1e-7]  # the grid's order under seed 5: the hopeless one last
+    command, env = sweep_command(
+        tmp_path, tiny_assets, prefect_api, space={"train.learning_rate": lrs},
+        train={"method": "lora", "max_steps": 12, "eval_steps": 2, "per_device_batch_size": 8, "deepspeed": "none",
+               "nproc_per_node": 1, "save_steps": 100, "retries": 0, "precision": "fp32"},
+        export={"enabled": False}, sweep={"sampler": "grid", "seed": 5, "trials": 3, "pruner": "median"})
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-6000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    states = {t["params"]["train.learning_rate"]: t["state"] for t in result["trials"]}
+    assert states == {1e-2: "complete", 5e-3: "complete", 1e-7: "pruned"}, result["trials"]
+    pruned = next(t for t in result["trials"] if t["state"] == "pruned")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    summary = json.loads(Path(client.download_artifacts(pruned["mlflow_run_id"], "summary.json")).read_text())
+    train = summary["stages"]["train"]
+    assert summary["status"] == "stopped" and train["stopped"].startswith("pruned by the sweep at step"), summary
+    assert 2 <= train["global_step"] < 12 and summary["stages"]["evaluate"]["status"] == "skipped", summary
+    assert client.list_artifacts(train["mlflow_run_id"], "adapter"), "the pruned trial's weights were not kept"
+    sweep = client.get_run(result["sweep"]).data.metrics
+    assert sweep["trials.pruned"] == 1 and sweep["pruning.saved_gpu_seconds"] > 0, sweep

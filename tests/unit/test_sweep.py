@@ -100,3 +100,12 @@ def test_register_without_a_registered_name_is_refused_before_any_trial(tmp_path
                                    "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
     assert main(["sweep", "--config", str(cfg), "--register"]) == 2
     assert "registry.model_name: a retrain registers its model under a name" in capsys.readouterr().err
+
+
+def test_a_pruner_needs_the_held_out_loss_during_training():
+    with pytest.raises(ValueError, match="sweep.pruner: median stops trials by their held-out loss during training; "
+                                         "set train.eval_steps > 0"):
+        config(GOOD, pruner="median")
+    cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "d.json"}, "train": {"eval_steps": 5},
+                                         "sweep": {"space": GOOD, "pruner": "hyperband"}})
+    assert cfg.sweep.pruner == "hyperband"

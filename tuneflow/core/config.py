@@ -397,6 +397,9 @@ class TuneflowConfig(Section):
                             "challenger vs champion for a judge.* guard of registry.guards: neither is set")
         scored = [*METRIC_DIRECTIONS, *sorted(f"bench.{b.key}.{m}" for b in self.eval.benchmarks for m in ("acc",
                   "acc_norm")), *(JUDGE_DIRECTIONS if self.eval.judge else [])]
+        if self.sweep.pruner != "none" and not t.eval_steps:
+            problems.append(f"sweep.pruner: {self.sweep.pruner} stops trials by their held-out loss during training; "
+                            "set train.eval_steps > 0 (how often it is measured)")
         if self.sweep.metric and self.sweep.metric not in scored:
             problems.append(f"sweep.metric: {self.sweep.metric} is no metric evaluate logs; one of {', '.join(scored)}")
         for guard in self.registry.guards:

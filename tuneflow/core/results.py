@@ -68,6 +68,9 @@ class PrepareResult(StageResult):
     cache_hit: bool
 
 
+STOP_TAG = "tuneflow.stop"  # set on a train run (to why) to stop its training at the next evaluation
+
+
 class TrainResult(StageResult):
     weights: ArtifactRef  # the adapter (qlora, lora) or the whole model (full, freeze)
     global_step: int
@@ -78,6 +81,8 @@ class TrainResult(StageResult):
     world_size: int = Field(description="Training processes in all: nnodes x nproc.")
     precision: str = Field("", description="The compute precision train.precision resolved to on the machines.")
     attempts: int = 1
+    stopped: str | None = Field(None, description="Why training stopped before its last step, when it was asked to "
+                                "(a sweep's pruner sets the train run's tag tuneflow.stop); None: it ran to the end.")
 
 
 class EvalResult(StageResult):

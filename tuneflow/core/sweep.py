@@ -80,6 +80,10 @@ class SweepConfig(Section):
         "pref_accuracy, bench.NAME.acc, ...); unset: registry.metric.")
     greater_is_better: Optional[bool] = Field(
         None, description="Whether a greater metric is better; unset: known from the metric (false for losses).")
+    pruner: Literal["none", "median", "hyperband"] = Field(
+        "none", description="Stop a trial's training early when its held-out loss (every train.eval_steps) is worse "
+        "than the median of earlier trials' at the same step (median: Optuna's MedianPruner after 2 trials), or by "
+        "Hyperband's brackets (hyperband); none: every trial trains to the end.")
     storage: Optional[str] = Field(
         None, description="Optuna's study storage (a database URL, e.g. the stack's PostgreSQL); unset: "
         "sqlite next to the MLflow store (its sqlite file's folder, else output_dir), optuna.db.")

@@ -52,7 +52,7 @@ def stage_details(result: BaseModel) -> dict:
         return {"global_step": result.global_step, "train_loss": result.train_loss, "nproc": result.nproc,
                 "nnodes": result.nnodes, "world_size": result.world_size,
                 "resumed_from_step": result.resumed_from_step, "attempts": result.attempts,
-                "weights": result.weights.uri}
+                "weights": result.weights.uri, **({"stopped": result.stopped} if result.stopped else {})}
     if isinstance(result, EvalResult):
         return {"predictions": result.predictions.uri}
     if isinstance(result, ExportResult):
@@ -191,12 +191,13 @@ class RunRecord:
             tmp.write_text(json.dumps(self.summary, indent=2))
         return path
 
-    def finish(self) -> dict:
-        """Final metrics on the parent run, summary.json written and logged, the Prefect artifacts."""
+    def finish(self, status: str = "completed") -> dict:
+        """Final metrics on the parent run, summary.json written and logged, the Prefect artifacts (``status``:
+        completed, or stopped when training was asked to stop early)."""
         from mlflow.entities import RunStatus
         from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-        self.summary["status"] = "completed"
+        self.summary["status"] = status
         metrics = self.summary.get("metrics", {})
         base = metrics.get("base", {})
         log_metrics(self.client, self.parent, {**{k: v for k, v in metrics.items() if k != "base"},

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig, tracking_uri
 from tuneflow.core.evaluation import JUDGE_DIRECTIONS, METRIC_DIRECTIONS
+from tuneflow.core.results import STOP_TAG
 from tuneflow.core.sweep import Range
 from tuneflow.tracking.runs import experiment_id, log_params
 
@@ -72,10 +74,17 @@ def open_study(cfg: TuneflowConfig, logger: logging.Logger):
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=s.seed)
+    if s.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2)
+    elif s.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(min_resource=cfg.train.eval_steps,
+                                                max_resource=cfg.train.max_steps if cfg.train.max_steps > 0 else "auto")
+    else:
+        pruner = optuna.pruners.NopPruner()
     _, maximize = metric_of(cfg)
     name = s.study_name or cfg.run_name
-    study = optuna.create_study(storage=storage_url(cfg), sampler=sampler, study_name=name, load_if_exists=True,
-                                direction="maximize" if maximize else "minimize")
+    study = optuna.create_study(storage=storage_url(cfg), sampler=sampler, pruner=pruner, study_name=name,
+                                load_if_exists=True, direction="maximize" if maximize else "minimize")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -110,6 +119,25 @@ def sweep_run(cfg: TuneflowConfig, client, name: str, flat_space: dict) -> str:
     return run_id
 
 
+def tell(study, trial, *args, **kwargs) -> bool:
+    """study.tell; True when the grid sampler has now visited every point: Optuna's GridSampler then calls
+    study.stop(), which only study.optimize can take (the trial is stored all the same)."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+        return True
+    return False
+
+
+def trial_run(client, experiment_id: str, sweep_run_id: str, number: int) -> str | None:
+    """The MLflow run of trial ``number``'s pipeline, nested under the sweep's run."""
+    found = client.search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`tuneflow.sweep` = '{sweep_run_id}' and tags.`tuneflow.trial` = '{number}'"))
+    return found[0].info.run_id if found else None
+
+
 def trial_record(trial) -> dict:
     state = INTERRUPTED if trial.user_attrs.get(INTERRUPTED) else trial.state.name.lower()  # complete, fail, ...
     return {"number": trial.number, "state": state, "value": trial.value,
@@ -134,3 +162,50 @@ def log_plots(client, run_id: str, study, logger: logging.Logger) -> None:
         figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
         client.log_figure(run_id, figure, f"optuna/{name}.png")
         plt.close(figure)
+
+
+class PruneWatch(threading.Thread):
+    """While a trial's pipeline runs: the held-out loss its training logs at every evaluation (train.eval_steps) goes
+    to Optuna's pruner (negated when the study maximises its metric, so that better is the study's way); when the
+    pruner says the trial is hopeless, the train run is tagged to stop (tuneflow.stop) and its training ends at its
+    next evaluation, checkpoints kept."""
+
+    def __init__(self, client, experiment_id: str, sweep_run_id: str, trial, maximize: bool, logger,
+                 every_s: float = 1.0):
+        super().__init__(daemon=True, name=f"prune-watch-{trial.number}")
+        self.client, self.experiment_id, self.sweep_run_id, self.trial = client, experiment_id, sweep_run_id, trial
+        self.maximize, self.logger, self.every_s = maximize, logger, every_s
+        self.done, self.reported, self.pruned_at = threading.Event(), -1, None
+
+    def train_run(self) -> str | None:
+        pipeline = trial_run(self.client, self.experiment_id, self.sweep_run_id, self.trial.number)
+        if not pipeline:
+            return None
+        train = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.mlflow.parentRunId = '{pipeline}' and tags.mlflow.runName = 'train'"))
+        return train[0].info.run_id if train else None
+
+    def run(self) -> None:
+        train = None
+        while not self.done.wait(self.every_s):
+            try:
+                train = train or self.train_run()
+                if train is None:
+                    continue
+                for m in sorted(self.client.get_metric_history(train, "eval_loss"), key=lambda m: m.step):
+                    if m.step <= self.reported:
+                        continue
+                    self.trial.report(-m.value if self.maximize else m.value, m.step)
+                    self.reported = m.step
+                    if self.trial.should_prune():
+                        self.client.set_tag(train, STOP_TAG, f"pruned by the sweep at step {m.step}")
+                        self.pruned_at = m.step
+                        self.logger.info("sweep: trial %d pruned at step %d (eval_loss %.4g)", self.trial.number,
+                                         m.step, m.value)
+                        return
+            except Exception as exc:  # the tracking server busy a moment: the next poll tries again
+                self.logger.debug("sweep: prune watch: %s", exc)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()

@@ -29,3 +29,5 @@ class TrainOutcome(BaseModel):
     train_loss: float
     resumed_from_step: int | None
     log_history: list[dict]
+    stopped: str | None = None  # asked to stop (the train run's tag tuneflow.stop): why
+

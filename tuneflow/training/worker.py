@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 from tuneflow.core.files import install, staging_path
+from tuneflow.core.results import STOP_TAG
 from tuneflow.modeling.precision import resolved
 from tuneflow.training.batching import CountingCollator, TokenBudgetBatches, collator
 from tuneflow.training.checkpoints import (
@@ -288,12 +289,33 @@ def train(spec: TrainSpec) -> TrainOutcome:
                 if uploader:
                     uploader.submit(folder)
 
+    class StopWhenAsked(TrainerCallback):
+        """After each evaluation, stop when the train run's MLflow tag tuneflow.stop says so (a sweep's pruner):
+        rank 0 reads it and every rank learns its answer, so all stop at the same step."""
+
+        stopped: str | None = None
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            import torch
+            import torch.distributed as dist
+
+            why = step_logger.client.get_run(step_logger.run_id).data.tags.get(STOP_TAG) if step_logger.client \
+                else None
+            asked = torch.tensor([1 if why else 0], device=args.device)
+            if dist.is_initialized():
+                dist.broadcast(asked, 0)
+            if asked.item():
+                self.stopped = why or "asked to stop"
+                log(f"stopping after step {state.global_step}: {self.stopped}")
+                control.should_training_stop = True
+
+    stop = StopWhenAsked()
     if t.objective != "sft":
         from tuneflow.training.preference import preference_trainer
 
         trainer, step_logger.batches = preference_trainer(cfg, model, args, data["train"],
                                                           data["eval"] if t.eval_steps else None, tokenizer,
-                                                          [OnLog(), OnSave()], loraplus)
+                                                          [OnLog(), OnSave(), stop], loraplus)
         reference = "the starting adapter" if t.method in ("qlora", "lora") else "a copy of the starting model"
         dpo = f", {t.preference.loss_type}), reference: {reference}, frozen" if t.objective == "dpo" else ")"
         log(f"loss: TRL's {t.objective.upper()} (beta {t.preference.beta}{dpo}")
@@ -309,7 +331,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
             eval_dataset=data["eval"].select_columns(["input_ids", "labels"]) if t.eval_steps else None,
             data_collator=batches,
             processing_class=tokenizer,
-            callbacks=[OnLog(), OnSave()],
+            callbacks=[OnLog(), OnSave(), stop],
         )
         chunked = f"chunked, {t.loss_chunk_tokens} labelled tokens at a time"
         log(f"loss: {chunked if trainer.chunked_loss else 'full logits'}")
@@ -353,7 +375,7 @@ def train(spec: TrainSpec) -> TrainOutcome:
         plot_loss(trainer.state.log_history, out / "loss_curve.png")
     return TrainOutcome(weights_dir=str(final), global_step=trainer.state.global_step,
                         train_loss=result.training_loss, resumed_from_step=resumed_from,
-                        log_history=trainer.state.log_history)
+                        log_history=trainer.state.log_history, stopped=stop.stopped)
 
 
 def main() -> None:

@@ -95,6 +95,7 @@ def train_once(request: TrainRequest, folder: Path, logger,
         client.set_tag(run_id, "resumed_from_step", str(outcome.resumed_from_step))
     result = TrainResult(weights=ref, global_step=outcome.global_step, train_loss=outcome.train_loss,
                          resumed_from_step=outcome.resumed_from_step, nproc=nproc, nnodes=place.nnodes,
-                         world_size=world_size, precision=precision.precision, mlflow_run_id=run_id)
+                         world_size=world_size, precision=precision.precision, mlflow_run_id=run_id,
+                         stopped=outcome.stopped)
     client.log_dict(run_id, result.model_dump(mode="json"), RESULT_ARTIFACT)
     return result
