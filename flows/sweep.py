@@ -11,13 +11,15 @@ is kept in a database (tuneflow/tracking/sweeps.py): run again, a sweep that sto
 
 from __future__ import annotations
 
+import math
+
 from prefect import flow, get_run_logger
 
 from flows.finetune import finetune
 from tuneflow.core.config import TuneflowConfig, tracking_uri
 from tuneflow.core.loading import ConfigError, with_values
 from tuneflow.core.sweep import check_space
-from tuneflow.tracking.runs import log_metrics, log_params, run_url
+from tuneflow.tracking.runs import log_metrics, run_url
 from tuneflow.tracking.servers import check_mlflow
 from tuneflow.tracking.sweeps import (
     PruneWatch,
@@ -34,7 +36,7 @@ from tuneflow.tracking.sweeps import (
 
 
 @flow(name="tuneflow-sweep")
-def sweep(config: TuneflowConfig, train_deployment: str | None = None, register: bool = False) -> dict:
+def sweep(config: TuneflowConfig, train_deployment: str | None = None, register_best: bool = False) -> dict:
     """Search sweep.space: sweep.trials runs of the pipeline, each with the values Optuna proposes; returns the best
     trial and every trial's state, value, values and MLflow run.
 
@@ -42,11 +44,10 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register:
         config: The pipeline config with a sweep section (its space, trials, sampler, seed, metric, storage).
         train_deployment: Run each trial's training as a flow run of this deployment, e.g. tuneflow-train/gpu on the
             gpu work pool. Empty: train on the machine that runs this flow.
-        register: Register the best trial's export as a version of registry.model_name and decide it against the
+        register_best: Register the best trial's export as a version of registry.model_name and decide it against the
             champion on the frozen evaluation set, as `tuneflow retrain` does.
     """
     from mlflow import MlflowClient
-    from optuna.trial import TrialState
 
     logger = get_run_logger()
     cfg = TuneflowConfig.model_validate(config.model_dump())  # the Prefect UI cannot run model validators
@@ -57,7 +58,7 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register:
     check_mlflow(uri)
     client = MlflowClient(uri)
     frozen = None
-    if register:  # no registry name, no export, a frozen set that cannot be read: stop before any trial
+    if register_best:  # no registry name, no export, a frozen set that cannot be read: stop before any trial
         from tuneflow.tracking.registry import Registry
 
         frozen = Registry(cfg).frozen_rows()
@@ -65,57 +66,16 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register:
     study = open_study(cfg, logger)
     run_id = sweep_run(cfg, client, study.study_name,
                        {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()})
-    space = distributions(cfg)
-    experiment = client.get_run(run_id).info.experiment_id
     logger.info("sweep: study %s, %d of %d trials done; %s %s by %s sampling", study.study_name,
                 len(counted(study)), cfg.sweep.trials, "maximising" if maximize else "minimising", metric,
                 cfg.sweep.sampler)
-    while len(counted(study)) < cfg.sweep.trials:
-        trial = study.ask(space)
-        values = {key: trial.params[key] for key in space}
-        trial_cfg = with_values(cfg, {**values, "run_name": f"{cfg.run_name}-trial-{trial.number}"}, "sweep.space")
-        logger.info("sweep: trial %d: %s", trial.number, ", ".join(f"{k}={v:g}" if isinstance(v, float) else
-                                                                    f"{k}={v}" for k, v in values.items()))
-        tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
-        watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) if cfg.sweep.pruner != "none" else None
-        if watch:
-            watch.start()
-        state = finetune(trial_cfg, train_deployment, mlflow_tags=tags, return_state=True)
-        if watch:
-            watch.stop()
-        pipeline_run = trial_run(client, experiment, run_id, trial.number)
-        if pipeline_run:
-            trial.set_user_attr("mlflow_run_id", pipeline_run)
-        summary = state.result() if state.is_completed() else {}
-        if summary.get("status") == "stopped":  # pruned: its training stopped at an evaluation
-            train = summary["stages"]["train"]
-            saved = saved_gpu_seconds(trial_cfg, train)
-            trial.set_user_attr("saved_gpu_seconds", saved)
-            exhausted = tell(study, trial, state=TrialState.PRUNED)
-            logger.info("sweep: trial %d pruned after step %d, about %.0f GPU-seconds saved", trial.number,
-                        train["global_step"], saved)
-            if exhausted:
-                break
-            continue
-        value = summary.get("metrics", {}).get(metric)
-        if value is None:
-            why = state.message if not state.is_completed() else f"evaluate logged no {metric}"
-            trial.set_user_attr("error", str(why)[:1000])
-            exhausted = tell(study, trial, state=TrialState.FAIL)
-            logger.warning("sweep: trial %d failed: %s", trial.number, why)
-            if exhausted:
-                break
-            continue
-        exhausted = tell(study, trial, value)
-        log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
-        best = study.best_trial
-        logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
-                    best.value)
-        if exhausted:
-            logger.info("sweep: every point of the grid is tried")
-            break
+    try:
+        run_trials(cfg, client, study, run_id, metric, maximize, train_deployment, logger)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
     result = finish(client, uri, run_id, study, metric, logger)
-    if register:
+    if register_best:
         result["decision"] = decide_best(cfg, client, result, frozen, logger)
     return result
 
@@ -148,6 +108,68 @@ def decide_best(cfg: TuneflowConfig, client, result: dict, frozen: list[dict] | 
     return decision.as_dict()
 
 
+def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, maximize: bool,
+               train_deployment: str | None, logger) -> None:
+    """Trials until the study has sweep.trials (or the grid is done), each recorded complete, pruned or failed."""
+    from optuna.trial import TrialState
+
+    space = distributions(cfg)
+    experiment = client.get_run(run_id).info.experiment_id
+    while len(counted(study)) < cfg.sweep.trials:
+        trial = study.ask(space)
+        values = {key: trial.params[key] for key in space}
+        logger.info("sweep: trial %d: %s", trial.number, ", ".join(f"{k}={v:g}" if isinstance(v, float) else
+                                                                    f"{k}={v}" for k, v in values.items()))
+        try:  # each value was checked alone; together they may still not go (an optimizer and a ZeRO preset)
+            trial_cfg = with_values(cfg, {**values, "run_name": f"{cfg.run_name}-trial-{trial.number}"},
+                                    "sweep.space")
+        except ConfigError as exc:
+            trial.set_user_attr("error", str(exc)[:1000])
+            logger.warning("sweep: trial %d: these values do not go together:\n%s", trial.number, exc)
+            if tell(study, trial, state=TrialState.FAIL):
+                break
+            continue
+        tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
+        watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) if cfg.sweep.pruner != "none" else None
+        if watch:
+            watch.start()
+        state = finetune(trial_cfg, train_deployment, mlflow_tags=tags, return_state=True)
+        if watch:
+            watch.stop()
+        pipeline_run = trial_run(client, experiment, run_id, trial.number)
+        if pipeline_run:
+            trial.set_user_attr("mlflow_run_id", pipeline_run)
+        summary = state.result() if state.is_completed() else {}
+        if summary.get("status") == "stopped":  # pruned: its training stopped at an evaluation
+            train = summary["stages"]["train"]
+            saved = saved_gpu_seconds(trial_cfg, train)
+            trial.set_user_attr("saved_gpu_seconds", saved)
+            exhausted = tell(study, trial, state=TrialState.PRUNED)
+            logger.info("sweep: trial %d pruned after step %d, about %.0f GPU-seconds saved", trial.number,
+                        train["global_step"], saved)
+            if exhausted:
+                break
+            continue
+        value = summary.get("metrics", {}).get(metric)
+        if value is None or not math.isfinite(value):  # failed, or diverged
+            why = (state.message if not state.is_completed() else f"evaluate logged no {metric}" if value is None
+                   else f"{metric} is {value}: training diverged")
+            trial.set_user_attr("error", str(why)[:1000])
+            exhausted = tell(study, trial, state=TrialState.FAIL)
+            logger.warning("sweep: trial %d failed: %s", trial.number, why)
+            if exhausted:
+                break
+            continue
+        exhausted = tell(study, trial, value)
+        log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
+        best = study.best_trial  # this one at least is complete
+        logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
+                    best.value)
+        if exhausted:
+            logger.info("sweep: every point of the grid is tried")
+            break
+
+
 def saved_gpu_seconds(cfg: TuneflowConfig, train: dict) -> float:
     """What stopping a trial's training saved: the steps it did not train, at the pace of those it did, on each of
     its processes (0 when train.max_steps is unset: the full length is then not known up front)."""
@@ -168,7 +190,8 @@ def finish(client, uri: str, run_id: str, study, metric: str, logger) -> dict:
     if done:
         best = study.best_trial
         result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-        log_params(client, run_id, {f"best.{k}": v for k, v in best.params.items()})
+        for key, value in best.params.items():  # tags: a longer sweep of the same study may find another best
+            client.set_tag(run_id, f"best.{key}", str(value))
         log_metrics(client, run_id, {f"best.{metric}": best.value, "trials.complete": len(done),
                                      "trials.failed": sum(t["state"] == "fail" for t in trials),
                                      "trials.pruned": sum(t["state"] == "pruned" for t in trials),

@@ -33,9 +33,9 @@ def model_card(cfg: TuneflowConfig, downloaded: DownloadResult, evaluated: EvalR
     datasets = "\n".join(f"- {key}: `{source.name_or_path}` at `{ref.revision}` ({source.format} format"
                          + (f", weight {source.weight:g})" if len(cfg.sources) > 1 and key != "eval_dataset" else ")")
                          for (key, source), ref in zip(cfg.all_sources, downloaded.all_datasets, strict=True))
+    hub_base = f"base_model: {cfg.model.name_or_path}\n" if downloaded.model.source == "hub" else ""  # a Hub id only
     return f"""---
-base_model: {cfg.model.name_or_path}
-library_name: transformers
+{hub_base}library_name: transformers
 tags: [tuneflow, {cfg.train.method}]
 ---
 # {cfg.run_name}

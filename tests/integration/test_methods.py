@@ -240,7 +240,6 @@ def test_dpo_of_every_weight_against_a_frozen_copy(tmp_path, tiny_assets, prefec
     rising(client, summary["stages"]["train"]["mlflow_run_id"], "rewards/accuracies")
     metrics = summary["metrics"]
     assert metrics["pref_accuracy"] > 0.5 and metrics["pref_margin"] > 0, metrics
-    assert metrics["base"]["pref_accuracy"] == metrics["base"]["pref_margin"] == 0, metrics
     base, tuned = layer_weights(tiny_assets["model"], 0), layer_weights(Path(summary["export_dir"]), 0)
     assert all(not base[k].equal(tuned[k]) for k in base if k.endswith("proj.weight"))
 

@@ -80,7 +80,7 @@ def test_the_command_refuses_a_bad_space_file_before_any_trial(tmp_path, capsys)
     assert main(["sweep", "--config", str(cfg), "--space", str(space)]) == 2
     err = capsys.readouterr().err
     assert "2 problems in the sweep's space" in err and "did you mean 'train.lora.rank'?" in err, err
-    assert "sweep.space: train.learning_rate=0.0: Input should be greater than 0" in err, err
+    assert "sweep.space: train.learning_rate=0: Input should be greater than 0" in err, err
     assert main(["sweep", "--config", str(cfg), "--space", str(tmp_path / "none.yaml")]) == 2
     assert "--space: no such file" in capsys.readouterr().err
 
@@ -109,3 +109,46 @@ def test_a_pruner_needs_the_held_out_loss_during_training():
     cfg = TuneflowConfig.model_validate({"dataset": {"name_or_path": "d.json"}, "train": {"eval_steps": 5},
                                          "sweep": {"space": GOOD, "pruner": "hyperband"}})
     assert cfg.sweep.pruner == "hyperband"
+
+
+def test_ranges_keys_and_grids_as_written():
+    """Integers only when written as integers; a grid stops at high; of a dataset only its weight may vary."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from tuneflow.core.sweep import Range
+    from tuneflow.tracking.sweeps import distributions
+
+    dists = distributions(config({"train.weight_decay": {"low": 0.0, "high": 1.0}, "train.epochs": {"low": 1,
+                                                                                                    "high": 3}}))
+    assert dists["train.weight_decay"] == FloatDistribution(0.0, 1.0)
+    assert dists["train.epochs"] == IntDistribution(1, 3)
+    assert Range(low=0, high=0.9, step=0.6).grid() == [0, 0.6] and Range(low=1, high=10, step=6).grid() == [1, 7]
+    cfg = TuneflowConfig.model_validate({"datasets": [{"name_or_path": "a.json"}, {"name_or_path": "b.json"}],
+                                         "sweep": {"space": {"datasets.1.weight": [1, 3],
+                                                             "datasets.0.max_samples": [10, 20],
+                                                             "prep.cutoff_len": [256, 512]}}})
+    problems = check_space(cfg)
+    assert [p.split(" is ")[0] for p in problems] == ["sweep.space: datasets.0.max_samples",
+                                                       "sweep.space: prep.cutoff_len"], problems
+
+
+def test_a_resumed_study_proposes_new_points_and_must_be_the_same_search(tmp_path):
+    import logging
+
+    from tuneflow.tracking.sweeps import SweepProblem, distributions, open_study
+
+    logger = logging.getLogger("test")
+    cfg = config({"train.learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}}, sampler="random", seed=3,
+                 storage=f"sqlite:///{tmp_path}/optuna.db", study_name="s")
+    study = open_study(cfg, logger)
+    first = []
+    for _ in range(2):
+        trial = study.ask(distributions(cfg))
+        first.append(trial.params["train.learning_rate"])
+        study.tell(trial, 1.0)
+    again = open_study(cfg, logger)
+    assert again.ask(distributions(cfg)).params["train.learning_rate"] not in first
+    other = config({"train.learning_rate": [1e-4]}, sampler="random", seed=3,
+                   storage=f"sqlite:///{tmp_path}/optuna.db", study_name="s")
+    with pytest.raises(SweepProblem, match="sweep.study_name: the study s in .* was made for another search"):
+        open_study(other, logger)

@@ -33,7 +33,7 @@ def cmd_sweep(args) -> int:
 
     cfg = load(args)
     values = {**({"sweep.space": read_space(args.space)} if args.space else {}),
-              **({"sweep.trials": args.trials} if args.trials else {})}
+              **({"sweep.trials": args.trials} if args.trials is not None else {})}
     if values:
         cfg = with_values(cfg, values, "--space")
     problems = check_space(cfg)  # every value a trial may take, before the first one starts
@@ -43,10 +43,12 @@ def cmd_sweep(args) -> int:
     check_trains_here(cfg)  # trials train on this machine
     from flows.sweep import sweep
     from tuneflow.tracking.registry import Registry, RegistryProblem
+    from tuneflow.tracking.sweeps import SweepProblem
 
     if args.register:  # no registry name, no export, a store without a registry: one line, before any trial
         Registry(cfg)
-    return print_json_result("sweep", lambda: sweep(cfg, register=args.register), passes=(RegistryProblem,))
+    return print_json_result("sweep", lambda: sweep(cfg, register_best=args.register),
+                             passes=(RegistryProblem, SweepProblem))
 
 
 def add_sweep_command(sub) -> None:

@@ -51,7 +51,7 @@ class ModelConfig(Section):
         "Qwen/Qwen2.5-0.5B-Instruct",
         min_length=1,
         description="Hugging Face Hub model repo id (org/name), a local folder with config.json and weights, or a "
-        "model the export stage logged to MLflow: models:/NAME@ALIAS or models:/NAME/VERSION (e.g. the SFT champion "
+        "model the export stage logged to MLflow: models:/NAME/VERSION or models:/NAME@ALIAS (e.g. the SFT version "
         "to start DPO from; model.revision is then unused, the model id is recorded).",
     )
     revision: str = Field(

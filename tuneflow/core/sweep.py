@@ -15,24 +15,27 @@ key ("did you mean ...") or a choice the key does not accept is refused with the
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
 from tuneflow.core.section import Section
 
-# Keys that decide which rows trials are scored on, where results go, or the search itself: the same for every trial.
-FIXED_KEYS = ("eval.", "eval_dataset.", "train.seed", "registry.", "sweep.", "tracking.", "output_dir", "run_name",
-              "hub.", "export.")
+# Keys that decide which rows trials are scored on (and how they are read), where results go, or the search itself:
+# the same for every trial. Of a dataset, only its weight in the mix may vary.
+FIXED_KEYS = ("eval.", "eval_dataset.", "dataset.", "model.", "prep.cutoff_len", "prep.on_invalid", "train.seed",
+              "registry.", "sweep.", "tracking.", "output_dir", "run_name", "hub.", "export.")
 
 
 class Range(Section):
     """Numbers between two bounds: floats, or integers when both bounds and step are integers."""
 
-    low: float = Field(..., description="The smallest value.")
-    high: float = Field(..., description="The largest value.")
+    low: Union[int, float] = Field(..., description="The smallest value (integers: both bounds written as such).")
+    high: Union[int, float] = Field(..., description="The largest value.")
     log: bool = Field(False, description="Sample on a log scale (learning rates).")
-    step: Optional[float] = Field(None, gt=0, description="Only values low + k x step.")
+    step: Optional[Union[int, float]] = Field(None, gt=0, description="Only values low + k x step, up to high.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Range":
@@ -46,18 +49,18 @@ class Range(Section):
 
     @property
     def integer(self) -> bool:
-        return all(float(v).is_integer() for v in (self.low, self.high, self.step if self.step is not None else 1))
+        """Integers: low, high (and step) written as whole numbers (1, not 1.0)."""
+        return all(isinstance(v, int) for v in (self.low, self.high, self.step if self.step is not None else 1))
 
     def ends(self) -> list[float | int]:
-        return [int(v) for v in (self.low, self.high)] if self.integer else [self.low, self.high]
+        return [self.low, self.high]
 
     def grid(self) -> list[float | int] | None:
-        """Every value of a stepped range, None without a step."""
+        """Every value of a stepped range (low, low + step, ... up to high), None without a step."""
         if self.step is None:
             return None
-        n = int(round((self.high - self.low) / self.step))
-        values = [self.low + k * self.step for k in range(n + 1)]
-        return [int(v) for v in values] if self.integer else values
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        return [self.low + k * self.step for k in range(n + 1)]
 
 
 Dimension = Union[Range, list]
@@ -92,14 +95,18 @@ class SweepConfig(Section):
 
 
 def values_to_check(dimension: Dimension) -> list[Any]:
-    """The values of a dimension that stand for all of it: its choices, or the ends of its range."""
-    return list(dimension) if isinstance(dimension, list) else dimension.ends()
+    """The values of a dimension that stand for all of it: its choices, every point of a stepped range, or the ends
+    of a range."""
+    if isinstance(dimension, list):
+        return list(dimension)
+    return dimension.grid() or dimension.ends()
 
 
 def fixed_key_problem(key: str) -> str | None:
-    if any(key == k.rstrip(".") or key.startswith(k) for k in FIXED_KEYS) or key.endswith(".eval_size"):
+    mixed = key.startswith("datasets.") and not re.fullmatch(r"datasets\.\d+\.weight", key)
+    if any(key == k.rstrip(".") or key.startswith(k) for k in FIXED_KEYS) or mixed:
         return (f"sweep.space: {key} is the same for every trial (it decides the rows trials are scored on, where "
-                "results go, or the search itself); sweep training, data and prep settings")
+                "results go, or the search itself); sweep training settings, prep settings and datasets.N.weight")
     return None
 
 

@@ -287,12 +287,16 @@ def pinned(src: Source, folder: Path) -> SourceRef:
     return SourceRef(kind=src.key, name=src.name, revision=folder.name)  # snapshots/<commit sha>
 
 
-def fetch(ref: SourceRef, cfg: TuneflowConfig, logger: logging.Logger, weights: bool = True) -> Path:
+def fetch(ref: SourceRef, cfg: TuneflowConfig, logger: logging.Logger, weights: bool = True,
+          tracking_uri: str | None = None) -> Path:
     """The local folder of a pinned model or dataset on this machine: the Hub cache at the recorded commit
     (downloading what it lacks), the logged model from MLflow (tracking.uri), or the local path, which must exist
-    here too."""
+    here too (``tracking_uri``: the MLflow server this machine reaches, else tracking.uri's)."""
     if is_registered(ref.name):
-        return model_folder(ref.revision, core_tracking_uri(cfg.tracking.uri))
+        try:
+            return model_folder(ref.revision, tracking_uri or core_tracking_uri(cfg.tracking.uri))
+        except RegisteredModelProblem as exc:
+            raise Problem(str(exc)) from None
     if ref.local_path:
         path = Path(ref.local_path)
         if not path.exists():

@@ -1,8 +1,8 @@
 """Models the export stage logged to MLflow, as a model to train from or to judge with: ``models:/<name>@<alias>``,
-``models:/<name>/<version>`` or ``models:/<model_id>`` (e.g. model.name_or_path: models:/assistant@champion, so that
-DPO starts from the SFT champion).
+``models:/<name>/<version>`` or ``models:/<model_id>`` (e.g. model.name_or_path: models:/assistant/1, so that DPO
+starts from the SFT version registered as 1).
 
-    model_id = resolve("models:/assistant@champion", tracking_uri)   # "m-…": the logged model the alias names now
+    model_id = resolve("models:/assistant/1", tracking_uri)          # "m-…": the logged model it names
     folder = model_folder(model_id, tracking_uri)                    # its Hugging Face folder here, downloaded once
 
 A logged model never changes, so its id pins it as a commit SHA pins a Hub repo: a retrain sees the alias move.
@@ -34,9 +34,14 @@ def resolve(uri: str, tracking_uri: str, key: str = "model.name_or_path") -> str
     from mlflow.exceptions import MlflowException
 
     target = uri.removeprefix(PREFIX).strip("/")
-    if "@" not in target and "/" not in target:
-        return target
     client = MlflowClient(tracking_uri)
+    if "@" not in target and "/" not in target:  # a logged model's id (m-...)
+        try:
+            return client.get_logged_model(target).model_id
+        except MlflowException as exc:
+            raise RegisteredModelProblem(f"{key}: {uri} is no logged model in MLflow at {tracking_uri} (give "
+                                         f"models:/NAME/VERSION or models:/NAME@ALIAS of a registered one): "
+                                         f"{str(exc).splitlines()[0]}") from None
     try:
         version = (client.get_model_version_by_alias(*target.split("@", 1)) if "@" in target
                    else client.get_model_version(*target.split("/", 1)))
@@ -56,6 +61,7 @@ def model_folder(model_id: str, tracking_uri: str) -> Path:
     entry, else downloaded into it (a temporary folder, then renamed)."""
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
 
     entry = cache_root() / "models" / model_id
     if entry.is_dir():
@@ -71,6 +77,9 @@ def model_folder(model_id: str, tracking_uri: str) -> Path:
         for file in (got / "components" / "tokenizer").iterdir():
             shutil.move(file, folder / file.name)
         install(folder, entry, keep_existing=True)
+    except (MlflowException, OSError) as exc:
+        raise RegisteredModelProblem(f"the MLflow model {model_id} cannot be fetched from {tracking_uri}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entry

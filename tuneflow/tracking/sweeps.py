@@ -14,12 +14,17 @@ import threading
 from pathlib import Path
 
 from tuneflow.core.config import TuneflowConfig, tracking_uri
+from tuneflow.core.errors import TuneflowError
 from tuneflow.core.evaluation import JUDGE_DIRECTIONS, METRIC_DIRECTIONS
 from tuneflow.core.results import STOP_TAG
 from tuneflow.core.sweep import Range
 from tuneflow.tracking.runs import experiment_id, log_params
 
 STUDY_TAG = "tuneflow.sweep.study"
+
+
+class SweepProblem(TuneflowError):
+    """A sweep that cannot go on as configured, worded for the user."""
 INTERRUPTED = "interrupted"  # user attribute of a trial cut off while it ran (its parameters are tried again)
 
 
@@ -51,29 +56,44 @@ def distributions(cfg: TuneflowConfig) -> dict:
     out = {}
     for key, dim in cfg.sweep.space.items():
         if isinstance(dim, Range):
-            step = dim.step
-            out[key] = (IntDistribution(int(dim.low), int(dim.high), log=dim.log, step=int(step or 1)) if dim.integer
-                        else FloatDistribution(dim.low, dim.high, log=dim.log, step=step))
+            out[key] = (IntDistribution(dim.low, dim.high, log=dim.log, step=dim.step or 1) if dim.integer
+                        else FloatDistribution(float(dim.low), float(dim.high), log=dim.log, step=dim.step))
         else:
             out[key] = CategoricalDistribution(dim)
     return out
 
 
+def sampler_of(cfg: TuneflowConfig, seed: int):
+    import optuna
+
+    s = cfg.sweep
+    if s.sampler == "grid":
+        space = {k: (list(d) if isinstance(d, list) else d.grid()) for k, d in s.space.items()}
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def what_is_searched(cfg: TuneflowConfig) -> str:
+    """The search a study was made for: its space, metric and direction (a resumed study must match)."""
+    metric, maximize = metric_of(cfg)
+    space = {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()}
+    return json.dumps({"space": space, "metric": metric, "maximize": maximize, "sampler": cfg.sweep.sampler},
+                      sort_keys=True)
+
+
 def open_study(cfg: TuneflowConfig, logger: logging.Logger):
     """The study of sweep.study_name (run_name) in the storage, created or resumed; a trial that was running when
-    an earlier sweep stopped is marked failed (interrupted) and its parameters are queued to run again."""
+    an earlier sweep stopped is marked failed (interrupted) and its parameters are queued to run again. A resumed
+    study's sampler is seeded anew (sweep.seed + the trials it has), so that it does not propose its first points
+    again; a study made for another search is refused."""
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = cfg.sweep
-    if s.sampler == "grid":
-        space = {k: (list(d) if isinstance(d, list) else d.grid()) for k, d in s.space.items()}
-        sampler = optuna.samplers.GridSampler(space, seed=s.seed)
-    elif s.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=s.seed)
+    sampler = sampler_of(cfg, s.seed)
     if s.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2)
     elif s.pruner == "hyperband":
@@ -85,6 +105,14 @@ def open_study(cfg: TuneflowConfig, logger: logging.Logger):
     name = s.study_name or cfg.run_name
     study = optuna.create_study(storage=storage_url(cfg), sampler=sampler, pruner=pruner, study_name=name,
                                 load_if_exists=True, direction="maximize" if maximize else "minimize")
+    searched = study.user_attrs.get("tuneflow.search")
+    if searched is None:
+        study.set_user_attr("tuneflow.search", what_is_searched(cfg))
+    elif searched != what_is_searched(cfg):
+        raise SweepProblem(f"sweep.study_name: the study {name} in {storage_url(cfg)} was made for another search "
+                           f"(space, metric or sampler: {searched[:300]}); set sweep.study_name to start a new one")
+    if study.trials and s.sampler != "grid":
+        study.sampler = sampler_of(cfg, s.seed + len(study.trials))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -171,11 +199,11 @@ class PruneWatch(threading.Thread):
     next evaluation, checkpoints kept."""
 
     def __init__(self, client, experiment_id: str, sweep_run_id: str, trial, maximize: bool, logger,
-                 every_s: float = 1.0):
+                 every_s: float = 0.5):
         super().__init__(daemon=True, name=f"prune-watch-{trial.number}")
         self.client, self.experiment_id, self.sweep_run_id, self.trial = client, experiment_id, sweep_run_id, trial
         self.maximize, self.logger, self.every_s = maximize, logger, every_s
-        self.done, self.reported, self.pruned_at = threading.Event(), -1, None
+        self.done, self.reported, self.pruned_at, self.said = threading.Event(), -1, None, set()
 
     def train_run(self) -> str | None:
         pipeline = trial_run(self.client, self.experiment_id, self.sweep_run_id, self.trial.number)
@@ -204,7 +232,11 @@ class PruneWatch(threading.Thread):
                                          m.step, m.value)
                         return
             except Exception as exc:  # the tracking server busy a moment: the next poll tries again
-                self.logger.debug("sweep: prune watch: %s", exc)
+                said = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if said not in self.said:  # once each: a lasting one means no pruning for this trial
+                    self.said.add(said)
+                    self.logger.warning("sweep: trial %d: reading its held-out loss failed (%s)", self.trial.number,
+                                        said)
 
     def stop(self) -> None:
         self.done.set()

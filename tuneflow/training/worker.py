@@ -299,8 +299,12 @@ def train(spec: TrainSpec) -> TrainOutcome:
             import torch
             import torch.distributed as dist
 
-            why = step_logger.client.get_run(step_logger.run_id).data.tags.get(STOP_TAG) if step_logger.client \
-                else None
+            why = None
+            if step_logger.client:
+                try:
+                    why = step_logger.client.get_run(step_logger.run_id).data.tags.get(STOP_TAG)
+                except Exception as exc:  # not asked, as far as rank 0 can tell: the others wait in the broadcast
+                    log(f"could not read {STOP_TAG} ({type(exc).__name__}); training goes on")
             asked = torch.tensor([1 if why else 0], device=args.device)
             if dist.is_initialized():
                 dist.broadcast(asked, 0)

@@ -48,7 +48,7 @@ def train_once(request: TrainRequest, folder: Path, logger,
         raise ConfigError(problem)
     client = MlflowClient(request.tracking_uri)
     folder.mkdir(parents=True, exist_ok=True)
-    model_dir = fetch(request.model, cfg, logger)
+    model_dir = fetch(request.model, cfg, logger, tracking_uri=request.tracking_uri)
     data_dir = materialize(request.data, request.tracking_uri)
     restored = restore_checkpoint(client, run_id, request.tracking_uri, folder / "checkpoints")
     if restored is not None:
