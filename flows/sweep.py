@@ -64,8 +64,7 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register_
         frozen = Registry(cfg).frozen_rows()
     metric, maximize = metric_of(cfg)
     study = open_study(cfg, logger)
-    run_id = sweep_run(cfg, client, study.study_name,
-                       {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()})
+    run_id = sweep_run(cfg, client, study.study_name)
     logger.info("sweep: study %s, %d of %d trials done; %s %s by %s sampling", study.study_name,
                 len(counted(study)), cfg.sweep.trials, "maximising" if maximize else "minimising", metric,
                 cfg.sweep.sampler)
@@ -93,8 +92,7 @@ def decide_best(cfg: TuneflowConfig, client, result: dict, frozen: list[dict] | 
     if result["best_trial"] is None:
         raise RuntimeError("no trial finished: nothing to register")
     best = next(t for t in result["trials"] if t["number"] == result["best_trial"])
-    best_cfg = with_values(cfg, {**best["params"], "run_name": f"{cfg.run_name}-trial-{best['number']}"},
-                           "sweep.space")
+    best_cfg = trial_config(cfg, best["params"], best["number"])
     fp = fingerprint_task(best_cfg)
     registry = Registry(best_cfg)
     same = registry.trained_from(fp)
@@ -108,10 +106,21 @@ def decide_best(cfg: TuneflowConfig, client, result: dict, frozen: list[dict] | 
     return decision.as_dict()
 
 
+def trial_config(cfg: TuneflowConfig, values: dict, number: int) -> TuneflowConfig:
+    """The pipeline config of trial ``number``: the sweep's with the trial's values (a ConfigError when they do not
+    go together, which checking each key alone cannot see: an optimizer and a ZeRO preset)."""
+    return with_values(cfg, {**values, "run_name": f"{cfg.run_name}-trial-{number}"}, "sweep.space")
+
+
 def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, maximize: bool,
                train_deployment: str | None, logger) -> None:
     """Trials until the study has sweep.trials (or the grid is done), each recorded complete, pruned or failed."""
     from optuna.trial import TrialState
+
+    def fail(trial, why: str) -> bool:
+        trial.set_user_attr("error", why[:1000])
+        logger.warning("sweep: trial %d failed: %s", trial.number, why)
+        return tell(study, trial, state=TrialState.FAIL)
 
     space = distributions(cfg)
     experiment = client.get_run(run_id).info.experiment_id
@@ -120,13 +129,10 @@ def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, max
         values = {key: trial.params[key] for key in space}
         logger.info("sweep: trial %d: %s", trial.number, ", ".join(f"{k}={v:g}" if isinstance(v, float) else
                                                                     f"{k}={v}" for k, v in values.items()))
-        try:  # each value was checked alone; together they may still not go (an optimizer and a ZeRO preset)
-            trial_cfg = with_values(cfg, {**values, "run_name": f"{cfg.run_name}-trial-{trial.number}"},
-                                    "sweep.space")
+        try:
+            trial_cfg = trial_config(cfg, values, trial.number)
         except ConfigError as exc:
-            trial.set_user_attr("error", str(exc)[:1000])
-            logger.warning("sweep: trial %d: these values do not go together:\n%s", trial.number, exc)
-            if tell(study, trial, state=TrialState.FAIL):
+            if fail(trial, f"these values do not go together:\n{exc}"):
                 break
             continue
         tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
@@ -140,31 +146,24 @@ def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, max
         if pipeline_run:
             trial.set_user_attr("mlflow_run_id", pipeline_run)
         summary = state.result() if state.is_completed() else {}
+        value = summary.get("metrics", {}).get(metric)
         if summary.get("status") == "stopped":  # pruned: its training stopped at an evaluation
             train = summary["stages"]["train"]
             saved = saved_gpu_seconds(trial_cfg, train)
             trial.set_user_attr("saved_gpu_seconds", saved)
-            exhausted = tell(study, trial, state=TrialState.PRUNED)
             logger.info("sweep: trial %d pruned after step %d, about %.0f GPU-seconds saved", trial.number,
                         train["global_step"], saved)
-            if exhausted:
-                break
-            continue
-        value = summary.get("metrics", {}).get(metric)
-        if value is None or not math.isfinite(value):  # failed, or diverged
-            why = (state.message if not state.is_completed() else f"evaluate logged no {metric}" if value is None
-                   else f"{metric} is {value}: training diverged")
-            trial.set_user_attr("error", str(why)[:1000])
-            exhausted = tell(study, trial, state=TrialState.FAIL)
-            logger.warning("sweep: trial %d failed: %s", trial.number, why)
-            if exhausted:
-                break
-            continue
-        exhausted = tell(study, trial, value)
-        log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
-        best = study.best_trial  # this one at least is complete
-        logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
-                    best.value)
+            exhausted = tell(study, trial, state=TrialState.PRUNED)
+        elif value is None or not math.isfinite(value):  # failed, or diverged
+            exhausted = fail(trial, str(state.message) if not state.is_completed() else
+                             f"evaluate logged no {metric}" if value is None else
+                             f"{metric} is {value}: training diverged")
+        else:
+            exhausted = tell(study, trial, value)
+            log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
+            best = study.best_trial  # this one at least is complete
+            logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value,
+                        best.number, best.value)
         if exhausted:
             logger.info("sweep: every point of the grid is tried")
             break

@@ -36,7 +36,7 @@ def cmd_sweep(args) -> int:
               **({"sweep.trials": args.trials} if args.trials is not None else {})}
     if values:
         cfg = with_values(cfg, values, "--space")
-    problems = check_space(cfg)  # every value a trial may take, before the first one starts
+    problems = check_space(cfg)  # each key's values, before the first trial starts
     if problems:
         raise ConfigError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the sweep's space:\n"
                           + "\n".join(f"  - {p}" for p in problems))

@@ -9,8 +9,9 @@ and its checks, made before the first trial starts.
       trials: 8
       sampler: tpe
 
-Every value a trial may take is validated by the config tree itself, so a bound outside a key's own bounds, an unknown
-key ("did you mean ...") or a choice the key does not accept is refused with the key's own message.
+Each key's values (its choices, every point of a stepped range, both ends of a range) are validated by the config tree
+itself, so a bound outside a key's own bounds, an unknown key ("did you mean ...") or a choice the key does not accept
+is refused with the key's own message.
 """
 
 from __future__ import annotations
@@ -135,9 +136,8 @@ def space_problems(sweep: SweepConfig, validate) -> list[str]:
     return problems
 
 
-
 def check_space(cfg) -> list[str]:
-    """Every problem of cfg.sweep.space, each value a trial may take validated by the config tree."""
+    """Every problem of cfg.sweep.space, each key's values validated by the config tree."""
     from tuneflow.core.loading import ConfigError, with_values
 
     def validate(key: str, value: Any) -> str | None:

@@ -171,6 +171,14 @@ def has_main(api, name: str, repo_type: str) -> bool:
     return True
 
 
+def from_mlflow(fn, *args):
+    """A call of tuneflow.sources.registered, its problem said as this module's Problem (one line, with the others)."""
+    try:
+        return fn(*args)
+    except RegisteredModelProblem as exc:
+        raise Problem(str(exc)) from None
+
+
 def locate(name_or_path: str, revision: str, key: str, logger: logging.Logger, token: str | None = None,
            tracking_uri: str | None = None) -> Source:
     """A local path as it is; a Hub repo resolved to a commit SHA with its file listing; a model logged to MLflow
@@ -180,10 +188,7 @@ def locate(name_or_path: str, revision: str, key: str, logger: logging.Logger, t
             raise Problem(f"{key}.name_or_path: {name_or_path} names an MLflow model; a {key} is a local path or a "
                           "Hub repo")
         uri = tracking_uri or core_tracking_uri(None)
-        try:
-            return Source(key, name_or_path, revision, sha=resolve(name_or_path, uri), registry=uri)
-        except RegisteredModelProblem as exc:
-            raise Problem(str(exc)) from None
+        return Source(key, name_or_path, revision, sha=from_mlflow(resolve, name_or_path, uri), registry=uri)
     local = Path(name_or_path).expanduser()
     if local.exists():
         return Source(key, name_or_path, revision, local=local.resolve())
@@ -224,7 +229,7 @@ def snapshot(src: Source, patterns: list[str], logger: logging.Logger) -> Path:
     if src.local is not None:
         return src.local
     if src.registry:
-        return model_folder(src.sha, src.registry)  # the logged model is one download: weights included
+        return from_mlflow(model_folder, src.sha, src.registry)  # the logged model is one download: weights included
     from huggingface_hub import snapshot_download
 
     folder = Path(hub_call(lambda: snapshot_download(src.name, repo_type=src.repo_type, revision=src.revision,
@@ -293,10 +298,7 @@ def fetch(ref: SourceRef, cfg: TuneflowConfig, logger: logging.Logger, weights: 
     (downloading what it lacks), the logged model from MLflow (tracking.uri), or the local path, which must exist
     here too (``tracking_uri``: the MLflow server this machine reaches, else tracking.uri's)."""
     if is_registered(ref.name):
-        try:
-            return model_folder(ref.revision, tracking_uri or core_tracking_uri(cfg.tracking.uri))
-        except RegisteredModelProblem as exc:
-            raise Problem(str(exc)) from None
+        return from_mlflow(model_folder, ref.revision, tracking_uri or core_tracking_uri(cfg.tracking.uri))
     if ref.local_path:
         path = Path(ref.local_path)
         if not path.exists():

@@ -23,9 +23,11 @@ from tuneflow.tracking.runs import experiment_id, log_params
 STUDY_TAG = "tuneflow.sweep.study"
 
 
+INTERRUPTED = "interrupted"  # user attribute of a trial cut off while it ran (its parameters are tried again)
+
+
 class SweepProblem(TuneflowError):
     """A sweep that cannot go on as configured, worded for the user."""
-INTERRUPTED = "interrupted"  # user attribute of a trial cut off while it ran (its parameters are tried again)
 
 
 def metric_of(cfg: TuneflowConfig) -> tuple[str, bool]:
@@ -75,12 +77,16 @@ def sampler_of(cfg: TuneflowConfig, seed: int):
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def plain_space(cfg: TuneflowConfig) -> dict:
+    """sweep.space as plain data: choices, or a range's low, high, log and step."""
+    return {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()}
+
+
 def what_is_searched(cfg: TuneflowConfig) -> str:
     """The search a study was made for: its space, metric and direction (a resumed study must match)."""
     metric, maximize = metric_of(cfg)
-    space = {k: v if isinstance(v, list) else v.model_dump() for k, v in cfg.sweep.space.items()}
-    return json.dumps({"space": space, "metric": metric, "maximize": maximize, "sampler": cfg.sweep.sampler},
-                      sort_keys=True)
+    return json.dumps({"space": plain_space(cfg), "metric": metric, "maximize": maximize,
+                       "sampler": cfg.sweep.sampler}, sort_keys=True)
 
 
 def open_study(cfg: TuneflowConfig, logger: logging.Logger):
@@ -130,7 +136,7 @@ def counted(study) -> list:
             or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))]
 
 
-def sweep_run(cfg: TuneflowConfig, client, name: str, flat_space: dict) -> str:
+def sweep_run(cfg: TuneflowConfig, client, name: str) -> str:
     """The sweep's MLflow parent run: the one of this study name in the experiment (resumed), else a new one."""
     exp = experiment_id(client, cfg.tracking.experiment)
     found = client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{name}'", max_results=1)
@@ -143,7 +149,7 @@ def sweep_run(cfg: TuneflowConfig, client, name: str, flat_space: dict) -> str:
     log_params(client, run_id, {"sweep.sampler": cfg.sweep.sampler, "sweep.seed": cfg.sweep.seed,
                                 "sweep.trials": cfg.sweep.trials, "sweep.metric": metric,
                                 "sweep.direction": "maximize" if maximize else "minimize",
-                                "sweep.space": json.dumps(flat_space, sort_keys=True)})
+                                "sweep.space": json.dumps(plain_space(cfg), sort_keys=True)})
     return run_id
 
 

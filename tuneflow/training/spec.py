@@ -30,4 +30,3 @@ class TrainOutcome(BaseModel):
     resumed_from_step: int | None
     log_history: list[dict]
     stopped: str | None = None  # asked to stop (the train run's tag tuneflow.stop): why
-
