@@ -42,7 +42,9 @@ test: install $(OLAH_VENV)/.installed lint
 clean:
 	rm -rf runs demo mlflow.db mlruns mlartifacts .pytest_cache
 
-# Register the deployments on the Prefect server at PREFECT_API_URL (README: "Run it on a team's Prefect server").
+# Register the deployments on the Prefect server at PREFECT_API_URL (README: "Run it on a team's Prefect server"):
+# tuneflow-finetune/on-demand, tuneflow-sweep/on-demand, tuneflow-retrain/scheduled, tuneflow-train/gpu. Two are
+# named on-demand, so each is picked as <entrypoint>/<name> (prefect deploy matches the flow by its entrypoint).
 GPU_CONCURRENCY ?= 1
 deploy: install
 	@test -n "$$PREFECT_API_URL" || { echo "make deploy: set PREFECT_API_URL to your Prefect server's API, e.g. http://127.0.0.1:4200/api"; exit 2; }
@@ -50,9 +52,10 @@ deploy: install
 	  $(BIN)/prefect work-pool inspect $$pool >/dev/null 2>&1 || \
 	  $(BIN)/prefect work-pool create $$pool --type process --base-job-template infra/work-pools/$$pool.json || exit 1; \
 	done
-	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name on-demand
-	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name scheduled
-	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name gpu --concurrency-limit $(GPU_CONCURRENCY) --collision-strategy ENQUEUE
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name flows.finetune.finetune/on-demand
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name flows.sweep.sweep/on-demand
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name flows.retrain.retrain/scheduled
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --name flows.train.train_on_worker/gpu --concurrency-limit $(GPU_CONCURRENCY) --collision-strategy ENQUEUE
 
 # CPU benchmarks, variants side by side in one run: bench/results-train.json, bench/results-prep.json,
 # bench/results-flow.json, bench/results-scoring.json (docs/benchmarks.md reads them). About 15 minutes on 2

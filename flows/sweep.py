@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from flows.finetune import finetune
 from tuneflow.core.config import TuneflowConfig, tracking_uri
@@ -22,6 +24,8 @@ from tuneflow.core.sweep import check_space
 from tuneflow.tracking.runs import log_metrics, run_url
 from tuneflow.tracking.servers import check_mlflow
 from tuneflow.tracking.sweeps import (
+    RESULT,
+    TRIAL_STATE_TAG,
     PruneWatch,
     counted,
     distributions,
@@ -65,6 +69,7 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register_
     metric, maximize = metric_of(cfg)
     study = open_study(cfg, logger)
     run_id = sweep_run(cfg, client, study.study_name)
+    client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.id))  # this flow run's (a resumed study: the latest)
     logger.info("sweep: study %s, %d of %d trials done; %s %s by %s sampling", study.study_name,
                 len(counted(study)), cfg.sweep.trials, "maximising" if maximize else "minimising", metric,
                 cfg.sweep.sampler)
@@ -76,6 +81,7 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register_
     result = finish(client, uri, run_id, study, metric, logger)
     if register_best:
         result["decision"] = decide_best(cfg, client, result, frozen, logger)
+    client.log_dict(run_id, result, RESULT)  # what `tuneflow sweep --submit --wait` prints
     return result
 
 
@@ -112,10 +118,20 @@ def trial_config(cfg: TuneflowConfig, values: dict, number: int) -> TuneflowConf
     return with_values(cfg, {**values, "run_name": f"{cfg.run_name}-trial-{number}"}, "sweep.space")
 
 
+@task(name="trial", cache_policy=NO_CACHE)
+def run_trial(cfg: TuneflowConfig, train_deployment: str | None, tags: dict[str, str]) -> tuple[dict, str | None]:
+    """One trial: the pipeline as a subflow; its summary, or why it failed."""
+    state = finetune(cfg, train_deployment, mlflow_tags=tags, return_state=True)
+    return (state.result(), None) if state.is_completed() else ({}, str(state.message))
+
+
 def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, maximize: bool,
                train_deployment: str | None, logger) -> None:
-    """Trials until the study has sweep.trials (or the grid is done), each recorded complete, pruned or failed."""
+    """Trials until the study has sweep.trials (or the grid is done), sweep.parallel of them at once, each recorded
+    complete, pruned or failed as it ends."""
     from optuna.trial import TrialState
+    from prefect.futures import as_completed
+    from prefect.task_runners import ProcessPoolTaskRunner
 
     def fail(trial, why: str) -> bool:
         trial.set_user_attr("error", why[:1000])
@@ -124,49 +140,86 @@ def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, max
 
     space = distributions(cfg)
     experiment = client.get_run(run_id).info.experiment_id
-    while len(counted(study)) < cfg.sweep.trials:
-        trial = study.ask(space)
-        values = {key: trial.params[key] for key in space}
-        logger.info("sweep: trial %d: %s", trial.number, ", ".join(f"{k}={v:g}" if isinstance(v, float) else
-                                                                    f"{k}={v}" for k, v in values.items()))
-        try:
-            trial_cfg = trial_config(cfg, values, trial.number)
-        except ConfigError as exc:
-            if fail(trial, f"these values do not go together:\n{exc}"):
+    wanted = min(cfg.sweep.trials, grid_size(cfg)) if cfg.sweep.sampler == "grid" else cfg.sweep.trials
+    running: dict = {}  # future -> (trial, its config, its pruning watch)
+    exhausted = False
+    # Each trial in a process of its own: two pipelines in one process would share torch's global state (the default
+    # dtype transformers sets while it loads a model), and a trial's crash stays its own.
+    with ProcessPoolTaskRunner(max_workers=cfg.sweep.parallel) as runner:
+        while True:
+            while not exhausted and len(running) < cfg.sweep.parallel and len(counted(study)) + len(running) < wanted:
+                trial = study.ask(space)
+                values = {key: trial.params[key] for key in space}
+                logger.info("sweep: trial %d: %s", trial.number, ", ".join(
+                    f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+                try:
+                    trial_cfg = trial_config(cfg, values, trial.number)
+                except ConfigError as exc:
+                    exhausted = fail(trial, f"these values do not go together:\n{exc}")
+                    continue
+                tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
+                watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) \
+                    if cfg.sweep.pruner != "none" else None
+                if watch:
+                    watch.start()
+                future = runner.submit(run_trial.with_options(task_run_name=f"trial-{trial.number}"), {
+                    "cfg": trial_cfg, "train_deployment": train_deployment, "tags": tags})
+                running[future] = (trial, trial_cfg, watch)
+            if not running:
                 break
-            continue
-        tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
-        watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) if cfg.sweep.pruner != "none" else None
-        if watch:
-            watch.start()
-        state = finetune(trial_cfg, train_deployment, mlflow_tags=tags, return_state=True)
-        if watch:
-            watch.stop()
-        pipeline_run = trial_run(client, experiment, run_id, trial.number)
+            future = next(as_completed(list(running)))
+            trial, trial_cfg, watch = running.pop(future)
+            if watch:
+                watch.stop()
+            try:
+                summary, error = future.result()
+            except Exception as exc:  # the trial's process lost (killed, out of memory)
+                summary, error = {}, f"{type(exc).__name__}: {exc}"
+            exhausted = record(study, client, experiment, run_id, trial, trial_cfg, summary, error, metric, fail,
+                               logger) or exhausted
+    if exhausted:
+        logger.info("sweep: every point of the grid is tried")
+
+
+def record(study, client, experiment: str, run_id: str, trial, trial_cfg: TuneflowConfig, summary: dict,
+           error: str | None, metric: str, fail, logger) -> bool:
+    """A trial's outcome in the study (complete, pruned or failed) and on the sweep run; True when the grid is
+    done."""
+    from optuna.trial import TrialState
+
+    pipeline_run = trial_run(client, experiment, run_id, trial.number)
+    if pipeline_run:
+        trial.set_user_attr("mlflow_run_id", pipeline_run)
+
+    def outcome(state: str) -> None:  # on the trial's run too: MLflow's runs table filters by it
         if pipeline_run:
-            trial.set_user_attr("mlflow_run_id", pipeline_run)
-        summary = state.result() if state.is_completed() else {}
-        value = summary.get("metrics", {}).get(metric)
-        if summary.get("status") == "stopped":  # pruned: its training stopped at an evaluation
-            train = summary["stages"]["train"]
-            saved = saved_gpu_seconds(trial_cfg, train)
-            trial.set_user_attr("saved_gpu_seconds", saved)
-            logger.info("sweep: trial %d pruned after step %d, about %.0f GPU-seconds saved", trial.number,
-                        train["global_step"], saved)
-            exhausted = tell(study, trial, state=TrialState.PRUNED)
-        elif value is None or not math.isfinite(value):  # failed, or diverged
-            exhausted = fail(trial, str(state.message) if not state.is_completed() else
-                             f"evaluate logged no {metric}" if value is None else
-                             f"{metric} is {value}: training diverged")
-        else:
-            exhausted = tell(study, trial, value)
-            log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
-            best = study.best_trial  # this one at least is complete
-            logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value,
-                        best.number, best.value)
-        if exhausted:
-            logger.info("sweep: every point of the grid is tried")
-            break
+            client.set_tag(pipeline_run, TRIAL_STATE_TAG, state)
+
+    value = summary.get("metrics", {}).get(metric)
+    if summary.get("status") == "stopped":  # pruned: its training stopped at an evaluation
+        train = summary["stages"]["train"]
+        saved = saved_gpu_seconds(trial_cfg, train)
+        trial.set_user_attr("saved_gpu_seconds", saved)
+        logger.info("sweep: trial %d pruned after step %d, about %.0f GPU-seconds saved", trial.number,
+                    train["global_step"], saved)
+        outcome("pruned")
+        return tell(study, trial, state=TrialState.PRUNED)
+    if value is None or not math.isfinite(value):  # failed, or diverged
+        outcome("fail")
+        return fail(trial, error if error is not None else f"evaluate logged no {metric}" if value is None else
+                    f"{metric} is {value}: training diverged")
+    outcome("complete")
+    exhausted = tell(study, trial, value)
+    log_metrics(client, run_id, {f"trial.{metric}": value}, step=trial.number)
+    best = study.best_trial  # this one at least is complete
+    logger.info("sweep: trial %d: %s %.4g; best so far trial %d, %.4g", trial.number, metric, value, best.number,
+                best.value)
+    return exhausted
+
+
+def grid_size(cfg: TuneflowConfig) -> int:
+    """The points of the grid sampler's grid (every choice of every key, every step of every range)."""
+    return math.prod(len(d) if isinstance(d, list) else len(d.grid()) for d in cfg.sweep.space.values())
 
 
 def saved_gpu_seconds(cfg: TuneflowConfig, train: dict) -> float:

@@ -74,7 +74,8 @@ class Services:
         env = {**self.layout.base_env(), **client}
         if all(subprocess.run([str(BIN / "prefect"), "deployment", "inspect", name], env=env,
                               capture_output=True).returncode == 0
-               for name in ("tuneflow-finetune/on-demand", "tuneflow-retrain/scheduled", "tuneflow-train/gpu")):
+               for name in ("tuneflow-finetune/on-demand", "tuneflow-sweep/on-demand", "tuneflow-retrain/scheduled",
+                            "tuneflow-train/gpu")):
             say("deployments already registered (after changing them: source the env file, then make deploy)")
             return
         say(f"registering the deployments: make deploy (log: {self.layout.log('deploy')})")

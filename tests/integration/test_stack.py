@@ -145,8 +145,10 @@ def test_stack_serves_prefect_and_mlflow_on_postgres_with_authentication(stack):
 
     # On PostgreSQL: the deployments `make stack` registered are rows of Prefect's database there, and MLflow's
     # schema (with the model registry) is in its own; no SQLite file stands in for either.
-    deployments = {name for (name,) in query(stack, "prefect", "SELECT name FROM deployment")}
-    assert deployments == {"on-demand", "scheduled", "gpu"}
+    deployments = {f"{flow}/{name}" for (flow, name) in query(
+        stack, "prefect", "SELECT f.name, d.name FROM deployment d JOIN flow f ON f.id = d.flow_id")}
+    assert deployments == {"tuneflow-finetune/on-demand", "tuneflow-sweep/on-demand", "tuneflow-retrain/scheduled",
+                           "tuneflow-train/gpu"}
     tables = {name for (name,) in query(stack, "mlflow", "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"experiments", "runs", "metrics", "registered_models", "model_versions"} <= tables
     assert not list(stack.dir.rglob("*.db")) or all(p.name == "basic_auth.db" for p in stack.dir.rglob("*.db"))

@@ -1,7 +1,9 @@
 """`tuneflow sweep` end to end on the tiny model: trials of the pipeline proposed by Optuna, each nested under the
 sweep's MLflow run with its values as params; killed after two finished trials and started again, the sweep resumes
 the study, runs a trial cut off midway again and only the trials still missing, and with --register puts the best
-trial's export through the gate of `tuneflow retrain`."""
+trial's export through the gate of `tuneflow retrain`. On the team servers (tests/support/team.py): the sweep
+submitted to tuneflow-sweep/on-demand, two trials at a time on two gpu machines, a hopeless trial pruned, the best
+decided against a champion."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
+
+from tests.support.team import Team, machine_env, start_team, tiny_config, worker, worker_log
 
 pytestmark = pytest.mark.slow
 TRIALS = 3
@@ -111,29 +116,79 @@ def test_a_sweep_nests_its_trials_and_resumes_after_a_kill(tmp_path, tiny_assets
     assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == best["mlflow_run_id"]
 
 
-def test_a_hopeless_trial_is_pruned_while_it_trains(tmp_path, tiny_assets, prefect_api):
-    """sweep.pruner median: the held-out loss every train.eval_steps goes to Optuna; the third trial (a learning rate
-    too small to learn anything, last in the seeded grid) falls behind the median of the first two and its training
-    stops at an evaluation, its weights kept; the sweep records it as pruned and what it saved, and goes on."""
+@pytest.fixture(scope="module")
+def team(prefect_api, hub_mirror, tmp_path_factory) -> Iterator[Team]:
+    """The team servers with `make deploy GPU_CONCURRENCY=2`: two trials train at once on two gpu machines."""
+    with start_team(prefect_api, hub_mirror, tmp_path_factory, gpu_concurrency=2) as team:
+        yield team
+
+
+def test_a_sweep_on_the_team_servers_prunes_resumes_and_gates_its_best(team):
+    """`tuneflow sweep --submit --wait --register` from the client machine: the sweep is a flow run of
+    tuneflow-sweep/on-demand on the cpu pool, its trials' training flow runs of tuneflow-train/gpu, two at a time.
+    The first sweep (2 trials) registers its best as the champion; run again with --trials 4, the same study
+    resumes and runs only the two missing trials: one is pruned while it trains (a learning rate too small to learn,
+    behind the median of the first two), the other's export is registered and decided against the champion."""
     from mlflow import MlflowClient
 
-    lrs = [1e-2, 5e-3, 1e-7]  # the grid's order under seed 5: the hopeless one last
-    command, env = sweep_command(
-        tmp_path, tiny_assets, prefect_api, space={"train.learning_rate": lrs},
-        train={"method": "lora", "max_steps": 12, "eval_steps": 2, "per_device_batch_size": 8, "deepspeed": "none",
-               "nproc_per_node": 1, "save_steps": 100, "retries": 0, "precision": "fp32"},
-        export={"enabled": False}, sweep={"sampler": "grid", "seed": 5, "trials": 3, "pruner": "median"})
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-6000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    states = {t["params"]["train.learning_rate"]: t["state"] for t in result["trials"]}
-    assert states == {1e-2: "complete", 5e-3: "complete", 1e-7: "pruned"}, result["trials"]
-    pruned = next(t for t in result["trials"] if t["state"] == "pruned")
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    summary = json.loads(Path(client.download_artifacts(pruned["mlflow_run_id"], "summary.json")).read_text())
+    config = tiny_config(team, "team-sweep", eval_steps=2)
+    config["registry"] = {"model_name": "team-searched", "eval_samples": 8}
+    # the grid's order under seed 5: 1e-3 and 2e-3 first, then 5e-3 and the hopeless 1e-7
+    config["sweep"] = {"space": {"train.learning_rate": [1e-3, 2e-3, 5e-3, 1e-7]}, "sampler": "grid", "seed": 5,
+                       "pruner": "median", "parallel": 2, "trials": 2}
+    client = team.folder("client")
+    (client / "sweep.yaml").write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).parent / "tuneflow"), "sweep", "--config", "sweep.yaml", "--submit", "--wait",
+               "--register"]
+    logs = lambda: "\n".join(f"--- {m} ---\n" + worker_log(team, m, pool)  # noqa: E731
+                             for m, pool in (("cpu", "cpu"), ("gpu-1", "gpu"), ("gpu-2", "gpu")))
+    with worker(team, "cpu", "cpu"), worker(team, "gpu", "gpu-1"), worker(team, "gpu", "gpu-2"):
+        first = subprocess.run(command, cwd=client, env=machine_env(team, "client"), capture_output=True, text=True,
+                               timeout=900)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:] + logs()
+        again = subprocess.run([*command, "--trials", "4"], cwd=client, env=machine_env(team, "client"),
+                               capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:] + logs()
+        text = logs()
+    one, two = (json.loads(done.stdout.strip().splitlines()[-1]) for done in (first, again))
+    assert "submitted flow run" in first.stdout and "tuneflow-sweep/on-demand (pool cpu, training on " \
+        "tuneflow-train/gpu)" in first.stdout, first.stdout
+    assert [t["state"] for t in one["trials"]] == ["complete", "complete"], (one["trials"], text)
+    assert (one["decision"]["decision"], one["decision"]["version"]) == ("promoted", 1), one["decision"]
+
+    # resumed: the first two trials as they were, then only the two missing ones
+    assert two["sweep"] == one["sweep"] and two["trials"][:2] == one["trials"], two["trials"]
+    states = {t["params"]["train.learning_rate"]: t["state"] for t in two["trials"][2:]}
+    assert states == {5e-3: "complete", 1e-7: "pruned"}, two["trials"]
+    assert "pruned" in again.stdout and "best so far trial" in again.stdout, again.stdout  # --wait's progress
+    best = min((t for t in two["trials"] if t["state"] == "complete"), key=lambda t: t["value"])
+    assert two["best_trial"] == best["number"] and two["best_value"] == best["value"], two
+    decision = two["decision"]  # the best of four, through the gate against the first sweep's champion
+    if best["number"] < 2:
+        assert decision["decision"] == "skipped" and decision["version"] == 1, decision
+    else:
+        assert decision["decision"] in ("promoted", "kept") and decision["version"] == 2, decision
+        assert set(decision["scores"]) == {"challenger", "champion", "base"}, decision
+
+    mlflow = MlflowClient(team.mlflow)
+    sweep = mlflow.get_run(two["sweep"])
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["trials.pruned"] == 1, sweep.data.metrics
+    assert sweep.data.metrics["pruning.saved_gpu_seconds"] > 0 and sweep.data.tags["tuneflow.best_run"] == \
+        best["mlflow_run_id"]
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= {
+        f.path for f in mlflow.list_artifacts(two["sweep"], "optuna")}
+    runs = {t["number"]: mlflow.get_run(t["mlflow_run_id"]) for t in two["trials"]}
+    for t in two["trials"]:
+        run = runs[t["number"]]
+        assert run.data.tags["mlflow.parentRunId"] == two["sweep"] == run.data.tags["tuneflow.sweep"]
+        assert run.data.tags["tuneflow.trial.state"] == t["state"]
+        assert float(run.data.params["train.learning_rate"]) == pytest.approx(t["params"]["train.learning_rate"])
+    pruned = next(t for t in two["trials"] if t["state"] == "pruned")
+    summary = json.loads(Path(mlflow.download_artifacts(pruned["mlflow_run_id"], "summary.json",
+                                                        str(client))).read_text())
     train = summary["stages"]["train"]
     assert summary["status"] == "stopped" and train["stopped"].startswith("pruned by the sweep at step"), summary
-    assert 2 <= train["global_step"] < 12 and summary["stages"]["evaluate"]["status"] == "skipped", summary
-    assert client.list_artifacts(train["mlflow_run_id"], "adapter"), "the pruned trial's weights were not kept"
-    sweep = client.get_run(result["sweep"]).data.metrics
-    assert sweep["trials.pruned"] == 1 and sweep["pruning.saved_gpu_seconds"] > 0, sweep
+    assert 2 <= train["global_step"] < 12 and mlflow.list_artifacts(train["mlflow_run_id"], "adapter"), train
+    # two at a time: the resumed sweep's two trials trained at once, one on each gpu machine
+    spans = [(runs[n].info.start_time, runs[n].info.end_time) for n in (2, 3)]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans

@@ -11,16 +11,25 @@ from tuneflow.core.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "deployments/prefect.yaml").read_text())
-DEPLOYMENTS = {d["name"]: d for d in SPEC["deployments"]}
+FLOWS = {"flows.finetune.finetune": "tuneflow-finetune", "flows.retrain.retrain": "tuneflow-retrain",
+         "flows.train.train_on_worker": "tuneflow-train", "flows.sweep.sweep": "tuneflow-sweep"}
+DEPLOYMENTS = {f"{FLOWS[d['entrypoint']]}/{d['name']}": d for d in SPEC["deployments"]}
 
 
 def test_the_pipeline_runs_on_cpu_and_training_on_gpu():
-    assert DEPLOYMENTS["on-demand"]["work_pool"]["name"] == "cpu"
-    assert DEPLOYMENTS["on-demand"]["parameters"]["train_deployment"] == "tuneflow-train/gpu"
-    assert DEPLOYMENTS["gpu"]["work_pool"]["name"] == "gpu"
-    assert DEPLOYMENTS["gpu"]["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # queue, never fail
-    assert DEPLOYMENTS["scheduled"]["work_pool"]["name"] == "cpu"
-    assert DEPLOYMENTS["scheduled"]["parameters"]["train_deployment"] == "tuneflow-train/gpu"
+    assert sorted(DEPLOYMENTS) == ["tuneflow-finetune/on-demand", "tuneflow-retrain/scheduled",
+                                   "tuneflow-sweep/on-demand", "tuneflow-train/gpu"]
+    for name in ("tuneflow-finetune/on-demand", "tuneflow-retrain/scheduled", "tuneflow-sweep/on-demand"):
+        assert DEPLOYMENTS[name]["work_pool"]["name"] == "cpu", name
+        assert DEPLOYMENTS[name]["parameters"]["train_deployment"] == "tuneflow-train/gpu", name
+    assert DEPLOYMENTS["tuneflow-train/gpu"]["work_pool"]["name"] == "gpu"
+    assert DEPLOYMENTS["tuneflow-train/gpu"]["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # never fail
+
+
+def test_make_deploy_registers_every_deployment():
+    makefile = (ROOT / "Makefile").read_text()
+    for deployment in DEPLOYMENTS.values():
+        assert f"deploy --name {deployment['entrypoint']}/{deployment['name']}" in makefile, deployment["name"]
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)
@@ -32,8 +41,7 @@ def test_entrypoints_are_modules_of_the_installed_package(name):
     entrypoint = DEPLOYMENTS[name]["entrypoint"]
     assert ":" not in entrypoint and not entrypoint.endswith(".py"), entrypoint
     flow = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
-    assert flow.name == {"on-demand": "tuneflow-finetune", "gpu": "tuneflow-train",
-                         "scheduled": "tuneflow-retrain"}[name]
+    assert flow.name == name.split("/")[0]
 
 
 @pytest.mark.parametrize("name", [n for n, d in DEPLOYMENTS.items() if "config" in d.get("parameters", {})])

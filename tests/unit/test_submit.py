@@ -55,7 +55,7 @@ def test_several_nodes_without_the_training_deployment_are_refused(tmp_path, pre
 def test_local_paths_of_every_source_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     """Workers of `make stack` share this machine but not its working folder: every local path the config names
     (the model, each of datasets, eval_dataset, an adapter to start from) reaches them absolute; Hub ids stay."""
-    from tuneflow.cli.main import _portable
+    from tuneflow.cli.remote import portable
     from tuneflow.core.loading import load_config
 
     for name in ("a.json", "eval.json", "model", "sft-adapter"):
@@ -66,7 +66,7 @@ def test_local_paths_of_every_source_are_made_absolute_for_the_workers(tmp_path,
                                          {"name_or_path": "org/pairs", "format": "preference"}],
                             "eval_dataset": {"name_or_path": "eval.json", "format": "preference"},
                             "train": {"objective": "dpo", "preference": {"init_adapter": "sft-adapter"}}})
-    data, notes = _portable(cfg)
+    data, notes = portable(cfg)
     assert data["model"]["name_or_path"] == str(tmp_path / "model")
     assert [d["name_or_path"] for d in data["datasets"]] == [str(tmp_path / "a.json"), "org/pairs"]
     assert data["eval_dataset"]["name_or_path"] == str(tmp_path / "eval.json")

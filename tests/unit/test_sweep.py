@@ -55,7 +55,7 @@ def test_a_range_that_is_no_range_is_refused(dimension, said):
         config({"train.learning_rate": dimension})
 
 
-def test_distributions_sampler_and_storage(tmp_path):
+def test_distributions_sampler_and_storage(tmp_path, monkeypatch):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     from tuneflow.tracking.sweeps import distributions, metric_of, storage_url
@@ -69,6 +69,9 @@ def test_distributions_sampler_and_storage(tmp_path):
     assert metric_of(config(GOOD, metric="rouge-l")) == ("rouge-l", True)
     tracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path}/m.db"})})
     assert storage_url(tracked) == f"sqlite:///{tmp_path}/optuna.db"
+    monkeypatch.setenv("TUNEFLOW_CACHE", str(tmp_path / "cache"))  # a tracking server: this machine's cache
+    served = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "http://127.0.0.1:5000"})})
+    assert storage_url(served) == f"sqlite:///{tmp_path}/cache/sweeps/optuna.db"
 
 
 def test_the_command_refuses_a_bad_space_file_before_any_trial(tmp_path, capsys):

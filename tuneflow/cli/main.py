@@ -28,6 +28,7 @@ from tuneflow.cli.common import add_config_arguments, check_trains_here, load, p
 from tuneflow.cli.demo import add_demo_command
 from tuneflow.cli.k8s import add_k8s_command
 from tuneflow.cli.plan import add_plan_command
+from tuneflow.cli.remote import PIPELINE_DEPLOYMENT, TRAIN_DEPLOYMENT, submit_flow_run
 from tuneflow.cli.stack import add_stack_command
 from tuneflow.cli.sweep import add_sweep_command
 from tuneflow.cli.worker import add_worker_command
@@ -97,41 +98,10 @@ def print_results(summary: dict, local: bool = True) -> None:
     print(f"MLflow: {serve}open {link}")
 
 
-PIPELINE_DEPLOYMENT = "tuneflow-finetune/on-demand"
-TRAIN_DEPLOYMENT = "tuneflow-train/gpu"
-
-
 def cmd_submit(args) -> int:
     """Send the pipeline to the team's Prefect server as a flow run of its deployment; with --wait, follow it."""
     cfg = load(args)
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-    from tuneflow.placement.pool import placement_problem
-    from tuneflow.tracking.servers import check_prefect
-
-    if not PREFECT_API_URL.value():
-        raise TuneflowError("submit sends the run to a Prefect server: set PREFECT_API_URL and PREFECT_API_AUTH_STRING "
-                            "(`source .stack/env` after `make stack`), or run it on this machine with `tuneflow run`")
-    train = args.train_deployment or None
-    problem = placement_problem(cfg, train)
-    if problem:
-        raise TuneflowError(problem)
-    check_prefect()
-    from prefect.deployments import run_deployment
-
-    config, notes = _portable(cfg)
-    try:
-        flow_run = run_deployment(args.deployment, parameters={"config": config, "train_deployment": train},
-                                  timeout=0)
-    except ObjectNotFound:
-        raise TuneflowError(f"no deployment {args.deployment} on {PREFECT_API_URL.value()}: `make deploy` "
-                            "registers it") from None
-    url = f"{PREFECT_UI_URL.value()}/runs/flow-run/{flow_run.id}"
-    print(f"submitted flow run {flow_run.name} of {args.deployment} (pool {flow_run.work_pool_name}"
-          f"{', training on ' + train if train else ''}): {url}", flush=True)
-    for note in notes:
-        print(f"tuneflow: {note}", file=sys.stderr)
+    flow_run, url = submit_flow_run(cfg, args.deployment, args.train_deployment or None, "tuneflow run")
     if not args.wait:
         return 0
     try:
@@ -139,24 +109,6 @@ def cmd_submit(args) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped waiting; flow run {flow_run.name} goes on: {url}", file=sys.stderr)
         return 130
-
-
-def _portable(cfg) -> tuple[dict, list[str]]:
-    """The config as the workers get it: the keys the user set, and local paths made absolute (the stack's
-    workers share this machine; on other machines, push the model and datasets to the Hub); and notes on those."""
-    data, notes = cfg.model_dump(mode="json", exclude_unset=True), []
-    for key, section in [("model", cfg.model), *cfg.all_sources]:
-        name = Path(section.name_or_path).expanduser()
-        if name.exists() and not name.is_absolute():
-            node = data
-            for part in key.split("."):  # model, dataset, datasets.1, eval_dataset
-                node = node[int(part)] if isinstance(node, list) else node[part]
-            node["name_or_path"] = str(name.resolve())
-            notes.append(f"{key} {name} is a local path: the workers read {name.resolve()}")
-    start = cfg.train.preference.init_adapter
-    if start and not start.startswith("runs:/") and Path(start).expanduser().exists():
-        data["train"]["preference"]["init_adapter"] = str(Path(start).expanduser().resolve())
-    return data, notes
 
 
 def _follow(flow_run_id, cfg) -> int:

@@ -75,6 +75,10 @@ class SweepConfig(Section):
         "{train.learning_rate: {low: 1e-5, high: 5e-4, log: true}, train.lora.rank: [8, 16, 32]}; "
         "`tuneflow sweep --space FILE` reads it from a YAML file.")
     trials: int = Field(8, ge=1, le=1000, description="Trials in the study (a resumed study counts those it has).")
+    parallel: int = Field(
+        1, ge=1, le=32, description="Trials at once (`tuneflow sweep --parallel P`): each its own pipeline; on a "
+        "team's server their training runs queue on tuneflow-train/gpu's concurrency limit. TPE then assumes the "
+        "running trials' values are bad (constant liar) so that it does not propose them twice.")
     sampler: Literal["tpe", "random", "grid"] = Field(
         "tpe", description="Optuna's sampler: tpe (Bayesian), random, or grid (every combination of choices and "
         "stepped ranges, in seeded order).")
@@ -90,7 +94,8 @@ class SweepConfig(Section):
         "Hyperband's brackets (hyperband); none: every trial trains to the end.")
     storage: Optional[str] = Field(
         None, description="Optuna's study storage (a database URL, e.g. the stack's PostgreSQL); unset: "
-        "sqlite next to the MLflow store (its sqlite file's folder, else output_dir), optuna.db.")
+        "sqlite optuna.db next to the MLflow sqlite store, else (a tracking server) in this machine's tuneflow cache "
+        "(a sweep then resumes on the same machine; give the team's database to resume it on any).")
     study_name: Optional[str] = Field(None, description="The study's name in the storage; unset: run_name. "
                                       "A sweep with a study name that exists resumes it.")
 

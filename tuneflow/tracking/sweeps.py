@@ -16,11 +16,14 @@ from pathlib import Path
 from tuneflow.core.config import TuneflowConfig, tracking_uri
 from tuneflow.core.errors import TuneflowError
 from tuneflow.core.evaluation import JUDGE_DIRECTIONS, METRIC_DIRECTIONS
+from tuneflow.core.files import cache_root
 from tuneflow.core.results import STOP_TAG
 from tuneflow.core.sweep import Range
 from tuneflow.tracking.runs import experiment_id, log_params
 
 STUDY_TAG = "tuneflow.sweep.study"
+TRIAL_STATE_TAG = "tuneflow.trial.state"  # of a trial's pipeline run once it ended: complete, pruned or fail
+RESULT = "sweep.json"  # the sweep's result (as `tuneflow sweep` prints it), an artifact of its run
 
 
 INTERRUPTED = "interrupted"  # user attribute of a trial cut off while it ran (its parameters are tried again)
@@ -42,11 +45,13 @@ def metric_of(cfg: TuneflowConfig) -> tuple[str, bool]:
 
 
 def storage_url(cfg: TuneflowConfig) -> str:
-    """sweep.storage, else sqlite in the folder of the MLflow sqlite store, else in output_dir."""
+    """sweep.storage, else sqlite in the folder of the MLflow sqlite store, else (a tracking server) in this machine's
+    tuneflow cache: a sweep resumed on the same machine finds its study (a worker runs each flow run in a folder of
+    its own, so output_dir would not do)."""
     if cfg.sweep.storage:
         return cfg.sweep.storage
     uri = tracking_uri(cfg.tracking.uri)
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(cfg.output_dir)
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else cache_root() / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder.resolve() / 'optuna.db'}"
 
@@ -174,8 +179,11 @@ def trial_run(client, experiment_id: str, sweep_run_id: str, number: int) -> str
 
 def trial_record(trial) -> dict:
     state = INTERRUPTED if trial.user_attrs.get(INTERRUPTED) else trial.state.name.lower()  # complete, fail, ...
-    return {"number": trial.number, "state": state, "value": trial.value,
-            "params": trial.params, "mlflow_run_id": trial.user_attrs.get("mlflow_run_id")}
+    record = {"number": trial.number, "state": state, "value": trial.value,
+              "params": trial.params, "mlflow_run_id": trial.user_attrs.get("mlflow_run_id")}
+    if "error" in trial.user_attrs:  # why it failed
+        record["error"] = trial.user_attrs["error"]
+    return record
 
 
 def log_plots(client, run_id: str, study, logger: logging.Logger) -> None:
