@@ -11,10 +11,12 @@ is kept in a database (tuneflow/tracking/sweeps.py): run again, a sweep that sto
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from flows.finetune import finetune
@@ -27,6 +29,7 @@ from tuneflow.tracking.sweeps import (
     RESULT,
     TRIAL_STATE_TAG,
     PruneWatch,
+    close_interrupted,
     counted,
     distributions,
     log_plots,
@@ -70,6 +73,7 @@ def sweep(config: TuneflowConfig, train_deployment: str | None = None, register_
     study = open_study(cfg, logger)
     run_id = sweep_run(cfg, client, study.study_name)
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.id))  # this flow run's (a resumed study: the latest)
+    close_interrupted(client, client.get_run(run_id).info.experiment_id, run_id, study)
     logger.info("sweep: study %s, %d of %d trials done; %s %s by %s sampling", study.study_name,
                 len(counted(study)), cfg.sweep.trials, "maximising" if maximize else "minimising", metric,
                 cfg.sweep.sampler)
@@ -125,13 +129,69 @@ def run_trial(cfg: TuneflowConfig, train_deployment: str | None, tags: dict[str,
     return (state.result(), None) if state.is_completed() else ({}, str(state.message))
 
 
+def die_with_parent() -> None:
+    """In a trial's process: SIGTERM when the sweep's process dies (Linux), so that no trial goes on unwatched (its
+    pipeline then cancels its training run)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class TrialProcess:
+    """One trial's pipeline in a process of its own (Prefect's process pool of one, the task `trial-<n>`): two
+    pipelines in one process would share torch's global state (the default dtype transformers sets while it loads a
+    model), and a trial whose process is lost (out of memory) fails alone."""
+
+    def __init__(self, trial_cfg: TuneflowConfig, train_deployment: str | None, tags: dict[str, str], number: int):
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        self.runner = ProcessPoolTaskRunner(max_workers=1, initializer=die_with_parent).__enter__()
+        self.future = self.runner.submit(run_trial.with_options(task_run_name=f"trial-{number}"), {
+            "cfg": trial_cfg, "train_deployment": train_deployment, "tags": tags})
+
+    def outcome(self) -> tuple[dict, str | None]:
+        """The trial's summary and error (its process lost: no summary, the error says so)."""
+        try:
+            return self.future.result()
+        except Exception as exc:
+            return {}, f"the trial's process was lost: {type(exc).__name__}: {exc}"
+        finally:
+            self.runner.__exit__(None, None, None)
+
+    def stop(self) -> None:
+        """The sweep itself stops: end the trial now rather than wait for it (its process gets SIGTERM)."""
+        executor = self.runner._executor  # the stdlib ProcessPoolExecutor: Prefect's shutdown would wait
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.terminate()
+        self.runner.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def shared_api():
+    """Trials' processes talk to this process's Prefect API: without PREFECT_API_URL, the temporary server this
+    process started (else each would start one of its own on the same database)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one this process runs (started with the flow run)
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+
+
 def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, maximize: bool,
                train_deployment: str | None, logger) -> None:
     """Trials until the study has sweep.trials (or the grid is done), sweep.parallel of them at once, each recorded
     complete, pruned or failed as it ends."""
     from optuna.trial import TrialState
-    from prefect.futures import as_completed
-    from prefect.task_runners import ProcessPoolTaskRunner
 
     def fail(trial, why: str) -> bool:
         trial.set_user_attr("error", why[:1000])
@@ -141,42 +201,45 @@ def run_trials(cfg: TuneflowConfig, client, study, run_id: str, metric: str, max
     space = distributions(cfg)
     experiment = client.get_run(run_id).info.experiment_id
     wanted = min(cfg.sweep.trials, grid_size(cfg)) if cfg.sweep.sampler == "grid" else cfg.sweep.trials
-    running: dict = {}  # future -> (trial, its config, its pruning watch)
+    running: dict = {}  # its future -> (trial, its config, its pruning watch, its process)
     exhausted = False
-    # Each trial in a process of its own: two pipelines in one process would share torch's global state (the default
-    # dtype transformers sets while it loads a model), and a trial's crash stays its own.
-    with ProcessPoolTaskRunner(max_workers=cfg.sweep.parallel) as runner:
-        while True:
-            while not exhausted and len(running) < cfg.sweep.parallel and len(counted(study)) + len(running) < wanted:
-                trial = study.ask(space)
-                values = {key: trial.params[key] for key in space}
-                logger.info("sweep: trial %d: %s", trial.number, ", ".join(
-                    f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
-                try:
-                    trial_cfg = trial_config(cfg, values, trial.number)
-                except ConfigError as exc:
-                    exhausted = fail(trial, f"these values do not go together:\n{exc}")
-                    continue
-                tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id, "tuneflow.trial": str(trial.number)}
-                watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) \
-                    if cfg.sweep.pruner != "none" else None
+    try:
+        with shared_api():
+            while True:
+                while not exhausted and len(running) < cfg.sweep.parallel and \
+                        len(counted(study)) + len(running) < wanted:
+                    trial = study.ask(space)
+                    values = {key: trial.params[key] for key in space}
+                    logger.info("sweep: trial %d: %s", trial.number, ", ".join(
+                        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+                    try:
+                        trial_cfg = trial_config(cfg, values, trial.number)
+                    except ConfigError as exc:
+                        exhausted = fail(trial, f"these values do not go together:\n{exc}")
+                        continue
+                    tags = {"mlflow.parentRunId": run_id, "tuneflow.sweep": run_id,
+                            "tuneflow.trial": str(trial.number)}
+                    watch = PruneWatch(client, experiment, run_id, trial, maximize, logger) \
+                        if cfg.sweep.pruner != "none" else None
+                    if watch:
+                        watch.start()
+                    process = TrialProcess(trial_cfg, train_deployment, tags, trial.number)
+                    running[process.future] = (trial, trial_cfg, watch, process)
+                if not running:
+                    break
+                future = next(as_completed(list(running)))
+                trial, trial_cfg, watch, process = running.pop(future)
                 if watch:
-                    watch.start()
-                future = runner.submit(run_trial.with_options(task_run_name=f"trial-{trial.number}"), {
-                    "cfg": trial_cfg, "train_deployment": train_deployment, "tags": tags})
-                running[future] = (trial, trial_cfg, watch)
-            if not running:
-                break
-            future = next(as_completed(list(running)))
-            trial, trial_cfg, watch = running.pop(future)
+                    watch.stop()
+                summary, error = process.outcome()
+                exhausted = record(study, client, experiment, run_id, trial, trial_cfg, summary, error, metric,
+                                   fail, logger) or exhausted
+    except BaseException:  # the sweep stops (an error, cancelled): so do its trials; run again, they run again
+        for _, _, watch, process in running.values():
             if watch:
                 watch.stop()
-            try:
-                summary, error = future.result()
-            except Exception as exc:  # the trial's process lost (killed, out of memory)
-                summary, error = {}, f"{type(exc).__name__}: {exc}"
-            exhausted = record(study, client, experiment, run_id, trial, trial_cfg, summary, error, metric, fail,
-                               logger) or exhausted
+            process.stop()
+        raise
     if exhausted:
         logger.info("sweep: every point of the grid is tried")
 

@@ -26,10 +26,11 @@ def test_the_pipeline_runs_on_cpu_and_training_on_gpu():
     assert DEPLOYMENTS["tuneflow-train/gpu"]["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # never fail
 
 
-def test_make_deploy_registers_every_deployment():
-    makefile = (ROOT / "Makefile").read_text()
+@pytest.mark.parametrize("registrar", ["Makefile", "infra/compose.yaml"])
+def test_make_deploy_and_compose_register_every_deployment(registrar):
+    text = (ROOT / registrar).read_text()
     for deployment in DEPLOYMENTS.values():
-        assert f"deploy --name {deployment['entrypoint']}/{deployment['name']}" in makefile, deployment["name"]
+        assert f"deploy --name {deployment['entrypoint']}/{deployment['name']}" in text, deployment["name"]
 
 
 @pytest.mark.parametrize("name", DEPLOYMENTS)

@@ -71,7 +71,13 @@ def test_distributions_sampler_and_storage(tmp_path, monkeypatch):
     assert storage_url(tracked) == f"sqlite:///{tmp_path}/optuna.db"
     monkeypatch.setenv("TUNEFLOW_CACHE", str(tmp_path / "cache"))  # a tracking server: this machine's cache
     served = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "http://127.0.0.1:5000"})})
-    assert storage_url(served) == f"sqlite:///{tmp_path}/cache/sweeps/optuna.db"
+    assert storage_url(served).startswith(f"sqlite:///{tmp_path}/cache/sweeps/optuna-")
+    other = served.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "http://10.0.0.1:5000"})})
+    assert storage_url(other) != storage_url(served)  # one study file per tracking server
+    from tuneflow.tracking.sweeps import shown_storage
+
+    assert shown_storage("postgresql+psycopg2://optuna:s3cret@db:5432/optuna") == \
+        "postgresql+psycopg2://optuna:***@db:5432/optuna"
 
 
 def test_the_command_refuses_a_bad_space_file_before_any_trial(tmp_path, capsys):
@@ -155,3 +161,20 @@ def test_a_resumed_study_proposes_new_points_and_must_be_the_same_search(tmp_pat
                    storage=f"sqlite:///{tmp_path}/optuna.db", study_name="s")
     with pytest.raises(SweepProblem, match="sweep.study_name: the study s in .* was made for another search"):
         open_study(other, logger)
+
+
+def test_a_sweep_run_whose_study_is_kept_elsewhere_is_refused(tmp_path):
+    """Resumed on another machine (each keeps its study in its own cache by default), the sweep would start the
+    study afresh under the old MLflow run: refused, saying what to set; the storage's password never reaches MLflow."""
+    from mlflow import MlflowClient
+
+    from tuneflow.tracking.sweeps import STORAGE_TAG, SweepProblem, sweep_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    here = config(GOOD, storage="postgresql+psycopg2://optuna:s3cret@db:5432/optuna")
+    run_id = sweep_run(here, client, "s")
+    assert client.get_run(run_id).data.tags[STORAGE_TAG] == "postgresql+psycopg2://optuna:***@db:5432/optuna"
+    assert sweep_run(here, client, "s") == run_id  # the same storage: the same run, resumed
+    elsewhere = config(GOOD, storage=f"sqlite:///{tmp_path}/optuna.db")
+    with pytest.raises(SweepProblem, match="set sweep.storage to a database every cpu worker reaches"):
+        sweep_run(elsewhere, client, "s")

@@ -49,6 +49,13 @@ def cmd_sweep(args) -> int:
     if args.submit:
         return submit_sweep(cfg, args)
     check_trains_here(cfg)  # trials train on this machine
+    if cfg.sweep.parallel > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            raise TuneflowError(f"sweep.parallel {cfg.sweep.parallel} on this machine: each trial's training would "
+                                "take every GPU here at once; run the trials one at a time, or --submit them to the "
+                                "gpu pool, where each training run gets a GPU worker of its own")
     from flows.sweep import sweep
     from tuneflow.tracking.registry import Registry, RegistryProblem
     from tuneflow.tracking.sweeps import SweepProblem
@@ -108,10 +115,10 @@ def follow(flow_run_id, cfg) -> int:
                 value = t.data.metrics.get(metric) if state == "complete" else None
                 if value is not None and (best is None or (value > best[1] if maximize else value < best[1])):
                     best = (number, value)
-                text = (f"  trial {number}: {state or t.info.status.lower()}"
-                        + (f", {metric} {value:.4g}; best so far trial {best[0]}, {best[1]:.4g}"
-                           if value is not None else ""))
-                log.note(number, text)
+                log.note(number, f"  trial {number}: {state or t.info.status.lower()}"
+                         + (f", {metric} {value:.4g}" if value is not None else ""))
+            if best:
+                log.note("best", f"  best so far: trial {best[0]}, {metric} {best[1]:.4g}")
             if run.state.is_final():
                 break
             time.sleep(2)

@@ -8,6 +8,7 @@ trial and Optuna's plots; every trial's pipeline run is nested under it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -23,6 +24,7 @@ from tuneflow.tracking.runs import experiment_id, log_params
 
 STUDY_TAG = "tuneflow.sweep.study"
 TRIAL_STATE_TAG = "tuneflow.trial.state"  # of a trial's pipeline run once it ended: complete, pruned or fail
+STORAGE_TAG = "tuneflow.sweep.storage"  # where the study is kept (without a password)
 RESULT = "sweep.json"  # the sweep's result (as `tuneflow sweep` prints it), an artifact of its run
 
 
@@ -51,9 +53,22 @@ def storage_url(cfg: TuneflowConfig) -> str:
     if cfg.sweep.storage:
         return cfg.sweep.storage
     uri = tracking_uri(cfg.tracking.uri)
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else cache_root() / "sweeps"
+    if uri.startswith("sqlite:///"):
+        folder, name = Path(uri.removeprefix("sqlite:///")).parent, "optuna.db"
+    else:  # one file per tracking server: the same study name on two servers is two studies
+        folder, name = cache_root() / "sweeps", f"optuna-{hashlib.sha256(uri.encode()).hexdigest()[:12]}.db"
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+    return f"sqlite:///{folder.resolve() / name}"
+
+
+def shown_storage(url: str) -> str:
+    """A storage URL as MLflow may keep it: without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: keep only what follows the credentials
+        return url.rsplit("@", 1)[-1]
 
 
 def distributions(cfg: TuneflowConfig) -> dict:
@@ -142,20 +157,39 @@ def counted(study) -> list:
 
 
 def sweep_run(cfg: TuneflowConfig, client, name: str) -> str:
-    """The sweep's MLflow parent run: the one of this study name in the experiment (resumed), else a new one."""
+    """The sweep's MLflow parent run: the one of this study name in the experiment (resumed), else a new one. A run
+    whose study is kept in another storage (a sweep resumed on another machine, each keeping its own) is refused."""
     exp = experiment_id(client, cfg.tracking.experiment)
+    storage = shown_storage(storage_url(cfg))
     found = client.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = '{name}'", max_results=1)
     if found:
+        kept = found[0].data.tags.get(STORAGE_TAG)
+        if kept and kept != storage:
+            raise SweepProblem(f"the sweep of study {name} keeps its study in {kept}, but this machine's is {storage} "
+                               "(by default each machine keeps its own): set sweep.storage to a database every cpu "
+                               "worker reaches, or sweep.study_name to start a new study")
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     metric, maximize = metric_of(cfg)
-    run_id = client.create_run(exp, run_name=f"sweep-{name}", tags={STUDY_TAG: name, "tuneflow.kind": "sweep"}
-                               ).info.run_id
+    run_id = client.create_run(exp, run_name=f"sweep-{name}", tags={
+        STUDY_TAG: name, STORAGE_TAG: storage, "tuneflow.kind": "sweep"}).info.run_id
     log_params(client, run_id, {"sweep.sampler": cfg.sweep.sampler, "sweep.seed": cfg.sweep.seed,
                                 "sweep.trials": cfg.sweep.trials, "sweep.metric": metric,
                                 "sweep.direction": "maximize" if maximize else "minimize",
                                 "sweep.space": json.dumps(plain_space(cfg), sort_keys=True)})
     return run_id
+
+
+def close_interrupted(client, experiment_id: str, sweep_run_id: str, study) -> None:
+    """The MLflow runs of trials cut off when an earlier sweep stopped: tagged interrupted and ended (KILLED), not
+    left running."""
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.user_attrs.get(INTERRUPTED):
+            continue
+        run_id = trial_run(client, experiment_id, sweep_run_id, trial.number)
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, TRIAL_STATE_TAG, INTERRUPTED)
+            client.set_terminated(run_id, "KILLED")
 
 
 def tell(study, trial, *args, **kwargs) -> bool:
