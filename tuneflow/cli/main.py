@@ -28,7 +28,7 @@ from tuneflow.cli.common import add_config_arguments, check_trains_here, load, p
 from tuneflow.cli.demo import add_demo_command
 from tuneflow.cli.k8s import add_k8s_command
 from tuneflow.cli.plan import add_plan_command
-from tuneflow.cli.remote import PIPELINE_DEPLOYMENT, TRAIN_DEPLOYMENT, submit_flow_run
+from tuneflow.cli.remote import PIPELINE_DEPLOYMENT, TRAIN_DEPLOYMENT, submit
 from tuneflow.cli.stack import add_stack_command
 from tuneflow.cli.sweep import add_sweep_command
 from tuneflow.cli.worker import add_worker_command
@@ -100,15 +100,7 @@ def print_results(summary: dict, local: bool = True) -> None:
 
 def cmd_submit(args) -> int:
     """Send the pipeline to the team's Prefect server as a flow run of its deployment; with --wait, follow it."""
-    cfg = load(args)
-    flow_run, url = submit_flow_run(cfg, args.deployment, args.train_deployment or None, "tuneflow run")
-    if not args.wait:
-        return 0
-    try:
-        return _follow(flow_run.id, cfg)
-    except KeyboardInterrupt:
-        print(f"\nstopped waiting; flow run {flow_run.name} goes on: {url}", file=sys.stderr)
-        return 130
+    return submit(load(args), args, "tuneflow run", _follow)
 
 
 def _follow(flow_run_id, cfg) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 from tuneflow.core.config import TuneflowConfig
 from tuneflow.core.errors import TuneflowError
@@ -11,6 +12,19 @@ from tuneflow.core.errors import TuneflowError
 PIPELINE_DEPLOYMENT = "tuneflow-finetune/on-demand"
 SWEEP_DEPLOYMENT = "tuneflow-sweep/on-demand"
 TRAIN_DEPLOYMENT = "tuneflow-train/gpu"
+
+
+def submit(cfg: TuneflowConfig, args, here: str, follow: Callable[[object, TuneflowConfig], int], **parameters) -> int:
+    """A flow run of args.deployment (training on args.train_deployment); with args.wait, ``follow(flow run id,
+    cfg)`` until it ends (its exit status), Ctrl-C stopping only the waiting."""
+    flow_run, url = submit_flow_run(cfg, args.deployment, args.train_deployment or None, here, **parameters)
+    if not args.wait:
+        return 0
+    try:
+        return follow(flow_run.id, cfg)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; flow run {flow_run.name} goes on: {url}", file=sys.stderr)
+        return 130
 
 
 def submit_flow_run(cfg: TuneflowConfig, deployment: str, train: str | None, here: str, **parameters):

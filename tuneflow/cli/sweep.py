@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from tuneflow.cli.common import add_config_arguments, check_trains_here, load, print_json_result
-from tuneflow.cli.remote import SWEEP_DEPLOYMENT, TRAIN_DEPLOYMENT, submit_flow_run
+from tuneflow.cli.remote import SWEEP_DEPLOYMENT, TRAIN_DEPLOYMENT, submit
 from tuneflow.core.errors import TuneflowError
 from tuneflow.core.loading import ConfigError, with_values
 
@@ -69,15 +69,7 @@ def cmd_sweep(args) -> int:
 def submit_sweep(cfg, args) -> int:
     """The sweep as a flow run of tuneflow-sweep/on-demand on the team's server; with --wait, each trial's state and
     value and the best so far as they change, then the result as JSON."""
-    flow_run, url = submit_flow_run(cfg, args.deployment, args.train_deployment or None,
-                                    "tuneflow sweep", register_best=args.register)
-    if not args.wait:
-        return 0
-    try:
-        return follow(flow_run.id, cfg)
-    except KeyboardInterrupt:
-        print(f"\nstopped waiting; flow run {flow_run.name} goes on: {url}", file=sys.stderr)
-        return 130
+    return submit(cfg, args, "tuneflow sweep", follow, register_best=args.register)
 
 
 def follow(flow_run_id, cfg) -> int:
