@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint clean deploy bench stack stack-stop
+.PHONY: install demo test lint clean deploy bench stack stack-stop images compose-demo compose-down
 OLAH_VENV ?= .venv-olah
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
@@ -34,9 +34,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-# The Prefect UI form test drives Debian's chromium (Playwright's own browser download is not used).
+# The Prefect UI form test drives Debian's chromium (Playwright's own browser download is not used); the Compose test
+# builds and runs the stack with Debian's Docker engine, docker-compose and debootstrap (tests/integration/test_compose.py).
 test: install $(OLAH_VENV)/.installed lint
 	command -v chromium >/dev/null || test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
+	{ command -v dockerd && command -v debootstrap && { command -v docker-compose || docker compose version; }; } >/dev/null 2>&1 \
+	  || { apt-get update && apt-get install -y docker.io docker-compose debootstrap; }
 	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra --durations=15
 
 clean:
@@ -74,3 +77,29 @@ stack: install
 
 stack-stop:
 	STACK_DIR=$(STACK_DIR) $(BIN)/tuneflow stack stop
+
+# The Compose stack (infra/compose.yaml, docs/infrastructure.md) from this checkout.
+#   make images [OFFLINE=1]       # its images; OFFLINE=1: from a Debian base made here (debootstrap), no registry
+#   make compose-demo [OFFLINE=1] # images, then the stack up (project tuneflow-demo, secrets in infra/.env, written
+#                                 # when missing) and the demo pipeline through it; the stack stays up
+#   make compose-down [VOLUMES=1] # stops it (VOLUMES=1: and removes its data)
+COMPOSE_PROJECT ?= tuneflow-demo
+COMPOSE_ENV ?= infra/.env
+COMPOSE_ARGS ?=
+ifdef OFFLINE
+export BASE_IMAGE = tuneflow-base:bookworm
+export POSTGRES_IMAGE = tuneflow-postgres:15
+export TORCH_INDEX_URL =
+endif
+images: install
+ifdef OFFLINE
+	sh infra/docker/offline-base.sh $(BASE_IMAGE)
+	docker build -q -f infra/docker/postgres.Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(POSTGRES_IMAGE) infra/docker
+endif
+	$(BIN)/python -m infra.compose build --project $(COMPOSE_PROJECT) --env-file $(COMPOSE_ENV)
+
+compose-demo: images
+	$(BIN)/python -m infra.compose demo --project $(COMPOSE_PROJECT) --env-file $(COMPOSE_ENV) $(COMPOSE_ARGS)
+
+compose-down: install
+	$(BIN)/python -m infra.compose down --project $(COMPOSE_PROJECT) --env-file $(COMPOSE_ENV) $(if $(VOLUMES),--volumes)

@@ -1,7 +1,7 @@
-"""Offline validation of the Docker Compose stack and its Dockerfiles (the Kubernetes side: test_kubernetes.py).
-
-Docker is not available where the suite runs, so these files are checked against the specs their tools use: the
-Compose spec (the schema `docker compose` validates with) and the Dockerfiles as dockerfile-parse reads them.
+"""Offline checks of the Docker Compose stack and its Dockerfiles (the Kubernetes side: test_kubernetes.py), in
+seconds: the files against the specs their tools use (the Compose spec `docker compose` validates with, the
+Dockerfiles as dockerfile-parse reads them) and the stack's own rules. The stack is built, started and used for real
+in tests/integration/test_compose.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dockerfile_parse import DockerfileParser
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 COMPOSE = INFRA / "compose.yaml"
+OVERRIDES = (INFRA / "compose.gpu.yaml", INFRA / "compose.minio.yaml")
 ENV_EXAMPLE = INFRA / ".env.example"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING", re.IGNORECASE)
 
@@ -87,8 +88,8 @@ def env_example() -> dict[str, str]:
     return values
 
 
-def compose_raw() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+def compose_raw(path: Path = COMPOSE) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 def compose_schema() -> dict:
@@ -102,15 +103,19 @@ def compose_validator() -> jsonschema.protocols.Validator:
     return jsonschema.validators.validator_for(schema)(schema)
 
 
-def resolved_compose(env: dict[str, str] | None = None) -> dict:
-    return interpolate(compose_raw(), env_example() if env is None else env)
+def resolved_compose(env: dict[str, str] | None = None, path: Path = COMPOSE) -> dict:
+    return interpolate(compose_raw(path), env_example() if env is None else env)
 
 
-def test_compose_file_matches_the_compose_spec_before_and_after_interpolation():
+def test_compose_files_match_the_compose_spec_before_and_after_interpolation():
     validator = compose_validator()
-    for doc in (compose_raw(), resolved_compose()):
-        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-        assert not errors, errors
+    for path in (COMPOSE, *OVERRIDES):
+        for doc in (compose_raw(path), resolved_compose(path=path)):
+            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+            assert not errors, (path.name, errors)
+        # Compose v1 (Debian's docker-compose 1.29) refuses a top-level `name`: the project name comes from the env.
+        assert "name" not in compose_raw(path), path.name
+    assert env_example()["COMPOSE_PROJECT_NAME"] == "tuneflow"
     # The schema is strict enough to catch a misspelt key and a wrong type.
     broken = resolved_compose()
     broken["services"]["prefect"]["healthchek"] = broken["services"]["prefect"].pop("healthcheck")
@@ -121,10 +126,9 @@ def test_compose_file_matches_the_compose_spec_before_and_after_interpolation():
 
 def test_compose_services_dependencies_and_healthchecks():
     services = resolved_compose()["services"]
-    assert {"postgres", "minio", "minio-init", "prefect", "mlflow", "prefect-deploy", "cpu-worker",
-            "gpu-worker"} <= set(services)
+    assert set(services) == {"postgres", "prefect", "mlflow", "prefect-deploy", "cpu-worker", "gpu-worker"}
     one_shot = {name for name, s in services.items() if s.get("restart") == "no"}
-    assert one_shot == {"minio-init", "prefect-deploy"}
+    assert one_shot == {"prefect-deploy"}
     for name, service in services.items():
         for dep, cond in service.get("depends_on", {}).items():
             assert dep in services, f"{name} depends on unknown service {dep}"
@@ -134,14 +138,20 @@ def test_compose_services_dependencies_and_healthchecks():
                 f"{name} waits for {dep}, which has no healthcheck"
         if name not in one_shot:
             assert "healthcheck" in service, f"{name} has no healthcheck"
-    # Prefect and MLflow keep their state in Postgres; MLflow's artifacts go to the MinIO bucket, proxied.
+    # Prefect and MLflow keep their state in Postgres; MLflow's artifacts go to a volume, served by MLflow.
     assert services["prefect"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://prefect@postgres:5432/")
     cmd = services["mlflow"]["command"]
-    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("postgresql://mlflow@postgres:5432/")
-    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://mlflow/artifacts"
+    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("postgresql+psycopg2://mlflow@postgres:5432/")
     assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
-    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"] == "/mlflow/artifacts"
+    assert "mlflow-artifacts:/mlflow/artifacts" in services["mlflow"]["volumes"]
+    # With infra/compose.minio.yaml: the MinIO bucket instead, once minio-init made it.
+    minio = resolved_compose(path=INFRA / "compose.minio.yaml")["services"]
+    assert minio["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow/artifacts"
+    assert minio["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert minio["mlflow"]["depends_on"] == {"minio-init": {"condition": "service_completed_successfully"}}
+    assert minio["minio-init"]["restart"] == "no" and "healthcheck" in minio["minio"]
     # The workers: one per pool, on the authenticated servers, the GPU one with the GPUs reserved.
     for pool in ("cpu", "gpu"):
         worker = services[f"{pool}-worker"]
@@ -150,15 +160,20 @@ def test_compose_services_dependencies_and_healthchecks():
         assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert any(v.endswith(":/cache") for v in worker["volumes"])
         assert worker["environment"]["HF_HUB_CACHE"].startswith("/cache/")
-    devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    # Without GPUs the stack starts (nothing reserved); infra/compose.gpu.yaml reserves them for the gpu worker.
+    assert "deploy" not in services["gpu-worker"] and "deploy" not in services["cpu-worker"]
+    gpu = resolved_compose(path=INFRA / "compose.gpu.yaml")["services"]
+    devices = gpu["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-    assert "deploy" not in services["cpu-worker"]
+    assert gpu["gpu-worker"]["build"]["dockerfile"] == "infra/docker/gpu.Dockerfile"
+    assert gpu["gpu-worker"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/cu130")
 
 
 def test_compose_publishes_only_prefect_and_mlflow_on_the_configured_interface():
     raw = compose_raw()["services"]
     published = {name for name, s in raw.items() if s.get("ports")}
-    assert published == {"prefect", "mlflow"}, "Postgres, MinIO and the workers must not be published"
+    assert published == {"prefect", "mlflow"}, "Postgres and the workers must not be published"
+    assert not any(s.get("ports") for s in compose_raw(INFRA / "compose.minio.yaml")["services"].values())
     for name, port in (("prefect", 4200), ("mlflow", 5000)):
         (mapping,) = raw[name]["ports"]
         assert mapping.startswith("${PUBLISH_HOST:-127.0.0.1}:"), mapping
@@ -183,26 +198,29 @@ def test_compose_authentication_is_on_for_servers_and_clients():
         assert env["MLFLOW_TRACKING_USERNAME"] == example["MLFLOW_ADMIN_USERNAME"]
         assert env["MLFLOW_TRACKING_PASSWORD"] == example["MLFLOW_ADMIN_PASSWORD"]
     # The S3 credentials stay on the MLflow server: no client gets them.
-    holders = {n for n, s in services.items() for k in s.get("environment", {}) if k.startswith("AWS_")}
+    minio = resolved_compose(path=INFRA / "compose.minio.yaml")["services"]
+    holders = {n for n, s in minio.items() for k in s.get("environment", {}) if k.startswith("AWS_")}
     assert holders == {"mlflow"}
 
 
 def test_every_compose_variable_is_documented_and_every_secret_is_required():
-    variables = compose_variables(compose_raw())
+    variables = compose_variables([compose_raw(path) for path in (COMPOSE, *OVERRIDES)])
     example = env_example()
     undocumented = sorted(set(variables) - set(example))
     assert not undocumented, f"not in infra/.env.example: {undocumented}"
-    unused = sorted(set(example) - set(variables))
-    assert not unused, f"in infra/.env.example but not used by infra/compose.yaml: {unused}"
+    unused = sorted(set(example) - set(variables) - {"COMPOSE_PROJECT_NAME"})  # read by Compose itself
+    assert not unused, f"in infra/.env.example but not used by infra/compose*.yaml: {unused}"
     for name, op in variables.items():
         if SECRET_NAME.search(name) and name != "HF_TOKEN":  # HF_TOKEN is optional: public models need none
             assert op == ":?", f"${{{name}}} is a secret: use ${{{name}:?message}} so that a missing one fails"
     # A missing secret stops Compose with its message; with every secret set, it resolves.
-    for name in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_S3_SECRET_KEY"):
+    for name, path in (("POSTGRES_PASSWORD", COMPOSE), ("PREFECT_AUTH_STRING", COMPOSE),
+                       ("MLFLOW_ADMIN_PASSWORD", COMPOSE), ("MLFLOW_S3_SECRET_KEY", INFRA / "compose.minio.yaml")):
         env = {k: v for k, v in example.items() if k != name}
         with pytest.raises(MissingVariable, match=name):
-            resolved_compose(env)
-    resolved_compose()
+            resolved_compose(env, path)
+    for path in (COMPOSE, *OVERRIDES):
+        resolved_compose(path=path)
 
 
 def test_no_secret_literal_in_compose_or_the_files_it_mounts():
@@ -210,8 +228,8 @@ def test_no_secret_literal_in_compose_or_the_files_it_mounts():
     for name, value in example.items():
         if SECRET_NAME.search(name):
             assert value in ("", "change-me") or value.endswith(":change-me"), f"{name} in .env.example: {value!r}"
-    services = compose_raw()["services"]
-    for name, service in services.items():
+    services = [item for path in (COMPOSE, *OVERRIDES) for item in compose_raw(path)["services"].items()]
+    for name, service in services:
         for key, value in (service.get("environment") or {}).items():
             if SECRET_NAME.search(key):
                 assert isinstance(value, str) and re.fullmatch(r"\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}", value), \
@@ -219,10 +237,35 @@ def test_no_secret_literal_in_compose_or_the_files_it_mounts():
         command = json.dumps(service.get("command", "")) + json.dumps(service.get("entrypoint", ""))
         assert not re.search(r"://[^/@\s\"]+:[^/@\s\"]+@", command), f"{name}: a password in a URL"
     # The mounted and copied files carry no credentials either.
-    for path in [*(INFRA / "docker").iterdir(), COMPOSE]:
+    for path in [*(INFRA / "docker").iterdir(), COMPOSE, *OVERRIDES]:
         text = path.read_text()
         assert not re.search(r"(?im)^\s*(admin_password|password)\s*=\s*\S", text), path
         assert not re.search(r"://[^/@\s]+:[^/@\s$]+@", text), f"{path}: a password in a URL"
+
+
+def test_the_env_file_make_writes_has_random_secrets_and_the_settings_of_the_environment(tmp_path, monkeypatch):
+    from infra.compose import client_env, ensure_env_file, settings
+
+    monkeypatch.setenv("PREFECT_PORT", "14321")
+    monkeypatch.setenv("POSTGRES_IMAGE", "tuneflow-postgres:15")
+    monkeypatch.delenv("MLFLOW_PORT", raising=False)
+    path = tmp_path / "compose.env"
+    assert ensure_env_file(path) and path.stat().st_mode & 0o777 == 0o600
+    values = settings(path)
+    assert set(values) == set(env_example())
+    secret_values = [v for k, v in values.items() if SECRET_NAME.search(k) and k != "HF_TOKEN"]
+    assert secret_values and not any("change-me" in v for v in secret_values)
+    assert len(set(secret_values)) == len(secret_values), "each secret its own"
+    assert values["PREFECT_AUTH_STRING"].startswith("admin:")
+    assert values["POSTGRES_IMAGE"] == "tuneflow-postgres:15" and values["MLFLOW_PORT"] == "5000"
+    client = client_env(path)
+    assert client["PREFECT_API_URL"] == "http://127.0.0.1:14321/api"
+    assert client["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert client["PREFECT_API_AUTH_STRING"] == values["PREFECT_AUTH_STRING"]
+    # An existing file is the user's: never rewritten.
+    before = path.read_text()
+    monkeypatch.setenv("PREFECT_PORT", "1")
+    assert not ensure_env_file(path) and path.read_text() == before
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------------------
@@ -258,8 +301,9 @@ def test_worker_images_install_the_project_after_torch_and_run_as_non_root(name,
     users = [i["value"].strip() for i in parser.structure if i["instruction"] == "USER"]
     assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root user"
     assert parser.structure[-1]["instruction"] == "CMD" and "worker" in parser.structure[-1]["value"]
-    ignore = (INFRA / "docker" / f"{name}.dockerignore").read_text().split()
-    assert ignore[ignore.index("**") if "**" in ignore else 0] == "**" and "!tuneflow/**" in ignore
+    # The build context is the repository root: .dockerignore sends only what the image installs (no .venv).
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("**")] == "**" and "!tuneflow/**" in ignore and "infra/.env" in ignore
 
 
 def test_mlflow_image_has_the_auth_app_the_database_driver_and_s3():

@@ -157,7 +157,11 @@ def _summary_in_mlflow(cfg, flow_run_id) -> dict | None:
         print(f"no MLflow run of flow run {flow_run_id} at {uri}", file=sys.stderr)
         return None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
-    return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "summary.json")).read_text())
+    summary = json.loads(Path(client.download_artifacts(runs[0].info.run_id, "summary.json")).read_text())
+    # The link to the run: the server as this machine reaches it (the workers' name for it may be the stack's own,
+    # e.g. http://mlflow:5000 inside Compose).
+    summary["mlflow"]["tracking_uri"] = uri
+    return summary
 
 
 def cmd_retrain(args) -> int:

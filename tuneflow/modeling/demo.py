@@ -122,4 +122,6 @@ def build(out: Path, n_rows: int = 240, lang: str = "en", arch: str = "llama", s
     model_dir = out / "model"
     tokenizer = build_tokenizer(texts, model_dir)
     build_model(model_dir, tokenizer, arch, seed)
+    for weights in model_dir.glob("*.safetensors"):
+        weights.chmod(0o644)  # safetensors writes 0600: workers running as another user (Compose) read them too
     return {"model": model_dir, "data": data_dir / "train.json"}
