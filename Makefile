@@ -38,8 +38,11 @@ lint: install
 # builds and runs the stack with Debian's Docker engine, docker-compose and debootstrap (tests/integration/test_compose.py).
 test: install $(OLAH_VENV)/.installed lint
 	command -v chromium >/dev/null || test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
-	{ command -v dockerd && command -v debootstrap && { command -v docker-compose || docker compose version; }; } >/dev/null 2>&1 \
-	  || { apt-get update && apt-get install -y docker.io docker-compose debootstrap; }
+	@missing=""; \
+	  { docker info || command -v dockerd; } >/dev/null 2>&1 || missing="$$missing docker.io"; \
+	  { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	  command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	  test -z "$$missing" || { echo "installing$$missing"; apt-get update && apt-get install -y $$missing; }
 	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra --durations=15
 
 clean:
@@ -86,13 +89,13 @@ stack-stop:
 COMPOSE_PROJECT ?= tuneflow-demo
 COMPOSE_ENV ?= infra/.env
 COMPOSE_ARGS ?=
-ifdef OFFLINE
+ifeq ($(OFFLINE),1)
 export BASE_IMAGE = tuneflow-base:bookworm
 export POSTGRES_IMAGE = tuneflow-postgres:15
 export TORCH_INDEX_URL =
 endif
 images: install
-ifdef OFFLINE
+ifeq ($(OFFLINE),1)
 	sh infra/docker/offline-base.sh $(BASE_IMAGE)
 	docker build -q -f infra/docker/postgres.Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(POSTGRES_IMAGE) infra/docker
 endif
@@ -102,4 +105,4 @@ compose-demo: images
 	$(BIN)/python -m infra.compose demo --project $(COMPOSE_PROJECT) --env-file $(COMPOSE_ENV) $(COMPOSE_ARGS)
 
 compose-down: install
-	$(BIN)/python -m infra.compose down --project $(COMPOSE_PROJECT) --env-file $(COMPOSE_ENV) $(if $(VOLUMES),--volumes)
+	$(BIN)/python -m infra.compose down --project $(COMPOSE_PROJECT) --env-file $(COMPOSE_ENV) $(if $(filter 1,$(VOLUMES)),--volumes)

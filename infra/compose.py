@@ -23,16 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from dotenv import dotenv_values
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 COMPOSE_FILE = INFRA / "compose.yaml"
-# The services that stay up (healthy) and the one-shot one that must exit 0.
-SERVICES = ("postgres", "prefect", "mlflow", "cpu-worker", "gpu-worker")
-ONE_SHOT = ("prefect-deploy",)
-CLIENT_VARS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-               "MLFLOW_TRACKING_PASSWORD")
+DEMO_ASSETS = REPO / "demo" / "assets"  # the demo's model and data; the workers read demo/ (TUNEFLOW_DATA_DIR)
 
 
 class ComposeError(RuntimeError):
@@ -49,17 +46,20 @@ def compose_command() -> list[str]:
                        "docker.io docker-compose)")
 
 
-def ensure_env_file(path: Path) -> bool:
-    """Write ``path`` (mode 0600) from infra/.env.example unless it exists: each variable set in the environment as
-    it is there (e.g. PREFECT_PORT, or the images `make … OFFLINE=1` sets, so that a later `docker compose up` uses
-    them too), every change-me a random secret. Returns whether it wrote one."""
+def ensure_env_file(path: Path, project: str) -> bool:
+    """Write ``path`` (mode 0600) from infra/.env.example unless it exists, for the stack ``project`` of this
+    checkout (its demo/ folder the workers' data): each variable set in the environment as it is there (e.g.
+    PREFECT_PORT, or the images `make … OFFLINE=1` sets), every change-me a random secret; so that a later plain
+    `docker compose --env-file … up` starts the same stack. Returns whether it wrote one."""
     if path.exists():
         return False
+    defaults = {"COMPOSE_PROJECT_NAME": project, "TUNEFLOW_DATA_DIR": str(DEMO_ASSETS.parent)}
     lines = []
     for line in (INFRA / ".env.example").read_text().splitlines():
         key, sep, value = line.partition("=")
         if sep and not line.startswith("#"):
-            line = f"{key}={os.environ.get(key, value).replace('change-me', secrets.token_hex(16))}"
+            value = os.environ.get(key, defaults.get(key, value))
+            line = f"{key}={value.replace('change-me', secrets.token_hex(16))}"
         lines.append(line)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -103,6 +103,10 @@ class Stack:
                                + (f": {done.stderr[-3000:]}" if capture else ""))
         return done
 
+    def services(self) -> dict[str, dict]:
+        """service -> its definition, as Compose resolves the files."""
+        return yaml.safe_load(self.run("config", capture=True).stdout)["services"]
+
     def containers(self) -> dict[str, dict]:
         """service -> `docker inspect` of its container."""
         ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"],
@@ -121,25 +125,27 @@ class Stack:
     def wait_ready(self, timeout: float = 600) -> None:
         """Until every service is healthy and the one-shot ones exited 0; a container that exits or turns
         unhealthy stops the wait with its log."""
+        services = self.services()
+        one_shot = {name for name, s in services.items() if s.get("restart") == "no"}
         deadline, shown = time.monotonic() + timeout, ""
         while True:
             states = {}
             for service, c in self.containers().items():
                 state = c["State"]
                 states[service] = (state.get("Health") or {}).get("Status") or state["Status"]
-                if service in ONE_SHOT and state["Status"] == "exited":
+                if service in one_shot and state["Status"] == "exited":
                     states[service] = "done" if state["ExitCode"] == 0 else f"exited {state['ExitCode']}"
-            bad = [s for s, st in states.items() if st == "unhealthy" or (st.startswith("exited"))]
+            bad = [s for s, st in states.items() if st == "unhealthy" or st.startswith("exited")]
             if bad:
                 raise ComposeError("\n".join(f"{s}: {states[s]}\n{self.logs(s)}" for s in bad))
-            line = "  ".join(f"{s} {states.get(s, '-')}" for s in (*SERVICES, *ONE_SHOT))
+            line = "  ".join(f"{s} {st}" for s, st in sorted(states.items()))
             if line != shown:
                 print(f"compose: {line}", flush=True)
                 shown = line
-            if all(states.get(s) == "healthy" for s in SERVICES) and all(states.get(s) == "done" for s in ONE_SHOT):
+            waiting = [s for s in services if states.get(s) != ("done" if s in one_shot else "healthy")]
+            if not waiting:
                 return
             if time.monotonic() > deadline:
-                waiting = [s for s in (*SERVICES, *ONE_SHOT) if states.get(s) not in ("healthy", "done")]
                 raise ComposeError(f"not ready after {timeout:.0f} s: {', '.join(waiting)}\n"
                                    + "\n".join(self.logs(s) for s in waiting))
             time.sleep(3)
@@ -157,10 +163,14 @@ def demo(stack: Stack, overrides: list[str]) -> int:
     workers at the same path), `tuneflow submit --config configs/demo.yaml --wait` with the stack's credentials."""
     from tuneflow.modeling.demo import build
 
-    assets = REPO / "demo" / "assets"
-    if not (assets / "model").is_dir():
-        build(assets)
-    os.environ["TUNEFLOW_DATA_DIR"] = str(assets.parent)  # a folder kept: a bind mount follows the inode
+    if not (DEMO_ASSETS / "model").is_dir():
+        build(DEMO_ASSETS)
+    for weights in (DEMO_ASSETS / "model").glob("*.safetensors"):
+        weights.chmod(0o644)  # assets made before `build` did this were 0600: unreadable by the workers' user
+    mounted = Path(settings(stack.env_file).get("TUNEFLOW_DATA_DIR") or "/srv/tuneflow")
+    if not DEMO_ASSETS.is_relative_to(mounted):
+        raise ComposeError(f"the workers read {mounted} (TUNEFLOW_DATA_DIR in {stack.env_file}), not the demo's "
+                           f"{DEMO_ASSETS}: set TUNEFLOW_DATA_DIR={DEMO_ASSETS.parent} there")
     print(f"compose: starting project {stack.project}", flush=True)
     stack.up()
     env = {**os.environ, **client_env(stack.env_file)}
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="demo: config overrides, key=value")
     args = parser.parse_args(argv)
     stack = Stack(args.project, args.env_file)
-    if args.action != "down" and ensure_env_file(stack.env_file):
+    if args.action != "down" and ensure_env_file(stack.env_file, args.project):
         print(f"compose: wrote {stack.env_file} with random secrets (mode 0600)")
     try:
         if args.action == "build":

@@ -12,6 +12,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false DEBIAN_FRONTEND=noninteractive
 
 # A C++ compiler and Python's headers: DeepSpeed compiles its CPU collectives (deepspeed_shm_comm) on first use.
+# (On python:slim the headers are there already; python3-dev then adds Debian's Python beside it, unused.)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ python3-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -5,8 +5,10 @@
 set -eu
 : "${PREFECT_DB_PASSWORD:?PREFECT_DB_PASSWORD is not set}"
 : "${MLFLOW_DB_PASSWORD:?MLFLOW_DB_PASSWORD is not set}"
-psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
-     -v prefect_pw="$PREFECT_DB_PASSWORD" -v mlflow_pw="$MLFLOW_DB_PASSWORD" <<'SQL'
+# The passwords reach psql through its environment (\getenv, psql 15+), never its command line (visible in ps).
+psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres <<'SQL'
+\getenv prefect_pw PREFECT_DB_PASSWORD
+\getenv mlflow_pw MLFLOW_DB_PASSWORD
 CREATE ROLE prefect LOGIN PASSWORD :'prefect_pw';
 CREATE ROLE mlflow LOGIN PASSWORD :'mlflow_pw';
 CREATE DATABASE prefect OWNER prefect;

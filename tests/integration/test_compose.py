@@ -26,6 +26,7 @@ from base64 import b64encode
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
 from infra.compose import Stack, client_env
 from tuneflow.core.ports import free_port
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+SECRET = re.compile(r"PASSWORD|SECRET|AUTH_STRING")
 DEMO_SET = ["train.max_steps=12", "train.save_steps=6", "eval.max_samples=8", "export.parity_samples=4"]
 
 
@@ -101,7 +103,14 @@ def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker
         assert f"wrote {env_file} with random secrets" in done.stdout and env_file.stat().st_mode & 0o777 == 0o600
         client = client_env(env_file)
         assert client["PREFECT_API_URL"] == f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
-        values = [v for k, v in client.items() if k in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD")]
+        written = dotenv_values(env_file)
+        assert written["COMPOSE_PROJECT_NAME"] == project and written["POSTGRES_IMAGE"] == "tuneflow-postgres:15"
+        values = [v.split(":")[-1] for k, v in written.items() if SECRET.search(k) and v]
+        assert len(values) >= 6, written.keys()
+        # Every image is built on the base made here (no registry was asked): its layers come first.
+        base = image_layers("tuneflow-base:bookworm")
+        for image in ("tuneflow-cpu:latest", "tuneflow-mlflow:3.17.2", "tuneflow-postgres:15"):
+            assert image_layers(image)[:len(base)] == base, image
         for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             monkeypatch.setenv(key, client[key])
         # The overrides for GPU hosts and MinIO resolve in Compose itself (they cannot run here: no GPU, no MinIO).
@@ -116,12 +125,13 @@ def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker
         for stage in ("download", "prepare", "train", "evaluate", "export"):
             assert f"  {stage}: Completed" in done.stdout, done.stdout
         assert "    training run " in done.stdout and "pipeline: Completed" in done.stdout, done.stdout
-        assert "eval_loss" in done.stdout, done.stdout
+        assert re.search(r"held-out metrics \(base -> tuned\):\n  eval_loss +[0-9.]+ -> [0-9.]+\n", done.stdout), \
+            done.stdout
         model_uri = re.search(r"export parity [0-9.]+\s+\((models:/[^)\s]+)\)", done.stdout)
         assert model_uri, done.stdout
         assert "the stack stays up" in done.stdout
         assert f"MLflow: open {client['MLFLOW_TRACKING_URI']}/#/experiments/" in done.stdout, done.stdout
-        assert not [v for v in values if v in output], "a credential in make compose-demo's output"
+        assert not [v for v in values if v in output], "a secret in make compose-demo's output"
 
         # Only Prefect and MLflow are published, on 127.0.0.1; both refuse requests without credentials.
         published = {(service, binding["HostIp"], port)
@@ -135,7 +145,8 @@ def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker
         assert http_status(f"{prefect}/deployments/filter", ("admin", "wrong"), data=b"{}") == 401
         assert http_status(f"{prefect}/deployments/filter", prefect_auth, data=b"{}") == 200
         search = f"{mlflow}/api/2.0/mlflow/registered-models/search"
-        assert http_status(search) == 401 and http_status(search, mlflow_auth) == 200
+        assert http_status(search) == 401 and http_status(search, ("admin", "wrong")) == 401
+        assert http_status(search, mlflow_auth) == 200
 
         # The export, fetched on this host through MLflow (the containers' volume behind it), generates.
         fetched = fetch_model(model_uri[1], client, tmp_path / "export")
@@ -145,13 +156,16 @@ def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker
             ["download", "evaluate", "export", "prepare", "train"] and {s for _, s, _ in runs} == {"FINISHED"}, runs
         assert model_uri[1].removeprefix("models:/") in models, models
 
-        # down and up again (Compose alone, with this process's environment: the env file holds the offline
-        # images), and the runs, the logged models and the artifacts are still there.
-        stack.down()
-        assert not stack.containers()
+        # `make compose-down` keeps the volumes; `docker compose up` again with nothing but the env file (this
+        # process has none of the make's settings) finds the runs, the logged models and the artifacts.
+        done, _ = make("compose-down", env, *args)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert not stack.containers() and len(volumes(project)) == 4
         start = time.monotonic()
         stack.up()
         timings["restart"] = time.monotonic() - start
+        mounts = {m["Source"] for m in stack.containers()["gpu-worker"]["Mounts"]}
+        assert str(REPO / "demo") in mounts, mounts
         assert tracked(client) == before
         again = fetch_model(model_uri[1], client, tmp_path / "export-again")
         weights = sorted(fetched.glob("*.safetensors"))
@@ -162,7 +176,9 @@ def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert not stack.containers() and not volumes(project)
     finally:
-        print(f"compose timings (s): {json.dumps({k: round(v) for k, v in timings.items()})}")
+        took = json.dumps({k: round(v) for k, v in timings.items()})
+        print(f"compose timings (s): {took}")
+        (tmp_path / "timings.json").write_text(took)  # pytest keeps the last runs' tmp_path folders
         if stack.containers() or volumes(project):
             stack.down(volumes=True)
 
@@ -188,6 +204,12 @@ def tracked(client: dict) -> dict:
                             for r in mlflow.search_runs([e.experiment_id])),
                      sorted(m.model_id for m in mlflow.search_logged_models([e.experiment_id]))]
             for e in mlflow.search_experiments()}
+
+
+def image_layers(image: str) -> list[str]:
+    found = subprocess.run(["docker", "image", "inspect", "--format", "{{json .RootFS.Layers}}", image],
+                           capture_output=True, text=True, check=True).stdout
+    return json.loads(found)
 
 
 def volumes(project: str) -> list[str]:

@@ -244,20 +244,25 @@ def test_no_secret_literal_in_compose_or_the_files_it_mounts():
 
 
 def test_the_env_file_make_writes_has_random_secrets_and_the_settings_of_the_environment(tmp_path, monkeypatch):
-    from infra.compose import client_env, ensure_env_file, settings
+    from dotenv import dotenv_values
+
+    from infra.compose import DEMO_ASSETS, client_env, ensure_env_file
 
     monkeypatch.setenv("PREFECT_PORT", "14321")
     monkeypatch.setenv("POSTGRES_IMAGE", "tuneflow-postgres:15")
-    monkeypatch.delenv("MLFLOW_PORT", raising=False)
+    for name in ("MLFLOW_PORT", "TUNEFLOW_DATA_DIR", "COMPOSE_PROJECT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     path = tmp_path / "compose.env"
-    assert ensure_env_file(path) and path.stat().st_mode & 0o777 == 0o600
-    values = settings(path)
+    assert ensure_env_file(path, "tuneflow-x") and path.stat().st_mode & 0o777 == 0o600
+    values = dotenv_values(path)
     assert set(values) == set(env_example())
     secret_values = [v for k, v in values.items() if SECRET_NAME.search(k) and k != "HF_TOKEN"]
     assert secret_values and not any("change-me" in v for v in secret_values)
     assert len(set(secret_values)) == len(secret_values), "each secret its own"
     assert values["PREFECT_AUTH_STRING"].startswith("admin:")
     assert values["POSTGRES_IMAGE"] == "tuneflow-postgres:15" and values["MLFLOW_PORT"] == "5000"
+    # A later plain `docker compose --env-file` starts the same stack: its project, the demo's folder mounted.
+    assert values["COMPOSE_PROJECT_NAME"] == "tuneflow-x" and values["TUNEFLOW_DATA_DIR"] == str(DEMO_ASSETS.parent)
     client = client_env(path)
     assert client["PREFECT_API_URL"] == "http://127.0.0.1:14321/api"
     assert client["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
@@ -265,7 +270,7 @@ def test_the_env_file_make_writes_has_random_secrets_and_the_settings_of_the_env
     # An existing file is the user's: never rewritten.
     before = path.read_text()
     monkeypatch.setenv("PREFECT_PORT", "1")
-    assert not ensure_env_file(path) and path.read_text() == before
+    assert not ensure_env_file(path, "other") and path.read_text() == before
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------------------
@@ -302,8 +307,10 @@ def test_worker_images_install_the_project_after_torch_and_run_as_non_root(name,
     assert users and users[-1] not in ("root", "0"), f"{name} must end as a non-root user"
     assert parser.structure[-1]["instruction"] == "CMD" and "worker" in parser.structure[-1]["value"]
     # The build context is the repository root: .dockerignore sends only what the image installs (no .venv).
-    ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("**")] == "**" and "!tuneflow/**" in ignore and "infra/.env" in ignore
+    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert ignore[0] == "**" and "!tuneflow/**" in ignore
+    # env files with secrets stay out, whatever their name beside infra/.env.example
+    assert {"infra/.env*", "infra/*.env"} <= set(ignore) and ignore[-1] == "!infra/.env.example"
 
 
 def test_mlflow_image_has_the_auth_app_the_database_driver_and_s3():
