@@ -161,12 +161,11 @@ class Stack:
 def demo(stack: Stack, overrides: list[str]) -> int:
     """The demo pipeline through the stack from this host: its tiny model and data under demo/ (mounted into the
     workers at the same path), `tuneflow submit --config configs/demo.yaml --wait` with the stack's credentials."""
-    from tuneflow.modeling.demo import build
+    from tuneflow.modeling.demo import build, readable_weights
 
     if not (DEMO_ASSETS / "model").is_dir():
         build(DEMO_ASSETS)
-    for weights in (DEMO_ASSETS / "model").glob("*.safetensors"):
-        weights.chmod(0o644)  # assets made before `build` did this were 0600: unreadable by the workers' user
+    readable_weights(DEMO_ASSETS / "model")  # assets made before `build` did this were unreadable by the workers
     mounted = Path(settings(stack.env_file).get("TUNEFLOW_DATA_DIR") or "/srv/tuneflow")
     if not DEMO_ASSETS.is_relative_to(mounted):
         raise ComposeError(f"the workers read {mounted} (TUNEFLOW_DATA_DIR in {stack.env_file}), not the demo's "

@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -80,12 +81,7 @@ def compose_variables(value) -> dict[str, str | None]:
 
 
 def env_example() -> dict[str, str]:
-    values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
+    return {k: v or "" for k, v in dotenv_values(ENV_EXAMPLE).items()}
 
 
 def compose_raw(path: Path = COMPOSE) -> dict:
@@ -244,8 +240,6 @@ def test_no_secret_literal_in_compose_or_the_files_it_mounts():
 
 
 def test_the_env_file_make_writes_has_random_secrets_and_the_settings_of_the_environment(tmp_path, monkeypatch):
-    from dotenv import dotenv_values
-
     from infra.compose import DEMO_ASSETS, client_env, ensure_env_file
 
     monkeypatch.setenv("PREFECT_PORT", "14321")

@@ -111,6 +111,12 @@ def build_model(out: Path, tokenizer, arch: str = "llama", seed: int = 0) -> Non
     model.save_pretrained(out, safe_serialization=True)
 
 
+def readable_weights(model_dir: Path) -> None:
+    """safetensors writes weights 0600: make them readable by workers that run as another user (Compose)."""
+    for weights in model_dir.glob("*.safetensors"):
+        weights.chmod(0o644)
+
+
 def build(out: Path, n_rows: int = 240, lang: str = "en", arch: str = "llama", seed: int = 0) -> dict[str, Path]:
     """Write ``out/model`` (tokenizer + weights) and ``out/data/train.json``; return both paths."""
     rows = make_rows(n_rows, lang, seed)
@@ -122,6 +128,5 @@ def build(out: Path, n_rows: int = 240, lang: str = "en", arch: str = "llama", s
     model_dir = out / "model"
     tokenizer = build_tokenizer(texts, model_dir)
     build_model(model_dir, tokenizer, arch, seed)
-    for weights in model_dir.glob("*.safetensors"):
-        weights.chmod(0o644)  # safetensors writes 0600: workers running as another user (Compose) read them too
+    readable_weights(model_dir)
     return {"model": model_dir, "data": data_dir / "train.json"}
