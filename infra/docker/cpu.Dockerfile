@@ -12,9 +12,10 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false DEBIAN_FRONTEND=noninteractive
 
 # A C++ compiler and Python's headers: DeepSpeed compiles its CPU collectives (deepspeed_shm_comm) on first use.
-# (On python:slim the headers are there already; python3-dev then adds Debian's Python beside it, unused.)
-RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ python3-dev \
+# python:slim has the headers of its own Python; a Debian base gets them from python3-dev.
+RUN headers=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends g++ $(test -f "$headers/Python.h" || echo python3-dev) \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

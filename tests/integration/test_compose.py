@@ -4,9 +4,12 @@ demo pipeline submitted from this host and run by the containers), authenticatio
 host, the export fetched from MLflow, `make compose-down` then up again with the registry and artifacts intact, and
 `make compose-down VOLUMES=1` removing them.
 
-Needs Docker's engine (Debian's docker.io), Compose (v2 or Debian's docker-compose 1.29) and debootstrap; `make test`
-installs them when missing. A running engine is used; otherwise the test starts dockerd and stops it afterwards.
-Images and the base stay in the engine's cache for the next run.
+The stack runs under Compose v2 (`docker compose`, what README gives users): the Docker CLI's own plugin, else the
+v2 binary `make test` keeps in .compose-v2 (TUNEFLOW_COMPOSE_V2), given to this test's Docker CLI alone through a
+DOCKER_CONFIG of its own. Debian's docker-compose 1.29 (v1) resolves the same files, overrides included.
+Needs Docker's engine (Debian's docker.io), both Composes and debootstrap; `make test` installs them when missing. A
+running engine is used; otherwise the test starts dockerd and stops it afterwards. Images and the base stay in the
+engine's cache for the next run.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from infra.compose import Stack, client_env
+from infra.compose import Stack, client_env, compose_command
 from tuneflow.core.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -43,16 +46,44 @@ def engine_answers() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
 
 
+def find_compose_v1() -> str | None:
+    """Debian's docker-compose 1.x on PATH (a `docker-compose` there may be a v2 build)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        tool = Path(folder) / "docker-compose"
+        if tool.is_file() and subprocess.run([str(tool), "version", "--short"], capture_output=True,
+                                             text=True).stdout.startswith("1."):
+            return str(tool)
+    return None
+
+
 @pytest.fixture(scope="module")
-def docker():
-    """A Docker engine: the one running, else dockerd started here (as root) and stopped afterwards."""
+def compose_v1(tmp_path_factory):
+    """A Docker engine (the one running, else dockerd started here as root and stopped afterwards) whose CLI has
+    Compose v2. Yields the path of Compose v1."""
     missing = [tool for tool in ("docker", "dockerd", "debootstrap") if not shutil.which(tool)]
-    if missing or not (shutil.which("docker-compose") or subprocess.run(
-            ["docker", "compose", "version"], capture_output=True).returncode == 0):
-        pytest.fail(f"missing {missing or ['docker-compose']}: apt-get install -y docker.io docker-compose "
+    v1 = find_compose_v1()
+    if missing or not v1:
+        pytest.fail(f"missing {missing or ['docker-compose 1.x']}: apt-get install -y docker.io docker-compose "
                     "debootstrap (make test does)")
+    with pytest.MonkeyPatch.context() as env:
+        if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+            plugin = Path(os.environ.get("TUNEFLOW_COMPOSE_V2", "/nonexistent"))
+            if not plugin.is_file():
+                pytest.fail("no Compose v2: `docker compose` is not a command and TUNEFLOW_COMPOSE_V2 names no "
+                            "binary (make test installs one)")
+            config = tmp_path_factory.mktemp("docker-config")
+            (config / "cli-plugins").mkdir()
+            (config / "cli-plugins" / "docker-compose").symlink_to(plugin.resolve())
+            env.setenv("DOCKER_CONFIG", str(config))
+        compose_command.cache_clear()
+        assert compose_command() == ["docker", "compose"]
+        yield from engine(v1)
+    compose_command.cache_clear()
+
+
+def engine(v1: str):
     if engine_answers():
-        yield None
+        yield v1
         return
     log = Path(tempfile.mkdtemp(prefix="dockerd-")) / "dockerd.log"
     proc = subprocess.Popen(["dockerd"], stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -63,7 +94,7 @@ def docker():
             pytest.fail(f"dockerd did not start:\n{log.read_text()[-3000:]}")
         time.sleep(1)
     try:
-        yield proc
+        yield v1
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -87,11 +118,12 @@ def http_status(url: str, auth: tuple[str, str] | None = None, data: bytes | Non
         return e.code
 
 
-def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker, tmp_path, monkeypatch):
+def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(compose_v1, tmp_path, monkeypatch):
     project = f"tuneflow-test-{secrets.token_hex(3)}"
     env_file = tmp_path / "compose.env"  # written by `make images`, with the settings below and random secrets
     stack = Stack(project, env_file)
-    keep = ("PATH", "HOME", "LANG", "PIP_CERT", "PIP_FIND_LINKS", "PIP_DEFAULT_TIMEOUT", "DEBIAN_MIRROR")
+    keep = ("PATH", "HOME", "LANG", "PIP_CERT", "PIP_FIND_LINKS", "PIP_DEFAULT_TIMEOUT", "DEBIAN_MIRROR",
+            "DOCKER_CONFIG")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_PORT=str(free_port()),
                MLFLOW_PORT=str(free_port()), PREFECT_WORKER_QUERY_SECONDS="2", GPU_WORKER_SHM_SIZE="1gb")
@@ -113,11 +145,13 @@ def test_the_compose_stack_built_offline_runs_the_demo_and_keeps_its_data(docker
             assert image_layers(image)[:len(base)] == base, image
         for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             monkeypatch.setenv(key, client[key])
-        # The overrides for GPU hosts and MinIO resolve in Compose itself (they cannot run here: no GPU, no MinIO).
-        for override in ("compose.gpu.yaml", "compose.minio.yaml"):
-            config = subprocess.run(Stack(project, env_file, (REPO / "infra" / override,)).command("config"),
-                                    capture_output=True, text=True, cwd=REPO / "infra")
-            assert config.returncode == 0, config.stderr
+        # Compose v1 takes the same files; the overrides for GPU hosts and MinIO resolve in both (they cannot run
+        # here: no GPU, no MinIO).
+        for files in ((), ("compose.gpu.yaml",), ("compose.minio.yaml",)):
+            v2 = Stack(project, env_file, tuple(REPO / "infra" / f for f in files)).command("config")
+            for command in (v2, [compose_v1, *v2[2:]]):
+                config = subprocess.run(command, capture_output=True, text=True, cwd=REPO / "infra")
+                assert config.returncode == 0, (command, config.stderr)
 
         done, timings["compose-demo"] = make("compose-demo", env, *args, f"COMPOSE_ARGS=--set {' '.join(DEMO_SET)}")
         output = done.stdout + done.stderr
