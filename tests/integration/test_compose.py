@@ -14,6 +14,7 @@ engine's cache for the next run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -77,13 +78,16 @@ def compose_v1(tmp_path_factory):
             env.setenv("DOCKER_CONFIG", str(config))
         compose_command.cache_clear()
         assert compose_command() == ["docker", "compose"]
-        yield from engine(v1)
+        with engine():
+            yield v1
     compose_command.cache_clear()
 
 
-def engine(v1: str):
+@contextlib.contextmanager
+def engine():
+    """The engine that answers, else dockerd started here and stopped afterwards."""
     if engine_answers():
-        yield v1
+        yield
         return
     log = Path(tempfile.mkdtemp(prefix="dockerd-")) / "dockerd.log"
     proc = subprocess.Popen(["dockerd"], stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -94,7 +98,7 @@ def engine(v1: str):
             pytest.fail(f"dockerd did not start:\n{log.read_text()[-3000:]}")
         time.sleep(1)
     try:
-        yield v1
+        yield
     finally:
         proc.terminate()
         proc.wait(timeout=60)
